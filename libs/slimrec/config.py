@@ -1,0 +1,161 @@
+"""Typed, frozen configuration.
+
+One pydantic model per stage, gathered in :class:`PipelineConfig`. A config is
+built from a named profile (``libs/slimrec/profiles/<name>.yaml``), then an
+optional user YAML file, then ``--set key.path=value`` overrides (values
+parsed as YAML, checked against the field types). Unknown keys are errors.
+
+Secrets never live here: the teacher names the *environment variable* that
+holds its API key (``teacher.api_key_env``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from slimrec.embed.config import EmbedConfig
+from slimrec.quality.config import QualityConfig
+from slimrec.recommender.config import RecommenderConfig
+from slimrec.student.config import StudentConfig
+from slimrec.teacher.config import TeacherConfig
+
+PROFILES_DIR = Path(__file__).parent / "profiles"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class SparkConfig(_Frozen):
+    master: str = Field("local[2]", description="Spark master URL: local[N], spark://host:port, k8s://..., yarn")
+    app_name: str = Field("slimrec", description="Spark application name")
+    shuffle_partitions: int | None = Field(
+        None, description="spark.sql.shuffle.partitions; None sizes it from the input (about 1 per 250k rows, >= 2)"
+    )
+    driver_memory: str = Field("2g", description="spark.driver.memory (only honoured when Spark starts here)")
+    delta_engine: Literal["delta-rs", "delta-spark"] = Field(
+        "delta-rs",
+        description="delta-rs: executors write Parquet, the driver commits with deltalake (works anywhere). "
+        "delta-spark: native io.delta writer; needs the Delta jars on the classpath (cluster images)",
+    )
+    extra_conf: dict[str, str] = Field(default_factory=dict, description="extra spark.* settings passed verbatim")
+
+
+class LakeConfig(_Frozen):
+    root: str = Field("lake", description="folder (or object-store URI) that holds one Delta table per folder")
+    target_file_rows: int = Field(500_000, description="rows per Parquet file written by an executor, at most")
+
+
+class IngestConfig(_Frozen):
+    format: Literal["auto", "lcrec", "amazon", "events"] = Field(
+        "auto", description="source format; auto detects from the file names"
+    )
+    max_text_chars: int = Field(2000, description="longer title/description text is cut to this many characters")
+    max_id_chars: int = Field(128, description="ids longer than this are quarantined")
+    order_base_ts: str = Field(
+        "2014-01-01T00:00:00+00:00",
+        description="for sources with order but no timestamps: event_ts = base + position seconds",
+    )
+
+
+class SequencesConfig(_Frozen):
+    min_seq_len: int = Field(3, description="users with fewer items are dropped (quarantined): leave-one-out needs 3")
+    max_seq_len: int = Field(200, description="keep only the most recent items of longer sequences")
+    k_core: int = Field(0, description="iterative k-core filter on users and items; 0 disables")
+    dedup_consecutive_only: bool = Field(
+        False, description="false: keep the first occurrence of an item per user; true: only drop immediate repeats"
+    )
+
+
+class PromptsConfig(_Frozen):
+    version: str = Field("v1", description="template version; part of the prompt hash")
+    max_items: int = Field(20, description="most recent history items shown in a prompt")
+    max_chars: int = Field(4000, description="character budget of the teacher prompt; oldest items dropped first")
+    max_item_title_chars: int = Field(120, description="per-item title cap inside prompts")
+
+
+class PipelineConfig(_Frozen):
+    profile: str = Field("dev", description="name of the profile this config started from")
+    dataset_name: str = Field("dataset", description="short name of the data set, written to metrics")
+    spark: SparkConfig = Field(default_factory=SparkConfig, description="Spark session")
+    lake: LakeConfig = Field(default_factory=LakeConfig, description="Delta lake location")
+    ingest: IngestConfig = Field(default_factory=IngestConfig, description="ingest stage")
+    sequences: SequencesConfig = Field(default_factory=SequencesConfig, description="build_sequences stage")
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig, description="build_prompts stage")
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="teacher_rationales stage")
+    student: StudentConfig = Field(default_factory=StudentConfig, description="distill_student / student_rationales")
+    embed: EmbedConfig = Field(default_factory=EmbedConfig, description="embed stage")
+    recommender: RecommenderConfig = Field(default_factory=RecommenderConfig, description="train_recommender")
+    quality: QualityConfig = Field(default_factory=QualityConfig, description="Great Expectations gates")
+    ray_address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray")
+
+    def as_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), sort_keys=True)
+
+    def config_hash(self) -> str:
+        return hashlib.sha1(self.as_json().encode()).hexdigest()[:12]
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the declared types."""
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(item: str) -> dict:
+    """``"a.b.c=3"`` -> ``{"a": {"b": {"c": 3}}}``; the value is parsed as YAML (``[x,y]``, ``true``, ``1e-3``)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: value is not valid YAML ({e.problem})") from None
+    out: dict = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def load_config(
+    profile: str = "dev", config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> PipelineConfig:
+    """Profile YAML, then the user's YAML file, then ``key=value`` overrides."""
+    path = PROFILES_DIR / f"{profile}.yaml"
+    if not path.exists():
+        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown profile {profile!r}; known: {known}")
+    data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
+    data["profile"] = profile
+    if config_file is not None:
+        cf = Path(config_file)
+        if not cf.exists():
+            raise ConfigError(f"config file {cf} does not exist")
+        try:
+            data = _deep_merge(data, yaml.safe_load(cf.read_text()) or {})
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {cf} is not valid YAML: {e}") from None
+    for item in overrides:
+        data = _deep_merge(data, parse_override(item))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        lines = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("invalid config: " + "; ".join(lines)) from None

@@ -1,0 +1,334 @@
+"""The only module that knows where tables live.
+
+One Delta table per folder under ``root``. Two write paths, one commit each:
+
+* **Spark** (:meth:`Lake.write_spark`): Spark executors write Parquet files
+  in parallel into the table folder through a Python Data Source
+  (:mod:`slimrec.spark_delta`); nothing is visible until the driver commits
+  their add-actions in one Delta transaction with ``deltalake`` (delta-rs).
+  With ``spark.delta_engine=delta-spark`` the native ``io.delta`` writer is
+  used instead (cluster images that carry the Delta jars; not runnable here).
+* **Arrow** (:meth:`Lake.write_arrow`): driver-side data from Ray stages,
+  written by delta-rs directly.
+
+Modes: ``append``, ``overwrite``, ``replace_date`` (overwrite only the
+``run_date`` partition of this run: a rerun replaces its own slice) and
+``merge`` (upsert on the table's key; ``update=False`` inserts new keys only).
+
+Every commit carries ``slimrec.*`` custom metadata: stage, run date, run id,
+config hash and the Delta versions of the inputs; written rows get
+``run_date`` and ``input_versions`` filled in when the caller left them out.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import pyarrow as pa
+from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.transaction import AddAction, create_table_with_add_actions
+
+from slimrec.schemas.tables import TableSpec, spec
+
+log = logging.getLogger(__name__)
+
+WriteMode = Literal["append", "overwrite", "replace_date", "merge"]
+
+
+class LakeError(RuntimeError):
+    """A table that is missing, or a write that cannot be done as asked."""
+
+
+@dataclass(frozen=True)
+class CommitInfo:
+    stage: str
+    run_date: date
+    run_id: str = ""
+    config_hash: str = ""
+    input_versions: dict[str, int | None] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, str]:
+        md = {
+            "slimrec.stage": self.stage,
+            "slimrec.run_date": self.run_date.isoformat(),
+            "slimrec.run_id": self.run_id,
+            "slimrec.config_hash": self.config_hash,
+            "slimrec.input_versions": json.dumps(self.input_versions, sort_keys=True),
+        }
+        for k, v in self.extra.items():
+            md[f"slimrec.{k}"] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+        return md
+
+    def properties(self) -> CommitProperties:
+        return CommitProperties(custom_metadata=self.metadata())
+
+
+def _is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+class Lake:
+    def __init__(self, root: str | os.PathLike, storage_options: dict[str, str] | None = None):
+        root = str(root)
+        self.root = root if _is_remote(root) else str(Path(root).expanduser().resolve())
+        self.storage_options = storage_options
+
+    # ------------------------------------------------------------------ locating
+    def path(self, table: str) -> str:
+        spec(table)  # unknown names fail here, with the list of known ones
+        return f"{self.root.rstrip('/')}/{table}"
+
+    def exists(self, table: str) -> bool:
+        return DeltaTable.is_deltatable(self.path(table), storage_options=self.storage_options)
+
+    def _dt(self, table: str, version: int | None = None) -> DeltaTable:
+        if not self.exists(table):
+            raise LakeError(f"table {table!r} does not exist under {self.root} (has its stage run?)")
+        return DeltaTable(self.path(table), version=version, storage_options=self.storage_options)
+
+    def version(self, table: str) -> int | None:
+        """Latest Delta version, or None when the table was never written."""
+        return self._dt(table).version() if self.exists(table) else None
+
+    def history(self, table: str, limit: int | None = None) -> list[dict[str, Any]]:
+        return self._dt(table).history(limit)
+
+    def last_commit(self, table: str) -> dict[str, Any]:
+        return self.history(table, 1)[0]
+
+    def file_uris(self, table: str, version: int | None = None) -> list[str]:
+        return self._dt(table, version).file_uris()
+
+    # ------------------------------------------------------------------ reading
+    def read_arrow(
+        self, table: str, version: int | None = None, columns: list[str] | None = None, filters=None
+    ) -> pa.Table:
+        """Driver-side read (delta-rs); ``filters`` as in ``DeltaTable.to_pyarrow_table``."""
+        t = self._dt(table, version).to_pyarrow_table(columns=columns, filters=filters)
+        s = spec(table)
+        cols = columns or s.column_names
+        return t.select(cols).cast(pa.schema([s.arrow_schema().field(c) for c in cols]), safe=False)
+
+    def read_pandas(self, table: str, version: int | None = None, columns: list[str] | None = None, filters=None):
+        return self.read_arrow(table, version, columns, filters).to_pandas()
+
+    def count(self, table: str, version: int | None = None) -> int:
+        return self._dt(table, version).count()
+
+    def read_spark(self, spark, table: str, version: int | None = None):
+        """A Spark DataFrame over the table's files at ``version`` (executors read in parallel)."""
+        s = spec(table)
+        files = self.file_uris(table, version)
+        if not files:
+            return spark.createDataFrame([], s.spark_schema())
+        reader = spark.read.schema(s.spark_schema())
+        if s.partition_by:
+            reader = reader.option("basePath", self.path(table))
+        return reader.parquet(*files).select(*s.column_names)
+
+    # ------------------------------------------------------------------ writing
+    def _fill_lineage(self, data: pa.Table, s: TableSpec, info: CommitInfo) -> pa.Table:
+        if s.lineage:
+            if "run_date" not in data.column_names:
+                data = data.append_column("run_date", pa.array([info.run_date] * len(data), pa.date32()))
+            if "input_versions" not in data.column_names:
+                iv = json.dumps(info.input_versions, sort_keys=True)
+                data = data.append_column("input_versions", pa.array([iv] * len(data), pa.string()))
+        return s.conform_arrow(data)
+
+    def _check_mode(self, s: TableSpec, mode: str) -> None:
+        if mode == "replace_date" and "run_date" not in s.partition_by:
+            raise LakeError(f"replace_date needs a table partitioned by run_date; {s.name} is not")
+        if mode not in ("append", "overwrite", "replace_date", "merge"):
+            raise LakeError(f"unknown write mode {mode!r}")
+
+    def _merge_predicate(self, s: TableSpec) -> str:
+        # NULL-safe on nullable key parts (quarantine's source_row may be null).
+        parts = []
+        for k in s.key:
+            if s.column(k).nullable:
+                parts.append(f"(t.{k} = s.{k} OR (t.{k} IS NULL AND s.{k} IS NULL))")
+            else:
+                parts.append(f"t.{k} = s.{k}")
+        return " AND ".join(parts)
+
+    def write_arrow(
+        self,
+        table: str,
+        data: pa.Table | pd.DataFrame,
+        mode: WriteMode,
+        info: CommitInfo,
+        update: bool = True,
+    ) -> int:
+        """Write driver-side rows in one commit and return the new Delta version."""
+        s = spec(table)
+        self._check_mode(s, mode)
+        if isinstance(data, pd.DataFrame):
+            data = pa.Table.from_pandas(data, preserve_index=False)
+        data = self._fill_lineage(data, s, info)
+        uri = self.path(table)
+        props = info.properties()
+        if mode == "merge" and self.exists(table):
+            dt = self._dt(table)
+            merger = dt.merge(
+                data, self._merge_predicate(s), source_alias="s", target_alias="t", commit_properties=props
+            )
+            if update:
+                merger = merger.when_matched_update_all()
+            merger.when_not_matched_insert_all().execute()
+        else:
+            kwargs: dict[str, Any] = dict(
+                partition_by=list(s.partition_by) or None,
+                commit_properties=props,
+                storage_options=self.storage_options,
+            )
+            if mode == "replace_date":
+                kwargs["predicate"] = f"run_date = '{info.run_date.isoformat()}'"
+                bad = [d for d in set(data.column("run_date").to_pylist()) if d != info.run_date]
+                if bad:
+                    raise LakeError(f"replace_date into {table}: rows carry run_date {bad}, not {info.run_date}")
+            write_mode = "append" if mode in ("append", "merge") else "overwrite"
+            if not self.exists(table) and len(data) == 0 and write_mode == "append":
+                write_mode = "overwrite"  # create the empty table so readers find it
+            write_deltalake(uri, data, mode=write_mode, schema_mode=None, **kwargs)
+        v = self.version(table)
+        log.info("lake: %s %s %d rows -> version %s", table, mode, len(data), v)
+        return v
+
+    def write_spark(
+        self, df, table: str, mode: WriteMode, info: CommitInfo, engine: str = "delta-rs", update: bool = True
+    ) -> int:
+        """Write a Spark DataFrame: executors write files in parallel, one Delta commit."""
+        from pyspark.sql import functions as F
+
+        s = spec(table)
+        self._check_mode(s, mode)
+        if s.lineage:
+            if "run_date" not in df.columns:
+                df = df.withColumn("run_date", F.lit(info.run_date))
+            if "input_versions" not in df.columns:
+                df = df.withColumn("input_versions", F.lit(json.dumps(info.input_versions, sort_keys=True)))
+        missing = [c for c in s.column_names if c not in df.columns]
+        if missing:
+            raise LakeError(f"{table}: DataFrame lacks columns {missing}")
+        df = df.select(*[F.col(c).cast(s.spark_schema()[c].dataType) for c in s.column_names])
+        if mode == "merge":
+            # MERGE runs in delta-rs on the driver; on clusters use delta_engine=delta-spark for a distributed MERGE.
+            if engine == "delta-spark":
+                return self._merge_delta_spark(df, table, s, info, update)
+            return self.write_arrow(table, df.toArrow(), "merge", info, update=update)
+        if engine == "delta-spark":
+            return self._write_delta_spark(df, table, s, mode, info)
+        return self._write_files_then_commit(df, table, s, mode, info)
+
+    def _write_files_then_commit(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo) -> int:
+        from slimrec.spark_delta import collect_add_actions
+
+        uri = self.path(table)
+        Path(uri).mkdir(parents=True, exist_ok=True) if not _is_remote(uri) else None
+        actions = collect_add_actions(df, uri, s)
+        if mode == "replace_date":
+            bad = {a.partition_values.get("run_date") for a in actions} - {info.run_date.isoformat()}
+            if bad:
+                raise LakeError(f"replace_date into {table}: rows carry run_date {sorted(bad)}, not {info.run_date}")
+        props = info.properties()
+        schema = s.arrow_schema()
+        if not self.exists(table):
+            create_table_with_add_actions(
+                uri,
+                _delta_schema(schema),
+                actions,
+                mode="overwrite",
+                partition_by=list(s.partition_by) or None,
+                commit_properties=props,
+                storage_options=self.storage_options,
+            )
+        else:
+            if mode == "append" and not actions:
+                log.info("lake: %s append of 0 rows: no commit", table)
+                return self.version(table)
+            dt = self._dt(table)
+            kwargs: dict[str, Any] = {}
+            if mode == "replace_date":
+                kwargs["partition_filters"] = [("run_date", "=", info.run_date.isoformat())]
+            dt.create_write_transaction(
+                actions,
+                "append" if mode == "append" else "overwrite",
+                _delta_schema(schema),
+                partition_by=list(s.partition_by) or None,
+                commit_properties=props,
+                **kwargs,
+            )
+        v = self.version(table)
+        n = sum(json.loads(a.stats).get("numRecords", 0) for a in actions)
+        log.info("lake: %s %s %d rows in %d files -> version %s", table, mode, n, len(actions), v)
+        return v
+
+    # The delta-spark paths need io.delta jars (cluster images); these machines cannot fetch them.
+    def _write_delta_spark(self, df, table, s, mode, info) -> int:  # pragma: no cover - needs Delta jars
+        w = df.write.format("delta").option("userMetadata", json.dumps(info.metadata()))
+        if s.partition_by:
+            w = w.partitionBy(*s.partition_by)
+        if mode == "replace_date":
+            w = w.mode("overwrite").option("replaceWhere", f"run_date = '{info.run_date.isoformat()}'")
+        else:
+            w = w.mode(mode)
+        w.save(self.path(table))
+        return self.version(table)
+
+    def _merge_delta_spark(self, df, table, s, info, update) -> int:  # pragma: no cover - needs Delta jars
+        from delta.tables import DeltaTable as SparkDeltaTable
+
+        if not self.exists(table):
+            return self._write_delta_spark(df, table, s, "overwrite", info)
+        spark = df.sparkSession
+        spark.conf.set("spark.databricks.delta.commitInfo.userMetadata", json.dumps(info.metadata()))
+        m = SparkDeltaTable.forPath(spark, self.path(table)).alias("t").merge(df.alias("s"), self._merge_predicate(s))
+        if update:
+            m = m.whenMatchedUpdateAll()
+        m.whenNotMatchedInsertAll().execute()
+        return self.version(table)
+
+    # ------------------------------------------------------------------ listing
+    def tables(self) -> list[dict[str, Any]]:
+        """Each existing table: name, version, rows, last commit time and stage."""
+        from slimrec.schemas.tables import TABLES
+
+        out = []
+        for name in TABLES:
+            if not self.exists(name):
+                continue
+            dt = self._dt(name)
+            last = dt.history(1)[0]
+            ts = last.get("timestamp")
+            when = datetime.fromtimestamp(ts / 1000, tz=timezone.utc).isoformat(timespec="seconds") if ts else None
+            out.append(
+                dict(table=name, version=dt.version(), rows=dt.count(), last_commit=when,
+                     stage=last.get("slimrec.stage"), run_date=last.get("slimrec.run_date"))
+            )
+        return out
+
+
+def _delta_schema(arrow_schema: pa.Schema):
+    from deltalake import Schema
+
+    return Schema.from_arrow(arrow_schema)
+
+
+def make_add_action(path: str, size: int, partition_values: dict[str, str | None], stats: dict) -> AddAction:
+    return AddAction(
+        path=path,
+        size=size,
+        partition_values=partition_values,
+        modification_time=int(datetime.now(tz=timezone.utc).timestamp() * 1000),
+        data_change=True,
+        stats=json.dumps(stats),
+    )

@@ -1,0 +1,103 @@
+"""Chain-of-thought prompt templates (SLIM, macro to micro) and item-text sanitising.
+
+The teacher prompt asks, like a salesperson, for three steps: (1) summarise
+the user's preferences, (2) recommend categories and brands, (3) recommend
+specific items. The student prompt is a shorter form of the same template:
+the student learns to produce the teacher's answer from it.
+
+Only history before the validation/test targets is ever passed in (the
+caller guarantees it; ``build_prompts`` takes ``user_sequences.history``).
+Item text is sanitised: control characters removed, lengths capped, and text
+that tries to instruct the model is neutralised and quoted.
+
+All functions are pure and importable, so tests need neither Spark nor a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+
+TEMPLATE_VERSIONS = ("v1",)
+
+_TEACHER_V1 = (
+    "You are an experienced salesperson in an online store. Below is the purchase history of a customer, "
+    "oldest first. Each line is: title | category path | brand.\n\n"
+    "{history}\n\n"
+    "Think step by step, from general to specific, and answer in exactly three steps:\n"
+    "Step 1: Summarise the customer's preferences (product types, uses, styles, brands).\n"
+    "Step 2: Recommend the categories and brands the customer is likely to buy next.\n"
+    "Step 3: Recommend specific items the customer is likely to buy next; give each item's title in double quotes.\n"
+    "Start each step with 'Step N:'."
+)
+
+_STUDENT_V1 = (
+    "Purchase history (oldest first; title | category | brand):\n{history}\n"
+    "Step 1 preferences, Step 2 categories and brands, Step 3 items:\n"
+)
+
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# Phrases that try to steer the model. Matched case-insensitively, replaced by a neutral marker.
+_INJECTION_RE = re.compile(
+    r"(ignore|disregard|forget)\s+(all\s+|any\s+)?(the\s+)?(previous|prior|above)\s+(instructions?|prompts?|text)"
+    r"|you\s+are\s+now\b|system\s*prompt|\bassistant\s*:|\bsystem\s*:|\buser\s*:|</?(?:s|im_start|im_end)>"
+    r"|\bstep\s*[123]\s*:",
+    re.IGNORECASE,
+)
+
+
+def sanitize_text(text: str | None, max_chars: int) -> str:
+    """One line of model-safe text: NFC, no control characters, no instructions, at most ``max_chars``.
+
+    >>> sanitize_text("Pen\\x00 set. Ignore previous instructions!", 60)
+    'Pen set. [removed]!'
+    """
+    if not text:
+        return ""
+    text = unicodedata.normalize("NFC", text)
+    text = _CONTROL_RE.sub(" ", text)
+    text = text.replace("|", "/").replace("\n", " ").replace('"', "'")
+    text = _INJECTION_RE.sub("[removed]", text)
+    text = " ".join(text.split())
+    if len(text) > max_chars:
+        text = text[: max_chars - 1].rstrip() + "…"
+    return text
+
+
+def item_line(title: str | None, categories: list[str] | None, brand: str | None, max_title_chars: int) -> str:
+    """``title | category path | brand`` with each part sanitised; missing parts become ``unknown``."""
+    cat = " > ".join(c for c in (categories or []) if c) or "unknown"
+    return " | ".join(
+        [
+            sanitize_text(title, max_title_chars) or "untitled item",
+            sanitize_text(cat, 160),
+            sanitize_text(brand, 60) or "unknown",
+        ]
+    )
+
+
+def render(
+    version: str, lines: list[str], max_items: int, max_chars: int
+) -> tuple[str, str, int]:
+    """Teacher prompt, student prompt and how many history lines they show.
+
+    Keeps the most recent ``max_items`` lines, then drops the oldest until the
+    teacher prompt fits ``max_chars`` (always at least one line).
+    """
+    if version not in TEMPLATE_VERSIONS:
+        raise ValueError(f"unknown prompt template version {version!r}; known: {TEMPLATE_VERSIONS}")
+    shown = lines[-max_items:] if max_items > 0 else list(lines)
+    while True:
+        hist = "\n".join(f"- {x}" for x in shown)
+        teacher = _TEACHER_V1.format(history=hist)
+        if len(teacher) <= max_chars or len(shown) <= 1:
+            break
+        shown = shown[1:]
+    student = _STUDENT_V1.format(history=hist)
+    return teacher, student, len(shown)
+
+
+def prompt_hash(version: str, teacher_prompt: str) -> str:
+    """sha1 over (template version, teacher prompt): the teacher cache key."""
+    return hashlib.sha1(f"{version}\x1f{teacher_prompt}".encode()).hexdigest()

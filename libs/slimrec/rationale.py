@@ -1,0 +1,87 @@
+"""Rationale format shared by teacher and student: three numbered steps.
+
+A rationale is free text in which the three steps of the chain-of-thought
+prompt appear in order, each introduced by ``Step 1``, ``Step 2``,
+``Step 3`` (``Step 1:``, ``**Step 1.**``, ``1)`` ... are accepted)::
+
+    Step 1: The user buys office phones and labels from VTech and Brother.
+    Step 2: Categories: Cordless Telephones; Label Makers. Brands: VTech, Brother.
+    Step 3: Items: "VTECH CS6114 DECT 6.0 Cordless Phone"; "Brother P-Touch PT-D210".
+
+:func:`parse_rationale` never raises on model output: it returns
+``(ParsedRationale | None, error | None)`` so a bad answer becomes a status.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+STATUSES = ("ok", "parse_error", "empty", "truncated", "failed", "skipped_budget")
+
+_STEP_RE = re.compile(r"(?im)^[\s*#>_-]*(?:step\s*([123])|([123])[.)])\s*(?:\([^)\n]*\))?\s*[:.\-)]*\**\s*")
+_QUOTED_RE = re.compile(r"[\"“]([^\"”\n]{3,200})[\"”]")
+
+
+@dataclass(frozen=True)
+class ParsedRationale:
+    step1: str
+    step2: str
+    step3: str
+    item_names: tuple[str, ...]  # item titles named in step 3, in order
+
+
+def _split_items(step3: str) -> tuple[str, ...]:
+    quoted = _QUOTED_RE.findall(step3)
+    if quoted:
+        return tuple(q.strip() for q in quoted)
+    body = step3.split(":", 1)[1] if ":" in step3[:40] else step3
+    parts = re.split(r";|\n|\s\d+\.\s", body)
+    return tuple(p.strip(" .-*\t") for p in parts if len(p.strip(" .-*\t")) >= 3)
+
+
+def parse_rationale(text: str | None, finish_reason: str | None = None):
+    """Split ``text`` into its three steps.
+
+    Returns ``(ParsedRationale, None)`` or ``(None, status_error)`` where the
+    error starts with the status: ``"empty: ..."``, ``"truncated: ..."``,
+    ``"parse_error: ..."``.
+
+    >>> p, err = parse_rationale("Step 1: a b c\\nStep 2: cats\\nStep 3: \\"Blue Pen\\"; \\"Red Pen\\"")
+    >>> (p.step2, p.item_names, err)
+    ('cats', ('Blue Pen', 'Red Pen'), None)
+    """
+    if text is None or not text.strip():
+        return None, "empty: no text"
+    matches = list(_STEP_RE.finditer(text))
+    found: dict[int, tuple[int, int]] = {}
+    for m in matches:
+        n = int(m.group(1) or m.group(2))
+        if n not in found and all(k < n for k in found):
+            found[n] = (m.start(), m.end())
+    if finish_reason == "length" and 3 not in found:
+        return None, "truncated: the answer hit the token limit before step 3"
+    missing = [n for n in (1, 2, 3) if n not in found]
+    if missing:
+        if finish_reason == "length":
+            return None, "truncated: the answer hit the token limit"
+        return None, f"parse_error: step(s) {missing} not found"
+    bodies = []
+    for n in (1, 2, 3):
+        start = found[n][1]
+        end = found[n + 1][0] if n < 3 else len(text)
+        bodies.append(text[start:end].strip())
+    if not all(bodies):
+        empty = [i + 1 for i, b in enumerate(bodies) if not b]
+        return None, f"parse_error: step(s) {empty} empty"
+    if finish_reason == "length":
+        return None, "truncated: the answer hit the token limit inside step 3"
+    return ParsedRationale(bodies[0], bodies[1], bodies[2], _split_items(bodies[2])), None
+
+
+def status_of(error: str | None) -> str:
+    """Status column value for a parse error string (``None`` -> ``ok``)."""
+    if error is None:
+        return "ok"
+    head = error.split(":", 1)[0]
+    return head if head in STATUSES else "parse_error"

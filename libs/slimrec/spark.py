@@ -1,0 +1,50 @@
+"""SparkSession from config, with the settings Delta-via-delta-rs needs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def shuffle_partitions_for(rows: int) -> int:
+    """About one shuffle partition per 250k rows, at least 2: Spark's default 200 is for clusters."""
+    return max(2, min(200, rows // 250_000 + 1))
+
+
+def get_spark(cfg):
+    """Build (or get) the session for ``cfg`` (:class:`slimrec.config.SparkConfig`).
+
+    Executors must run this project's Python so they can import ``slimrec``
+    (``PYSPARK_PYTHON``), and timestamps are written as microseconds, which
+    Delta readers expect.
+    """
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    b = (
+        SparkSession.builder.master(cfg.master)
+        .appName(cfg.app_name)
+        .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+        .config("spark.sql.session.timeZone", "UTC")
+        .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions or 4))
+        .config("spark.sql.adaptive.enabled", "true")
+        .config("spark.ui.showConsoleProgress", "true")
+        .config("spark.driver.memory", cfg.driver_memory)
+        .config("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
+    )
+    if cfg.master.startswith("local"):
+        b = b.config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1")
+    for k, v in cfg.extra_conf.items():
+        b = b.config(k, v)
+    spark = b.getOrCreate()
+    spark.sparkContext.setLogLevel("WARN")
+    from slimrec.spark_delta import DeltaFilesDataSource
+
+    spark.dataSource.register(DeltaFilesDataSource)
+    log.info("spark: master=%s version=%s", cfg.master, spark.version)
+    return spark

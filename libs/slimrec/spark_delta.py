@@ -1,0 +1,141 @@
+"""Executors write Parquet data files of a Delta table; the driver commits them.
+
+A Spark Python Data Source (``format("slimrec_delta_files")``): each task
+writes its Arrow batches as Parquet files straight into the table folder
+(partition sub-folders ``col=value/`` where the table is partitioned, with the
+partition columns left out of the files, as Delta wants) and returns the
+add-actions (path relative to the table root, size, partition values, stats).
+``commit`` on the driver side writes them to a manifest file that
+:func:`collect_add_actions` reads; :class:`slimrec.lake.Lake` then commits all
+of them in one Delta transaction. Until that commit the files are invisible
+to every Delta reader; ``abort`` deletes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pyspark.sql.datasource import DataSource, DataSourceArrowWriter, WriterCommitMessage
+
+
+@dataclass
+class FilesWritten(WriterCommitMessage):
+    actions: list[dict]
+
+
+def _stats(t: pa.Table) -> dict:
+    """Delta file stats: numRecords, nullCount, min/max of scalar columns."""
+    mins, maxs, nulls = {}, {}, {}
+    for name in t.column_names:
+        col = t.column(name)
+        nulls[name] = col.null_count
+        ty = col.type
+        if pa.types.is_list(ty) or pa.types.is_binary(ty) or len(t) == col.null_count:
+            continue
+        if pa.types.is_string(ty):
+            continue  # string min/max are optional in Delta; skip to keep stats small
+        mm = pc.min_max(col)
+        lo, hi = mm["min"].as_py(), mm["max"].as_py()
+        if hasattr(lo, "isoformat"):
+            lo, hi = lo.isoformat(), hi.isoformat()
+        if isinstance(lo, float) and (lo != lo or hi != hi):
+            continue
+        mins[name], maxs[name] = lo, hi
+    return {"numRecords": len(t), "minValues": mins, "maxValues": maxs, "nullCount": nulls}
+
+
+def _partition_value(v) -> str | None:
+    if v is None:
+        return None
+    return v.isoformat() if hasattr(v, "isoformat") else str(v)
+
+
+class _Writer(DataSourceArrowWriter):
+    def __init__(self, options: dict):
+        self.root = options["path"]
+        self.manifest = options["manifest"]
+        self.partition_by = [p for p in options.get("partition_by", "").split(",") if p]
+        self.schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(options["arrow_schema"])))
+        self.max_rows = int(options.get("target_file_rows", "500000"))
+
+    def _write_file(self, t: pa.Table, pvals: dict) -> dict:
+        sub = "/".join(f"{k}={pvals[k] if pvals[k] is not None else '__HIVE_DEFAULT_PARTITION__'}" for k in self.partition_by)
+        rel = (sub + "/" if sub else "") + f"part-{uuid.uuid4().hex}.snappy.parquet"
+        full = os.path.join(self.root, rel)
+        os.makedirs(os.path.dirname(full), exist_ok=True)
+        pq.write_table(t, full, compression="snappy", coerce_timestamps="us")
+        return {"path": rel, "size": os.path.getsize(full), "partition_values": pvals, "stats": _stats(t)}
+
+    def write(self, iterator):
+        batches = [b for b in iterator if b.num_rows]
+        actions: list[dict] = []
+        if not batches:
+            return FilesWritten(actions)
+        t = pa.Table.from_batches(batches).select(self.schema.names).cast(self.schema, safe=False)
+        if not self.partition_by:
+            groups = [({}, t)]
+        else:
+            keys = t.select(self.partition_by).group_by(self.partition_by).aggregate([]).to_pylist()
+            groups = []
+            for key in keys:
+                mask = None
+                for k, v in key.items():
+                    m = pc.is_null(t[k]) if v is None else pc.equal(t[k], pa.scalar(v, t.schema.field(k).type))
+                    mask = m if mask is None else pc.and_(mask, m)
+                groups.append(({k: _partition_value(v) for k, v in key.items()}, t.filter(mask).drop(self.partition_by)))
+        for pvals, part in groups:
+            for off in range(0, len(part), self.max_rows):
+                actions.append(self._write_file(part.slice(off, self.max_rows), pvals))
+        return FilesWritten(actions)
+
+    def commit(self, messages):
+        actions = [a for m in messages if m is not None for a in m.actions]
+        tmp = self.manifest + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(actions, f)
+        os.replace(tmp, self.manifest)
+
+    def abort(self, messages):
+        for m in messages:
+            for a in getattr(m, "actions", None) or []:
+                try:
+                    os.remove(os.path.join(self.root, a["path"]))
+                except FileNotFoundError:
+                    pass
+
+
+class DeltaFilesDataSource(DataSource):
+    @classmethod
+    def name(cls):
+        return "slimrec_delta_files"
+
+    def writer(self, schema, overwrite):
+        return _Writer(self.options)
+
+
+def collect_add_actions(df, table_uri: str, spec) -> list:
+    """Let the executors write ``df`` (already in ``spec`` column order) as files; return the add-actions."""
+    from slimrec.lake import make_add_action
+
+    with tempfile.TemporaryDirectory(prefix="slimrec-manifest-") as d:
+        manifest = os.path.join(d, "actions.json")
+        schema_hex = spec.arrow_schema().serialize().to_pybytes().hex()
+        (
+            df.write.format("slimrec_delta_files")
+            .mode("append")
+            .option("path", table_uri)
+            .option("manifest", manifest)
+            .option("partition_by", ",".join(spec.partition_by))
+            .option("arrow_schema", schema_hex)
+            .save()
+        )
+        with open(manifest) as f:
+            raw = json.load(f)
+    return [make_add_action(a["path"], a["size"], a["partition_values"], a["stats"]) for a in raw]

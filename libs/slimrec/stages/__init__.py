@@ -1,0 +1,1 @@
+"""Stage runners: one module per table, each with run(ctx) -> StageResult."""

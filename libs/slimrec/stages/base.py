@@ -1,0 +1,69 @@
+"""What every stage receives and returns.
+
+A stage module ``slimrec.stages.<name>`` defines ``INPUTS`` (tables read),
+``OUTPUTS`` (tables written) and ``run(ctx) -> StageResult``. It reads through
+``ctx.lake``, calls pure transforms, and writes through ``ctx.lake`` with
+``ctx.commit_info(...)``; the runner validates every output table afterwards.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+from slimrec.config import PipelineConfig
+from slimrec.lake import CommitInfo, Lake
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    tables: dict[str, int | None] = field(default_factory=dict)  # table -> Delta version written (None: no commit)
+    rows_in: int = 0
+    rows_out: int = 0
+    skipped: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # cost_usd, tokens, calls, ... (JSON-able)
+
+
+@dataclass
+class StageContext:
+    cfg: PipelineConfig
+    lake: Lake
+    run_date: date
+    dry_run: bool = False
+    force: bool = False
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    dataset_dir: str | None = None
+    _spark: Any = None
+
+    def spark(self):
+        """The stage's SparkSession, started on first use from ``cfg.spark``."""
+        if self._spark is None:
+            from slimrec.spark import get_spark
+
+            self._spark = get_spark(self.cfg.spark)
+        return self._spark
+
+    def ray(self) -> None:
+        """Start or join Ray (``cfg.ray_address``; local by default)."""
+        from slimrec.rayutil import ensure_ray
+
+        ensure_ray(self.cfg.ray_address)
+
+    def input_versions(self, tables: list[str]) -> dict[str, int | None]:
+        return {t: self.lake.version(t) for t in tables}
+
+    def commit_info(self, stage: str, inputs: dict[str, int | None], **extra: Any) -> CommitInfo:
+        return CommitInfo(
+            stage=stage,
+            run_date=self.run_date,
+            run_id=self.run_id,
+            config_hash=self.cfg.config_hash(),
+            input_versions=inputs,
+            extra=extra,
+        )
