@@ -54,6 +54,10 @@ def parse_rationale(text: str | None, finish_reason: str | None = None):
     if text is None or not text.strip():
         return None, "empty: no text"
     matches = list(_STEP_RE.finditer(text))
+    # Explicit "Step N" headers win: once any is present, bare "1." / "2)" lines are list items
+    # inside a step (an LLM often numbers its points), not step headers.
+    if any(m.group(1) for m in matches):
+        matches = [m for m in matches if m.group(1)]
     found: dict[int, tuple[int, int]] = {}
     for m in matches:
         n = int(m.group(1) or m.group(2))
