@@ -1,0 +1,91 @@
+"""Encode texts on a Ray Data actor pool: one model per actor, loaded once, fractional CPUs.
+
+:func:`encode_texts` is the only entry: ``texts -> (N, dim) float32`` in the
+order given. Ray must already be up (the stage calls ``ctx.ray()``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pandas as pd
+
+from slimrec.embed.config import EmbedConfig
+from slimrec.embed.encoder import EncoderSpec
+
+log = logging.getLogger(__name__)
+
+
+class EncodeBatch:
+    """Ray Data callable class: loads the encoder in ``__init__``, encodes a batch in ``__call__``.
+
+    Batch in: ``row`` (int64), ``text`` (str). Batch out: ``row``, ``embedding`` (B, dim) float32.
+    """
+
+    def __init__(self, spec: dict, encode_batch_size: int, torch_threads: int):
+        import torch
+
+        from slimrec.embed.encoder import load_encoder
+
+        # Ray sets OMP_NUM_THREADS from the actor's (fractional -> 1) CPU request; the config decides instead.
+        torch.set_num_threads(torch_threads)
+        self.encoder = load_encoder(EncoderSpec(**spec))
+        self.encode_batch_size = encode_batch_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        vecs = self.encoder.encode([str(t) for t in batch["text"]], self.encode_batch_size)
+        return {"row": batch["row"], "embedding": vecs}
+
+
+def torch_threads(cfg: EmbedConfig) -> int:
+    """Threads per actor: the config's, else this node's cores shared by the actors."""
+    if cfg.torch_threads:
+        return cfg.torch_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // cfg.num_actors)
+
+
+def encode_texts(texts: list[str], spec: EncoderSpec, cfg: EmbedConfig) -> np.ndarray:
+    """(N,) texts -> (N, dim) float32 vectors, in input order, computed by the actor pool."""
+    import ray
+
+    n = len(texts)
+    if n == 0:
+        return np.zeros((0, 0), np.float32)
+    rows = np.arange(n, dtype=np.int64)
+    if cfg.sort_by_length:
+        # Globally by length: each batch, and each forward pass inside it, holds similar lengths (little padding).
+        rows = rows[np.argsort([len(t) for t in texts], kind="stable")]
+    frame = pd.DataFrame({"row": rows, "text": [texts[i] for i in rows]})
+    blocks = [frame.iloc[i : i + cfg.block_rows] for i in range(0, n, cfg.block_rows)]
+    threads = torch_threads(cfg)
+    log.info(
+        "embed: %d texts in %d blocks on %d actor(s) x %.2g CPU, %d torch threads each, encoder %s",
+        n, len(blocks), cfg.num_actors, cfg.actor_num_cpus, threads, spec.encoder_id,
+    )
+    ds = ray.data.from_pandas(blocks).map_batches(
+        EncodeBatch,
+        fn_constructor_kwargs={
+            "spec": spec.as_dict(),
+            "encode_batch_size": cfg.encode_batch_size,
+            "torch_threads": threads,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_cpus=cfg.actor_num_cpus,
+        num_gpus=cfg.actor_num_gpus or None,
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+    )
+    out: np.ndarray | None = None
+    seen = 0
+    for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+        vecs = np.asarray(batch["embedding"], dtype=np.float32)  # (B, dim)
+        if out is None:
+            out = np.empty((n, vecs.shape[1]), np.float32)
+        out[batch["row"]] = vecs
+        seen += len(vecs)
+    if seen != n:
+        raise RuntimeError(f"embed: the actor pool returned {seen} vectors for {n} texts")
+    return out
