@@ -96,7 +96,7 @@ def resolve_encoder(cfg: EmbedConfig) -> EncoderSpec:
     Reads config JSON files only. The id changes whenever a knob that changes
     vectors changes, so a new setting writes new rows instead of mixing vectors.
     """
-    if cfg.encoder in BUILTINS:
+    if cfg.encoder.startswith("builtin:"):
         path, name = _builtin_path(cfg.encoder), BUILTINS[cfg.encoder]
     else:
         path = Path(cfg.encoder).expanduser()
@@ -136,7 +136,7 @@ class TextEncoder:
         model.max_seq_length = self.spec.max_seq_length
         self._st = model
         self._st_normalize = self.spec.normalize and not has_norm  # the model's own Normalize already does it
-        self.dim = int(model.get_sentence_embedding_dimension())
+        self.dim = int(model.get_embedding_dimension())
 
     def _load_hf(self) -> None:
         import torch
