@@ -78,6 +78,8 @@ class PromptsConfig(_Frozen):
     max_items: int = Field(20, description="most recent history items shown in a prompt")
     max_chars: int = Field(4000, description="character budget of the teacher prompt; oldest items dropped first")
     max_item_title_chars: int = Field(120, description="per-item title cap inside prompts")
+    student_max_items: int = Field(10, description="most recent history items shown in the student prompt")
+    student_title_chars: int = Field(60, description="per-item title cap inside the student prompt")
 
 
 class PipelineConfig(_Frozen):

@@ -26,7 +26,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -309,7 +309,7 @@ class Lake:
             dt = self._dt(name)
             last = dt.history(1)[0]
             ts = last.get("timestamp")
-            when = datetime.fromtimestamp(ts / 1000, tz=timezone.utc).isoformat(timespec="seconds") if ts else None
+            when = datetime.fromtimestamp(ts / 1000, tz=UTC).isoformat(timespec="seconds") if ts else None
             out.append(
                 dict(table=name, version=dt.version(), rows=dt.count(), last_commit=when,
                      stage=last.get("slimrec.stage"), run_date=last.get("slimrec.run_date"))
@@ -328,7 +328,7 @@ def make_add_action(path: str, size: int, partition_values: dict[str, str | None
         path=path,
         size=size,
         partition_values=partition_values,
-        modification_time=int(datetime.now(tz=timezone.utc).timestamp() * 1000),
+        modification_time=int(datetime.now(tz=UTC).timestamp() * 1000),
         data_change=True,
         stats=json.dumps(stats),
     )

@@ -67,7 +67,7 @@ def sanitize_text(text: str | None, max_chars: int) -> str:
 
 def item_line(title: str | None, categories: list[str] | None, brand: str | None, max_title_chars: int) -> str:
     """``title | category path | brand`` with each part sanitised; missing parts become ``unknown``."""
-    cat = " > ".join(c for c in (categories or []) if c) or "unknown"
+    cat = " > ".join(c for c in (list(categories) if categories is not None else []) if c) or "unknown"
     return " | ".join(
         [
             sanitize_text(title, max_title_chars) or "untitled item",
@@ -77,13 +77,32 @@ def item_line(title: str | None, categories: list[str] | None, brand: str | None
     )
 
 
+def short_item_line(title: str | None, categories: list[str] | None, brand: str | None, max_title_chars: int) -> str:
+    """The student's shorter line: ``title | leaf category | brand``."""
+    cats = [c for c in (list(categories) if categories is not None else []) if c]
+    return " | ".join(
+        [
+            sanitize_text(title, max_title_chars) or "untitled item",
+            sanitize_text(cats[-1], 60) if cats else "unknown",
+            sanitize_text(brand, 40) or "unknown",
+        ]
+    )
+
+
 def render(
-    version: str, lines: list[str], max_items: int, max_chars: int
+    version: str,
+    lines: list[str],
+    max_items: int,
+    max_chars: int,
+    student_lines: list[str] | None = None,
+    student_max_items: int = 10,
 ) -> tuple[str, str, int]:
-    """Teacher prompt, student prompt and how many history lines they show.
+    """Teacher prompt, student prompt and how many history lines the teacher prompt shows.
 
     Keeps the most recent ``max_items`` lines, then drops the oldest until the
-    teacher prompt fits ``max_chars`` (always at least one line).
+    teacher prompt fits ``max_chars`` (always at least one line). The student
+    prompt shows the most recent ``student_max_items`` of ``student_lines``
+    (short lines; default: the same lines).
     """
     if version not in TEMPLATE_VERSIONS:
         raise ValueError(f"unknown prompt template version {version!r}; known: {TEMPLATE_VERSIONS}")
@@ -94,7 +113,8 @@ def render(
         if len(teacher) <= max_chars or len(shown) <= 1:
             break
         shown = shown[1:]
-    student = _STUDENT_V1.format(history=hist)
+    short = (student_lines if student_lines is not None else lines)[-min(len(shown), student_max_items):]
+    student = _STUDENT_V1.format(history="\n".join(f"- {x}" for x in short))
     return teacher, student, len(shown)
 
 

@@ -1,0 +1,185 @@
+"""The ``slim`` command line.
+
+``slim ingest``, ``slim stage NAME``, ``slim run``, ``slim refresh``,
+``slim validate``, ``slim tables``. Every command takes ``--lake DIR`` and the
+config options ``--profile``, ``--config FILE`` and ``--set key=value``.
+Known errors print one line (``error: ...``) and exit 2; an unexpected one
+prints one line and the path of a log file holding the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimrec: SLIM as a batch pipeline on Spark, Ray and Delta.")
+log = logging.getLogger("slimrec")
+
+LakeOpt = Annotated[str, typer.Option("--lake", help="lake root folder (one Delta table per sub-folder)")]
+ProfileOpt = Annotated[str, typer.Option("--profile", help="config profile: tiny | dev | prod")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML file with config overrides")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override one config field: key.path=value (repeatable)")]
+DateOpt = Annotated[str | None, typer.Option("--run-date", help="logical date YYYY-MM-DD (default: today, UTC)")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    for noisy in ("py4j", "urllib3", "httpx", "filelock", "great_expectations", "ray", "asyncio", "openai"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _parse_date(value: str | None) -> date:
+    if value is None:
+        return date.today()
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter(f"--run-date {value!r} is not YYYY-MM-DD") from None
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from slimrec.config import ConfigError
+    from slimrec.ingest import IngestError
+    from slimrec.lake import LakeError
+    from slimrec.pipeline import StageError
+
+    errs: list[type[BaseException]] = [ConfigError, IngestError, LakeError, StageError]
+    try:
+        from slimrec.quality import QualityGateError
+
+        errs.append(QualityGateError)
+    except ImportError:  # the quality package is optional only while it is being built
+        pass
+    return tuple(errs)
+
+
+def _fail(exc: BaseException, lake: str | None) -> None:
+    if isinstance(exc, _known_errors()):
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2)
+    logdir = Path(lake or ".") / "_logs"
+    logdir.mkdir(parents=True, exist_ok=True)
+    path = logdir / f"error-{date.today().isoformat()}-{os.getpid()}.log"
+    path.write_text("".join(traceback.format_exception(exc)))
+    typer.echo(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} (traceback in {path})", err=True)
+    raise typer.Exit(1)
+
+
+def _context(lake: str, profile: str, config: Path | None, sets: list[str] | None, run_date: str | None,
+             dataset: str | None = None, dry_run: bool = False, force: bool = False):
+    from slimrec.config import load_config
+    from slimrec.lake import Lake
+    from slimrec.stages.base import StageContext
+
+    overrides = list(sets or [])
+    cfg = load_config(profile, config, overrides)
+    ctx = StageContext(cfg=cfg, lake=Lake(lake), run_date=_parse_date(run_date), dry_run=dry_run, force=force,
+                       dataset_dir=dataset)
+    log.info("config (profile %s, hash %s): %s", profile, cfg.config_hash(), cfg.as_json())
+    return ctx
+
+
+def _close(ctx) -> None:
+    if ctx is not None and ctx._spark is not None:
+        ctx._spark.stop()
+
+
+@app.command()
+def ingest(
+    dataset: Annotated[str, typer.Option("--dataset", help="folder with the source files")],
+    lake: LakeOpt = "lake",
+    format: Annotated[str, typer.Option("--format", help="auto | lcrec | amazon | events")] = "auto",
+    profile: ProfileOpt = "dev",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_date: DateOpt = None,
+    verbose: bool = False,
+):
+    """Read a dataset folder into raw_*, items, interactions (bad rows to quarantine)."""
+    _setup_logging(verbose)
+    ctx = None
+    try:
+        ctx = _context(lake, profile, config, [*(set_ or []), f"ingest.format={format}"], run_date, dataset=dataset)
+        from slimrec.pipeline import run_stage
+
+        r = run_stage("ingest", ctx)
+        typer.echo(f"ingest: {r.rows_in} rows read, {r.rows_out} interactions, {r.extra.get('items')} items, "
+                   f"{r.extra.get('quarantined')} quarantined -> {ctx.lake.root}")
+    except (typer.Exit, typer.BadParameter):
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
+        _fail(e, lake)
+    finally:
+        _close(ctx)
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="ingest | build_sequences | build_prompts | teacher_rationales | "
+                                             "distill_student | student_rationales | embed | train_recommender")],
+    lake: LakeOpt = "lake",
+    run_date: DateOpt = None,
+    profile: ProfileOpt = "dev",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", help="dataset folder (ingest only)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan and estimate; write nothing")] = False,
+    no_check: Annotated[bool, typer.Option("--no-check", help="skip the quality gate after the stage")] = False,
+    verbose: bool = False,
+):
+    """Run one stage, then its quality gate."""
+    _setup_logging(verbose)
+    ctx = None
+    try:
+        ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, dry_run=dry_run)
+        from slimrec.pipeline import run_stage
+
+        r = run_stage(name, ctx, check=not no_check)
+        typer.echo(f"{name}: rows in {r.rows_in}, rows out {r.rows_out}, tables {r.tables}, {r.extra}")
+    except (typer.Exit, typer.BadParameter):
+        raise
+    except Exception as e:  # noqa: BLE001
+        _fail(e, lake)
+    finally:
+        _close(ctx)
+
+
+@app.command()
+def tables(lake: LakeOpt = "lake"):
+    """List the lake's tables: Delta version, rows, last commit time and stage."""
+    _setup_logging()
+    from rich.console import Console
+    from rich.table import Table
+
+    from slimrec.lake import Lake
+
+    try:
+        rows = Lake(lake).tables()
+    except Exception as e:  # noqa: BLE001
+        _fail(e, lake)
+    if not rows:
+        typer.echo(f"no tables under {lake}")
+        raise typer.Exit(0)
+    t = Table("table", "version", "rows", "last commit (UTC)", "stage", "run date")
+    for r in rows:
+        t.add_row(r["table"], str(r["version"]), f"{r['rows']:,}", r["last_commit"] or "", r["stage"] or "", r["run_date"] or "")
+    Console().print(t)
+
+
+def main() -> None:  # pragma: no cover
+    app()

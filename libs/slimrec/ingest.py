@@ -1,0 +1,421 @@
+"""Ingest: source files -> raw_interactions, raw_items, items, interactions, quarantine.
+
+Formats (auto-detected from the folder, or named):
+
+* ``lcrec``: ``*.inter.json`` (``{user: [item, ...]}`` in time order) and
+  ``*.item.json`` (``{item: {title, description, brand, categories}}``).
+  No timestamps: ``event_ts = order_base_ts + position seconds`` and
+  ``event_seq = position``, so the order is kept exactly; ``ts_derived`` is true.
+* ``amazon``: the review dumps as published: reviews JSON lines (``reviewerID,
+  asin, unixReviewTime``) and metadata JSON lines (``asin, title, brand,
+  categories`` (2014, may be Python-literal lines) or ``category`` (2018)), gzip or not.
+* ``events``: ``*.csv|*.tsv|*.parquet`` events with user/item/timestamp columns
+  (common names accepted) and an optional items file (name contains ``item``).
+
+Whole-input problems (missing folder, no recognisable files, unreadable JSON
+document) raise :class:`IngestError` with one line. Row problems become
+``quarantine`` rows with a reason; nothing valid is dropped silently.
+"""
+
+from __future__ import annotations
+
+import ast
+import gzip
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+
+from slimrec.text import clean_text, item_text, sha1, split_categories
+
+log = logging.getLogger(__name__)
+
+USER_COLS = ("user_id", "user", "userid", "reviewerid", "customer_id", "visitorid")
+ITEM_COLS = ("item_id", "item", "itemid", "asin", "product_id", "movie_id")
+TS_COLS = ("event_ts", "timestamp", "ts", "time", "unixreviewtime", "datetime", "date")
+EVENT_EXT = (".csv", ".tsv", ".parquet", ".csv.gz", ".tsv.gz")
+
+
+class IngestError(ValueError):
+    """A whole input that cannot be read; the message is one line for the user."""
+
+
+# --------------------------------------------------------------------------- detection
+def dataset_fingerprint(dataset_dir: str | None) -> dict[str, list[int]]:
+    """``{file name: [size, mtime]}``: ingest is skipped when this is unchanged."""
+    if not dataset_dir or not Path(dataset_dir).is_dir():
+        return {}
+    return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(Path(dataset_dir).iterdir()) if p.is_file()}
+
+
+def _first_record(path: Path) -> dict | None:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    rec, err = parse_json_line(line)
+                    return rec
+    except (OSError, EOFError):
+        return None
+    return None
+
+
+def detect_format(dataset: Path) -> tuple[str, dict[str, list[Path]]]:
+    """``(format, {"interactions": [...], "items": [...]})`` for a dataset folder."""
+    if not dataset.exists():
+        raise IngestError(f"dataset folder {dataset} does not exist")
+    if not dataset.is_dir():
+        raise IngestError(f"{dataset} is not a folder; pass the folder that holds the data files")
+    files = sorted(p for p in dataset.iterdir() if p.is_file() and not p.name.startswith("."))
+    inter = [p for p in files if p.name.endswith(".inter.json")]
+    items = [p for p in files if p.name.endswith(".item.json")]
+    if inter:
+        return "lcrec", {"interactions": inter, "items": items}
+    jl = [p for p in files if p.name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz"))]
+    reviews, meta = [], []
+    for p in jl:
+        rec = _first_record(p)
+        if not isinstance(rec, dict):
+            continue
+        keys = {k.lower() for k in rec}
+        if "reviewerid" in keys and "asin" in keys:
+            reviews.append(p)
+        elif "asin" in keys:
+            meta.append(p)
+    if reviews:
+        return "amazon", {"interactions": reviews, "items": meta}
+    ev = [p for p in files if p.name.lower().endswith(EVENT_EXT)]
+    ev_items = [p for p in ev if "item" in p.name.lower() and "interaction" not in p.name.lower()]
+    ev_inter = [p for p in ev if p not in ev_items]
+    if ev_inter:
+        return "events", {"interactions": ev_inter, "items": ev_items}
+    names = ", ".join(p.name for p in files[:10]) or "no files"
+    raise IngestError(
+        f"no recognisable data in {dataset} ({names}); expected *.inter.json + *.item.json (lcrec), "
+        "Amazon reviews/metadata JSON lines, or events CSV/Parquet"
+    )
+
+
+# --------------------------------------------------------------------------- parsing helpers
+def parse_json_line(line: str) -> tuple[dict | None, str | None]:
+    """A JSON (or Python-literal, as in the 2014 Amazon metadata) object; ``(None, reason)`` if not."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        try:
+            rec = ast.literal_eval(line)
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            return None, "unreadable JSON line"
+    if not isinstance(rec, dict):
+        return None, "JSON line is not an object"
+    return rec, None
+
+
+def _pick(rec: dict, names: tuple[str, ...]):
+    low = {k.lower(): v for k, v in rec.items()}
+    for n in names:
+        if n in low and low[n] not in (None, ""):
+            return low[n]
+    return None
+
+
+def _id(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    s = str(value).strip()
+    return s or None
+
+
+def _truncate(s: str, n: int = 500) -> str:
+    return s if len(s) <= n else s[:n] + "…"
+
+
+def _qrow(source: str, row: int | None, reason: str, payload) -> dict:
+    text = payload if isinstance(payload, str) else json.dumps(payload, default=str, ensure_ascii=False)
+    return {"stage": "ingest", "source": source, "source_row": row, "reason": reason, "payload": _truncate(text)}
+
+
+# --------------------------------------------------------------------------- readers (pure; pandas out)
+def read_lcrec(inter_files: list[Path], item_files: list[Path]):
+    """LC-Rec JSON documents -> (raw_interactions, raw_items, quarantine) as pandas frames."""
+    raw, raw_items, quarantine = [], [], []
+    for f in inter_files:
+        doc = _load_json_document(f)
+        if not isinstance(doc, dict):
+            raise IngestError(f"{f.name}: expected an object {{user: [items]}}, got {type(doc).__name__}")
+        row = 0
+        for user, seq in doc.items():
+            if not isinstance(seq, list):
+                quarantine.append(_qrow(f.name, None, "user value is not a list of items", {user: seq}))
+                continue
+            for pos, item in enumerate(seq):
+                raw.append((f.name, row, _id(user), _id(item), None, pos))
+                row += 1
+    for f in item_files:
+        doc = _load_json_document(f)
+        if not isinstance(doc, dict):
+            raise IngestError(f"{f.name}: expected an object {{item: {{...}}}}, got {type(doc).__name__}")
+        for row, (item, rec) in enumerate(doc.items()):
+            if not isinstance(rec, dict):
+                quarantine.append(_qrow(f.name, row, "item record is not an object", {item: rec}))
+                continue
+            raw_items.append((f.name, row, _id(item), json.dumps(rec, ensure_ascii=False)))
+    return _frames(raw, raw_items, quarantine)
+
+
+def _load_json_document(f: Path):
+    try:
+        data = f.read_bytes()
+        if f.suffix == ".gz":
+            data = gzip.decompress(data)
+    except OSError as e:
+        raise IngestError(f"cannot read {f}: {e.strerror or e}") from None
+    text = data.decode("utf-8", errors="replace")
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise IngestError(f"{f.name} is not valid JSON (line {e.lineno}, column {e.colno}): {e.msg}") from None
+
+
+def _frames(raw, raw_items, quarantine):
+    ri = pd.DataFrame(raw, columns=["source_file", "source_row", "user_raw", "item_raw", "ts_raw", "position"])
+    rit = pd.DataFrame(raw_items, columns=["source_file", "source_row", "item_raw", "payload"])
+    q = pd.DataFrame(quarantine, columns=["stage", "source", "source_row", "reason", "payload"])
+    for df in (ri, rit):
+        df["source_row"] = df["source_row"].astype("int64")
+    ri["position"] = ri["position"].astype("Int64")
+    q["source_row"] = q["source_row"].astype("Int64")
+    return ri, rit, q
+
+
+def parse_review_lines(source: str, rows: list[tuple[int, str]]):
+    """Amazon review lines -> raw interaction tuples and quarantine rows."""
+    raw, quarantine = [], []
+    for row, line in rows:
+        if not line.strip():
+            continue
+        rec, err = parse_json_line(line)
+        if err:
+            quarantine.append(_qrow(source, row, err, line))
+            continue
+        ts = _pick(rec, ("unixreviewtime", "timestamp", "time"))
+        raw.append((source, row, _id(_pick(rec, ("reviewerid", "user_id"))), _id(_pick(rec, ("asin", "parent_asin", "item_id"))), None if ts is None else str(ts), None))
+    return raw, quarantine
+
+
+def parse_meta_lines(source: str, rows: list[tuple[int, str]]):
+    """Amazon metadata lines -> raw item tuples and quarantine rows."""
+    raw, quarantine = [], []
+    for row, line in rows:
+        if not line.strip():
+            continue
+        rec, err = parse_json_line(line)
+        if err:
+            quarantine.append(_qrow(source, row, err, line))
+            continue
+        item = _id(_pick(rec, ("asin", "parent_asin", "item_id")))
+        raw.append((source, row, item, json.dumps(rec, ensure_ascii=False, default=str)))
+    return raw, quarantine
+
+
+def _iter_lines(f: Path):
+    opener = gzip.open if f.suffix == ".gz" else open
+    try:
+        with opener(f, "rb") as fh:
+            for row, b in enumerate(fh):
+                yield row, b.decode("utf-8", errors="replace")
+    except (OSError, EOFError) as e:
+        raise IngestError(f"cannot read {f.name}: {e}") from None
+
+
+def read_amazon(review_files: list[Path], meta_files: list[Path], chunk: int = 200_000):
+    """Amazon review + metadata JSON lines -> pandas frames (streamed in chunks)."""
+    raw, raw_items, quarantine = [], [], []
+    for f in review_files:
+        buf = []
+        for row, line in _iter_lines(f):
+            buf.append((row, line))
+            if len(buf) >= chunk:
+                r, q = parse_review_lines(f.name, buf)
+                raw += r
+                quarantine += q
+                buf = []
+        r, q = parse_review_lines(f.name, buf)
+        raw += r
+        quarantine += q
+    for f in meta_files:
+        r, q = parse_meta_lines(f.name, list(_iter_lines(f)))
+        raw_items += r
+        quarantine += q
+    return _frames(raw, raw_items, quarantine)
+
+
+def _column(df_cols: list[str], names: tuple[str, ...], what: str, source: str) -> str:
+    low = {c.lower(): c for c in df_cols}
+    for n in names:
+        if n in low:
+            return low[n]
+    raise IngestError(f"{source}: no {what} column (looked for {', '.join(names)}; found {', '.join(df_cols)})")
+
+
+# --------------------------------------------------------------------------- Spark readers for events
+def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
+    """Events CSV/Parquet read by Spark -> (raw_interactions, raw_items) Spark frames, quarantine rows."""
+    from pyspark.sql import functions as F
+
+    def load(f: Path):
+        name = f.name.lower()
+        if name.endswith(".parquet"):
+            return spark.read.parquet(str(f))
+        sep = "\t" if ".tsv" in name else ","
+        return spark.read.option("header", True).option("sep", sep).option("mode", "PERMISSIVE").csv(str(f))
+
+    def with_row(df, source):
+        # zipWithIndex gives the exact 0-based row of the source file (stable tie-break).
+        rdd = df.rdd.zipWithIndex().map(lambda t: (*t[0], t[1]))
+        out = spark.createDataFrame(rdd, df.schema.add("source_row", "long"))
+        return out.withColumn("source_file", F.lit(source))
+
+    raws, items = None, None
+    for f in inter_files:
+        df = load(f)
+        u = _column(df.columns, USER_COLS, "user id", f.name)
+        i = _column(df.columns, ITEM_COLS, "item id", f.name)
+        t = _column(df.columns, TS_COLS, "timestamp", f.name)
+        df = with_row(df.select(u, i, t), f.name)
+        df = df.select(
+            "source_file", "source_row",
+            F.trim(F.col(u).cast("string")).alias("user_raw"),
+            F.trim(F.col(i).cast("string")).alias("item_raw"),
+            F.col(t).cast("string").alias("ts_raw"),
+            F.lit(None).cast("long").alias("position"),
+        )
+        raws = df if raws is None else raws.unionByName(df)
+    for f in item_files:
+        df = load(f)
+        i = _column(df.columns, ITEM_COLS, "item id", f.name)
+        other = [c for c in df.columns if c != i]
+        df = with_row(df, f.name)
+        df = df.select(
+            "source_file", "source_row", F.trim(F.col(i).cast("string")).alias("item_raw"),
+            F.to_json(F.struct(*[F.col(c) for c in other])).alias("payload"),
+        )
+        items = df if items is None else items.unionByName(df)
+    return raws, items
+
+
+# --------------------------------------------------------------------------- transforms
+ITEM_OUT_COLS = ["item_id", "title", "brand", "categories", "description", "item_text", "text_hash"]
+
+
+def normalise_items(raw_items: pd.DataFrame, max_text_chars: int, max_id_chars: int):
+    """raw_items rows -> (items, quarantine) pandas frames.
+
+    Input columns: source_file, source_row, item_raw, payload (JSON).
+    Output: item_id, title, brand, categories (list), description, item_text, text_hash.
+    The first record of an item id wins; later ones are quarantined as duplicates.
+
+    Example: ``("f", 0, "7", '{"title": "Pen &amp; Ink,", "categories": "A, B"}')`` ->
+    ``("7", "Pen & Ink", None, ["A", "B"], None, "Pen & Ink | A > B", sha1(...))``.
+    """
+    out, quarantine, seen = [], [], set()
+    for r in raw_items.sort_values(["source_file", "source_row"]).itertuples(index=False):
+        item = r.item_raw
+        if not item:
+            quarantine.append(_qrow(r.source_file, r.source_row, "item record without id", r.payload))
+            continue
+        if len(item) > max_id_chars:
+            quarantine.append(_qrow(r.source_file, r.source_row, f"item id longer than {max_id_chars} characters", item))
+            continue
+        if item in seen:
+            quarantine.append(_qrow(r.source_file, r.source_row, "duplicate item record (first kept)", r.payload))
+            continue
+        rec, err = parse_json_line(r.payload) if isinstance(r.payload, str) else (None, "empty payload")
+        if err:
+            quarantine.append(_qrow(r.source_file, r.source_row, err, r.payload or ""))
+            continue
+        seen.add(item)
+        title = clean_text(_pick(rec, ("title", "name", "product_title")), max_text_chars)
+        brand = clean_text(_pick(rec, ("brand", "manufacturer", "store")), 200)
+        cats = split_categories(_pick(rec, ("categories", "category", "category_path", "genres")))
+        desc = _pick(rec, ("description", "desc"))
+        if isinstance(desc, list):
+            desc = " ".join(str(d) for d in desc)
+        desc = clean_text(desc, max_text_chars)
+        text = item_text(title, cats, brand)
+        out.append((item, title, brand, cats, desc, text, sha1(text)))
+    items = pd.DataFrame(out, columns=ITEM_OUT_COLS)
+    q = pd.DataFrame(quarantine, columns=["stage", "source", "source_row", "reason", "payload"])
+    return items, q
+
+
+def build_interactions(raw_df, items_df, base_ts: str, max_id_chars: int):
+    """Spark: raw_interactions -> (interactions, quarantine).
+
+    Input columns: source_file, source_row, user_raw, item_raw, ts_raw, position.
+    Output: user_id, item_id, event_ts, event_seq, ts_derived, source_file.
+    Rules, each rejected row going to quarantine with its reason: missing or
+    over-long ids; unparseable timestamp (numbers are unix seconds, or ms when
+    > 1e11; strings are ISO-8601); no timestamp and no position; item not in
+    ``items`` (when a catalogue exists); the same (user, item, event_ts) again
+    (first by source row kept). Order-only sources get ``event_ts = base_ts +
+    position`` seconds and ``event_seq = position``; others ``event_seq = source_row``.
+
+    Example: ``("f", 0, "u1", "i9", "1400000000", None)`` ->
+    ``("u1", "i9", 2014-05-13 16:53:20, 0, false, "f")``.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    base = F.lit(datetime.fromisoformat(base_ts)).cast("timestamp")
+    num = F.col("ts_raw").cast("double")
+    parsed = (
+        F.when(num.isNotNull(), F.when(F.abs(num) > 1e11, F.timestamp_millis(num.cast("long"))).otherwise(F.timestamp_seconds(num.cast("long"))))
+        .otherwise(F.try_to_timestamp(F.col("ts_raw")))
+    )
+    df = raw_df.withColumn("ts_parsed", parsed).withColumn(
+        "reason",
+        F.when(F.col("user_raw").isNull() | (F.col("user_raw") == ""), F.lit("missing user id"))
+        .when(F.col("item_raw").isNull() | (F.col("item_raw") == ""), F.lit("missing item id"))
+        .when((F.length("user_raw") > max_id_chars) | (F.length("item_raw") > max_id_chars), F.lit(f"id longer than {max_id_chars} characters"))
+        .when(F.col("user_raw").contains("\ufffd") | F.col("item_raw").contains("\ufffd"), F.lit("non-UTF-8 bytes in id"))
+        .when(F.col("ts_raw").isNotNull() & F.col("ts_parsed").isNull(), F.concat(F.lit("unparseable timestamp: "), F.substring("ts_raw", 1, 60)))
+        .when(F.col("ts_raw").isNull() & F.col("position").isNull(), F.lit("missing timestamp")),
+    )
+    payload = F.to_json(F.struct("user_raw", "item_raw", "ts_raw", "position"))
+    q1 = df.where(F.col("reason").isNotNull())
+    ok = df.where(F.col("reason").isNull())
+    if items_df is not None:
+        known = items_df.select(F.col("item_id").alias("item_raw")).distinct()
+        unknown = ok.join(known, "item_raw", "left_anti").withColumn("reason", F.lit("unknown item id (not in the catalogue)"))
+        ok = ok.join(known, "item_raw", "left_semi")
+        q1 = q1.unionByName(unknown)
+    derived = F.col("ts_raw").isNull()
+    ok = ok.select(
+        F.col("user_raw").alias("user_id"),
+        F.col("item_raw").alias("item_id"),
+        F.when(derived, base + F.make_interval(secs=F.col("position").cast("decimal(18,6)"))).otherwise(F.col("ts_parsed")).alias("event_ts"),
+        F.when(derived, F.col("position")).otherwise(F.col("source_row")).cast("long").alias("event_seq"),
+        derived.alias("ts_derived"),
+        "source_file",
+        "source_row",
+        payload.alias("payload"),
+    )
+    w = Window.partitionBy("user_id", "item_id", "event_ts").orderBy("source_file", "source_row")
+    ok = ok.withColumn("_rn", F.row_number().over(w))
+    dups = ok.where("_rn > 1").select(
+        F.lit("ingest").alias("stage"), F.col("source_file").alias("source"), "source_row",
+        F.lit("duplicate event (same user, item, event_ts; first kept)").alias("reason"), "payload",
+    )
+    interactions = ok.where("_rn = 1").select("user_id", "item_id", "event_ts", "event_seq", "ts_derived", "source_file")
+    q = q1.select(
+        F.lit("ingest").alias("stage"), F.col("source_file").alias("source"), "source_row", "reason",
+        payload.alias("payload"),
+    ).unionByName(dups)
+    return interactions, q

@@ -1,0 +1,150 @@
+"""Spark transforms: interactions -> user_sequences, and user_sequences + items -> prompts.
+
+Both are pure ``(DataFrame, config) -> DataFrame`` functions: no session is
+opened and no path is touched here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pandas as pd
+
+from slimrec import prompts as P
+
+log = logging.getLogger(__name__)
+
+
+def build_sequences(interactions, cfg):
+    """interactions -> (user_sequences without lineage, quarantine).
+
+    Input columns: user_id, item_id, event_ts, event_seq.
+    Output: user_id, item_ids, history, valid_target, test_target, seq_len, last_event_ts, seq_hash.
+
+    Order is (event_ts, event_seq, item_id): ties on the timestamp keep the
+    source order. An item repeated by a user keeps its first occurrence (or,
+    with ``dedup_consecutive_only``, only immediate repeats are dropped).
+    Optional iterative k-core on users and items. The most recent
+    ``max_seq_len`` items are kept. Leave-one-out: the last item is the test
+    target, the one before it the validation target, the rest the history.
+    Users with fewer than ``min_seq_len`` items are quarantined.
+
+    Example: ``u1: (i1, t=1), (i2, t=2), (i1, t=3), (i3, t=3, seq=5), (i4, t=4)`` ->
+    ``item_ids [i1, i2, i3, i4], history [i1, i2], valid i3, test i4``.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    df = interactions.select("user_id", "item_id", "event_ts", "event_seq")
+    order = ["event_ts", "event_seq", "item_id"]
+    if cfg.dedup_consecutive_only:
+        w = Window.partitionBy("user_id").orderBy(*order)
+        df = df.withColumn("_prev", F.lag("item_id").over(w)).where(
+            F.col("_prev").isNull() | (F.col("_prev") != F.col("item_id"))
+        ).drop("_prev")
+    else:
+        w = Window.partitionBy("user_id", "item_id").orderBy(*order)
+        df = df.withColumn("_rn", F.row_number().over(w)).where("_rn = 1").drop("_rn")
+    if cfg.k_core > 0:
+        for _ in range(20):  # k-core converges in a few rounds on real data; 20 is a safety cap
+            before = df.count()
+            ucnt = df.groupBy("user_id").count().where(F.col("count") >= cfg.k_core).select("user_id")
+            icnt = df.groupBy("item_id").count().where(F.col("count") >= cfg.k_core).select("item_id")
+            df = df.join(ucnt, "user_id", "left_semi").join(icnt, "item_id", "left_semi").cache()
+            if df.count() == before:
+                break
+    # collect_list does not keep order: sort structs (ts, seq, item) and project the item.
+    seq = df.groupBy("user_id").agg(
+        F.sort_array(F.collect_list(F.struct(*order))).alias("_evs"),
+    )
+    items = F.transform(F.col("_evs"), lambda e: e["item_id"])
+    n = F.size(items)
+    items = F.when(n > cfg.max_seq_len, F.slice(items, -cfg.max_seq_len, cfg.max_seq_len)).otherwise(items)
+    seq = seq.select(
+        "user_id",
+        items.alias("item_ids"),
+        F.element_at(F.col("_evs"), -1)["event_ts"].alias("last_event_ts"),
+    ).withColumn("seq_len", F.size("item_ids").cast("int"))
+    short = seq.where(F.col("seq_len") < cfg.min_seq_len)
+    quarantine = short.select(
+        F.lit("build_sequences").alias("stage"),
+        F.lit("interactions").alias("source"),
+        F.lit(None).cast("long").alias("source_row"),
+        F.lit(f"sequence shorter than {cfg.min_seq_len} items after dedup/filtering").alias("reason"),
+        F.to_json(F.struct("user_id", "item_ids")).alias("payload"),
+    )
+    seq = seq.where(F.col("seq_len") >= cfg.min_seq_len).select(
+        "user_id",
+        "item_ids",
+        F.slice("item_ids", 1, F.col("seq_len") - 2).alias("history"),
+        F.element_at("item_ids", -2).alias("valid_target"),
+        F.element_at("item_ids", -1).alias("test_target"),
+        "seq_len",
+        "last_event_ts",
+        F.sha1(F.array_join("item_ids", "\u001f")).alias("seq_hash"),
+    )
+    return seq, quarantine
+
+
+def _render_batch(pdf: pd.DataFrame, version: str, max_items: int, max_chars: int, max_title: int,
+                  student_items: int, student_title: int) -> pd.DataFrame:
+    out = []
+    for r in pdf.itertuples(index=False):
+        evs = sorted(r.events, key=lambda e: e["pos"])
+        lines = [P.item_line(e["title"], e["categories"], e["brand"], max_title) for e in evs]
+        short = [P.short_item_line(e["title"], e["categories"], e["brand"], student_title) for e in evs]
+        teacher, student, shown = P.render(version, lines, max_items, max_chars, short, student_items)
+        ids = [e["item_id"] for e in evs][-shown:]
+        out.append(
+            (r.user_id, teacher, student, version, P.prompt_hash(version, teacher), int(r.history_len), shown, ids, r.seq_hash)
+        )
+    return pd.DataFrame(
+        out,
+        columns=["user_id", "teacher_prompt", "student_prompt", "prompt_version", "prompt_hash",
+                 "history_len", "n_prompt_items", "prompt_item_ids", "seq_hash"],
+    )
+
+
+def build_prompts(sequences, items, cfg):
+    """user_sequences + items -> prompts rows (without lineage).
+
+    Input: user_sequences(user_id, history, seq_hash), items(item_id, title, categories, brand).
+    Output: user_id, teacher_prompt, student_prompt, prompt_version, prompt_hash,
+    history_len, n_prompt_items, prompt_item_ids, seq_hash.
+
+    Only ``history`` is used (never the validation or test target: leakage
+    guard). The most recent ``max_items`` history items are shown, oldest
+    first, then the oldest are dropped until the teacher prompt fits
+    ``max_chars``.
+
+    Example: history ``[i1, i2]`` with titles "Pen", "Ink" -> a teacher prompt
+    listing ``- Pen | ... `` then ``- Ink | ...`` and the three-step instructions.
+    """
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    recent = sequences.select(
+        "user_id", "seq_hash", F.size("history").cast("int").alias("history_len"),
+        # the last max_items of the history (slice with a negative start past the length returns nothing)
+        F.posexplode(F.slice("history", F.greatest(F.size("history") - cfg.max_items + 1, F.lit(1)),
+                             F.lit(cfg.max_items))).alias("pos", "item_id"),
+    )
+    joined = recent.join(items.select("item_id", "title", "categories", "brand"), "item_id", "left")
+    grouped = joined.groupBy("user_id", "seq_hash", "history_len").agg(
+        F.collect_list(F.struct("pos", "item_id", "title", "categories", "brand")).alias("events")
+    )
+    out_schema = T.StructType([
+        T.StructField("user_id", T.StringType()), T.StructField("teacher_prompt", T.StringType()),
+        T.StructField("student_prompt", T.StringType()), T.StructField("prompt_version", T.StringType()),
+        T.StructField("prompt_hash", T.StringType()), T.StructField("history_len", T.IntegerType()),
+        T.StructField("n_prompt_items", T.IntegerType()), T.StructField("prompt_item_ids", T.ArrayType(T.StringType())),
+        T.StructField("seq_hash", T.StringType()),
+    ])
+    args = (cfg.version, cfg.max_items, cfg.max_chars, cfg.max_item_title_chars,
+            cfg.student_max_items, cfg.student_title_chars)
+
+    def render(batches):
+        for pdf in batches:
+            yield _render_batch(pdf, *args)
+
+    return grouped.mapInPandas(render, out_schema)

@@ -1,0 +1,99 @@
+"""Stage ingest: dataset folder -> raw_interactions, raw_items, items, interactions, quarantine."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from slimrec.ingest import (
+    IngestError,
+    build_interactions,
+    dataset_fingerprint,
+    detect_format,
+    normalise_items,
+    read_amazon,
+    read_events_spark,
+    read_lcrec,
+)
+from slimrec.schemas.tables import spec
+from slimrec.stages.base import StageContext, StageResult
+from slimrec.text import sha1
+
+log = logging.getLogger(__name__)
+
+INPUTS: list[str] = []
+OUTPUTS = ["raw_interactions", "raw_items", "items", "interactions", "quarantine"]
+_EMPTY_RAW_ITEMS = pd.DataFrame({"source_file": pd.Series([], dtype=str), "source_row": pd.Series([], dtype="int64"),
+                                 "item_raw": pd.Series([], dtype=str), "payload": pd.Series([], dtype=str)})
+
+
+def _to_spark(spark, pdf, table: str):
+    s = spec(table)
+    cols = [c for c in s.column_names if c in pdf.columns]
+    schema = pa.schema([s.arrow_schema().field(c) for c in cols])
+    return spark.createDataFrame(pa.Table.from_pandas(pdf[cols], schema=schema, preserve_index=False))
+
+
+def run(ctx: StageContext) -> StageResult:
+    if not ctx.dataset_dir:
+        raise IngestError("ingest needs --dataset DIR")
+    cfg = ctx.cfg.ingest
+    fmt, files = detect_format(Path(ctx.dataset_dir))
+    if cfg.format != "auto" and cfg.format != fmt:
+        raise IngestError(f"--format {cfg.format} given, but {ctx.dataset_dir} looks like {fmt}")
+    log.info("ingest: %s format, files %s", fmt, {k: [p.name for p in v] for k, v in files.items()})
+    spark = ctx.spark()
+    if fmt == "events":
+        raw_sdf, raw_items_sdf = read_events_spark(spark, files["interactions"], files["items"])
+        raw_items = raw_items_sdf.toPandas() if raw_items_sdf is not None else None
+        q_read = None
+    else:
+        reader = read_lcrec if fmt == "lcrec" else read_amazon
+        raw_pdf, raw_items, q_read = reader(files["interactions"], files["items"])
+        raw_sdf = _to_spark(spark, raw_pdf, "raw_interactions")
+    if raw_items is not None and len(raw_items):
+        items, q_items = normalise_items(raw_items, cfg.max_text_chars, cfg.max_id_chars)
+        items_sdf = _to_spark(spark, items, "items")
+    else:
+        # No catalogue file: the catalogue is the set of item ids seen, with no text.
+        log.warning("ingest: no item file; items are derived from the interactions, without text")
+        items, q_items, items_sdf = None, None, None
+    interactions, q_inter = build_interactions(raw_sdf, items_sdf, cfg.order_base_ts, cfg.max_id_chars)
+    interactions = interactions.cache()
+    n_inter = interactions.count()
+    n_raw = raw_sdf.count()
+    if n_inter == 0:
+        top = q_inter.groupBy("reason").count().orderBy("count", ascending=False).limit(3).collect()
+        why = "; ".join(f"{r['reason']}: {r['count']}" for r in top) or "the files hold no records"
+        raise IngestError(f"no valid interactions in {ctx.dataset_dir} ({n_raw} rows read; {why})")
+    if items is None:
+        items = interactions.select("item_id").distinct().toPandas()
+        items = items.assign(title=None, brand=None, categories=[[] for _ in range(len(items))], description=None,
+                             item_text="unknown item", text_hash=sha1("unknown item"))
+    inputs = {}
+    info = ctx.commit_info("ingest", inputs, format=fmt, dataset=str(ctx.dataset_dir),
+                           dataset_fingerprint=dataset_fingerprint(ctx.dataset_dir))
+    lake = ctx.lake
+    engine = ctx.cfg.spark.delta_engine
+    versions = {
+        "raw_interactions": lake.write_spark(raw_sdf, "raw_interactions", "overwrite", info, engine=engine),
+        "raw_items": lake.write_arrow("raw_items", raw_items if raw_items is not None else _EMPTY_RAW_ITEMS, "overwrite", info),
+        "items": lake.write_arrow("items", items, "overwrite", info),
+        "interactions": lake.write_spark(interactions, "interactions", "overwrite", info, engine=engine),
+    }
+    parts = [q for q in (q_inter.toPandas(), q_read, q_items) if q is not None and len(q)]
+    q_all = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if len(q_all):
+        q_all["source_row"] = q_all["source_row"].astype("Int64")
+        versions["quarantine"] = lake.write_arrow("quarantine", q_all, "merge", info)
+        for reason, n in q_all["reason"].value_counts().items():
+            log.warning("ingest: quarantined %d rows: %s", n, reason)
+    interactions.unpersist()
+    log.info("ingest: %d raw rows -> %d interactions, %d items, %d quarantined", n_raw, n_inter, len(items), len(q_all))
+    return StageResult(
+        "ingest", versions, rows_in=n_raw, rows_out=n_inter,
+        extra={"format": fmt, "items": int(len(items)), "quarantined": int(len(q_all))},
+    )
