@@ -1,0 +1,170 @@
+"""Stage teacher_rationales: prompts (+ items, user_sequences) -> teacher_rationales, cached and budgeted.
+
+1. Population: the latest prompt of each user dated on or before the run date
+   (``build_prompts`` writes only changed users per date), current template.
+2. Sample: ``teacher.sample_size`` users, stratified by history length,
+   reproducible by ``teacher.seed`` and stable across runs.
+3. Anti-join against ``teacher_rationales`` for this teacher_model: only
+   prompts without an ok answer and with fewer than ``max_attempts`` requests
+   so far are sent; identical prompts of two users are sent once.
+4. Dry-run estimate (calls, tokens, cost) logged and returned in ``extra``;
+   with ``ctx.dry_run`` nothing is sent or written.
+5. Send (offline teacher, or the HTTP teacher's Ray actors) under the run's
+   budget; every ``commit_batch_size`` answers (or ``commit_interval_s``) are
+   MERGEd on (prompt_hash, teacher_model): a crash loses at most the batch in
+   flight, a rerun resumes, and a retried prompt's failed row is replaced.
+
+``extra``: calls, input_tokens, output_tokens, cost_usd (this run; estimates
+in a dry run), requests, statuses, cache counts and the estimate. The API key
+is read from the environment variable ``teacher.http.api_key_env`` at send
+time; only the variable's name is ever logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+
+import pandas as pd
+from pydantic import SecretStr
+
+from slimrec.stages.base import StageContext, StageResult
+from slimrec.teacher.budget import Budget, estimate, price_of
+from slimrec.teacher.cache import CACHE_COLUMNS, RUN_COLUMNS, plan_requests, to_table_rows
+from slimrec.teacher.config import TeacherConfig
+from slimrec.teacher.sampling import stratified_sample
+
+log = logging.getLogger(__name__)
+
+STAGE = "teacher_rationales"
+# teacher_rationales is an input too: the anti-join reads it, and a run that left prompts to retry
+# must not look "unchanged" to the pipeline's skip check.
+INPUTS = ["prompts", "items", "user_sequences", "teacher_rationales"]
+OUTPUTS = ["teacher_rationales"]
+PROMPT_COLUMNS = ["user_id", "run_date", "teacher_prompt", "prompt_version", "prompt_hash", "history_len", "prompt_item_ids"]
+
+
+def teacher_model_of(cfg: TeacherConfig) -> str:
+    return cfg.offline.model_name if cfg.kind == "offline" else cfg.http.model
+
+
+def latest_prompts(prompts: pd.DataFrame, run_date, prompt_version: str | None) -> pd.DataFrame:
+    """Latest prompt per user dated on or before ``run_date`` (template ``prompt_version`` when given).
+
+    Example: u1 has prompts on 01-10 and 01-15, u2 on 01-12; run_date 01-14 -> u1@01-10, u2@01-12.
+    """
+    p = prompts[pd.to_datetime(prompts["run_date"]) <= pd.Timestamp(run_date)]
+    if prompt_version is not None:
+        p = p[p["prompt_version"] == prompt_version]
+    return p.sort_values(["user_id", "run_date"]).drop_duplicates("user_id", keep="last").reset_index(drop=True)
+
+
+def api_key(cfg: TeacherConfig) -> SecretStr | None:
+    """The key from ``$<api_key_env>``, wrapped so its repr is ``**********``; None when unset."""
+    value = os.environ.get(cfg.http.api_key_env)
+    log.info("teacher: API key variable %s is %s", cfg.http.api_key_env, "set" if value else "not set")
+    return SecretStr(value) if value else None
+
+
+def _read_cache(ctx: StageContext, version: int | None, teacher_model: str) -> pd.DataFrame:
+    if version is None:
+        return pd.DataFrame(columns=CACHE_COLUMNS)
+    return ctx.lake.read_pandas(STAGE, version=version, columns=CACHE_COLUMNS, filters=[("teacher_model", "=", teacher_model)])
+
+
+def _build_teacher(ctx: StageContext, cfg: TeacherConfig, inputs: dict):
+    """(teacher, title index for grounding or None)."""
+    lake = ctx.lake
+    if cfg.kind == "offline":
+        from slimrec.teacher.offline import OfflineTeacher, build_stats
+
+        missing = [t for t in ("items", "user_sequences") if inputs.get(t) is None]
+        if missing:
+            raise RuntimeError(f"the offline teacher needs table(s) {missing}: run ingest and build_sequences first")
+        items = lake.read_pandas("items", version=inputs["items"], columns=["item_id", "title", "brand", "categories"])
+        # Histories only (no valid/test targets): the statistics must not see what is evaluated.
+        hist = lake.read_pandas("user_sequences", version=inputs["user_sequences"], columns=["history"])["history"]
+        return OfflineTeacher(build_stats(hist, items, cfg.offline), cfg.offline), None
+    from slimrec.teacher.grounding import TitleIndex
+    from slimrec.teacher.http_teacher import HttpTeacher
+
+    ctx.ray()
+    titles = None
+    if inputs.get("items") is not None:
+        titles = TitleIndex(lake.read_pandas("items", version=inputs["items"], columns=["item_id", "title"]))
+    else:
+        log.warning("teacher: no items table; step-3 titles will not be grounded to item ids")
+    return HttpTeacher(cfg, api_key(cfg)), titles
+
+
+def run(ctx: StageContext) -> StageResult:
+    cfg = ctx.cfg.teacher
+    teacher_model = teacher_model_of(cfg)
+    system_prompt = cfg.http.system_prompt if cfg.kind == "http" else None
+    log.info("teacher: config %s", cfg.model_dump_json(exclude={"prices"}))
+    inputs = ctx.input_versions(INPUTS)
+
+    prompts = ctx.lake.read_pandas("prompts", version=inputs["prompts"], columns=PROMPT_COLUMNS,
+                                   filters=[("run_date", "<=", ctx.run_date)])
+    population = latest_prompts(prompts, ctx.run_date, ctx.cfg.prompts.version)
+    sample = stratified_sample(population, cfg.sample_size, cfg.seed, cfg.strata, cfg.min_stratum_share)
+    cached = _read_cache(ctx, inputs[STAGE], teacher_model)
+    pending, counts = plan_requests(sample, cached, cfg.max_attempts)
+    est = estimate(pending, cfg, teacher_model, system_prompt, counts["cached_ok"])
+    log.info(
+        "teacher: %d prompts (%d users in the population) -> sample %d -> %d to send (%d cached ok, %d exhausted, "
+        "%d retries); estimate: %d calls, %d input + %d output tokens, cost %s USD, %d calls within budget",
+        len(prompts), len(population), len(sample), len(pending), counts["cached_ok"], counts["exhausted"],
+        counts["retry"], est["calls"], est["input_tokens"], est["output_tokens"],
+        "unknown (no price)" if est["cost_usd"] is None else f"{est['cost_usd']:.4f}", est["calls_within_budget"],
+    )
+    base_extra = {"teacher_model": teacher_model, **counts, "estimate": est}
+    if ctx.dry_run:
+        return StageResult(STAGE, {}, rows_in=len(sample), rows_out=0, skipped=True,
+                           extra={**base_extra, "dry_run": True, "calls": est["calls"],
+                                  "input_tokens": est["input_tokens"], "output_tokens": est["output_tokens"],
+                                  "cost_usd": est["cost_usd"]})
+    totals = {"calls": 0, "requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+    if pending.empty:
+        log.info("teacher: nothing to send; every sampled prompt is cached")
+        return StageResult(STAGE, {}, rows_in=len(sample), rows_out=0, extra={**base_extra, **totals, "statuses": {}})
+
+    price = price_of(cfg, teacher_model)
+    budget = Budget.from_config(cfg, price)
+    teacher, titles = _build_teacher(ctx, cfg, inputs)
+    if cfg.kind == "offline":
+        batches = teacher.answer(pending, budget, cfg.commit_batch_size, cfg.chars_per_token)
+    else:
+        batches = teacher.answer(pending, budget)
+    previous = cached[cached["prompt_hash"].isin(pending["prompt_hash"])]
+    statuses: Counter = Counter()
+    version = None
+    commits = 0
+    t0 = time.perf_counter()
+    for raw in batches:
+        rows = to_table_rows(raw, pending, teacher_model, previous, price, titles, cfg.grounding_min_score,
+                             cfg.chars_per_token, system_prompt)
+        totals["input_tokens"] += int(rows["run_input_tokens"].sum())
+        totals["output_tokens"] += int(rows["run_output_tokens"].sum())
+        totals["cost_usd"] += float(rows["run_cost_usd"].sum())
+        totals["calls"] += len(rows)
+        totals["requests"] += int(sum(r.get("attempts") or 0 for r in raw))
+        statuses.update(rows["status"])
+        info = ctx.commit_info(STAGE, inputs, teacher_model=teacher_model, batch=commits, rows=len(rows))
+        version = ctx.lake.write_arrow(STAGE, rows.drop(columns=RUN_COLUMNS), "merge", info)
+        commits += 1
+        log.info("teacher: committed %d rows (batch %d, %d so far, %s) -> version %s",
+                 len(rows), commits, totals["calls"], dict(statuses), version)
+    stats = teacher.run_stats if isinstance(teacher.run_stats, dict) else teacher.run_stats.as_dict()
+    totals["cost_usd"] = round(totals["cost_usd"], 6)
+    log.info("teacher: %d prompts answered or failed in %.1fs: %s; %d requests, %d+%d tokens, %.4f USD; stopped by %s",
+             totals["calls"], time.perf_counter() - t0, dict(statuses), totals["requests"], totals["input_tokens"],
+             totals["output_tokens"], totals["cost_usd"], stats.get("stopped_by"))
+    return StageResult(
+        STAGE, {STAGE: version}, rows_in=len(sample), rows_out=totals["calls"],
+        extra={**base_extra, **totals, "statuses": dict(statuses), "commits": commits,
+               "not_sent": int(stats.get("not_sent", 0)), "stopped_by": stats.get("stopped_by"),
+               "fatal_error": stats.get("fatal_error")},
+    )
