@@ -332,3 +332,19 @@ def make_add_action(path: str, size: int, partition_values: dict[str, str | None
         data_change=True,
         stats=json.dumps(stats),
     )
+
+
+def duckdb_connection():
+    """A DuckDB connection with the Delta extension loaded from the ``duckdb-extension-delta`` package.
+
+    ``con.sql(f"SELECT count(*) FROM delta_scan('{lake.path('items')}')")`` then reads any table.
+    """
+    import duckdb
+    import duckdb_extension_delta
+
+    found = sorted(Path(duckdb_extension_delta.__file__).parent.glob("extensions/*/delta.duckdb_extension"))
+    if not found:
+        raise LakeError("duckdb-extension-delta is installed without its extension file")
+    con = duckdb.connect()
+    con.execute(f"LOAD '{found[-1]}'")
+    return con

@@ -1,0 +1,140 @@
+"""The lake on real Spark and real Delta: modes, time travel, metadata, other engines reading."""
+
+from __future__ import annotations
+
+import json
+from datetime import date, datetime, timezone
+
+import pyarrow as pa
+import pytest
+
+from slimrec.lake import CommitInfo, LakeError, duckdb_connection
+
+UTC = timezone.utc
+
+
+def _interactions(spark, rows):
+    return spark.createDataFrame(
+        rows, "user_id string, item_id string, event_ts timestamp, event_seq long, ts_derived boolean, source_file string"
+    )
+
+
+def _prompts(spark, users, seq_hash="h0"):
+    return spark.createDataFrame(
+        [(u, "tp", "sp", "v1", f"ph-{u}", 3, 3, ["a", "b"], seq_hash) for u in users],
+        "user_id string, teacher_prompt string, student_prompt string, prompt_version string, prompt_hash string, "
+        "history_len int, n_prompt_items int, prompt_item_ids array<string>, seq_hash string",
+    )
+
+
+def info(d=date(2024, 1, 2), **inputs):
+    return CommitInfo("test_stage", d, "run1", "cfg123", inputs or {"interactions": 3})
+
+
+def test_append_overwrite_and_time_travel(spark, tmp_lake):
+    t = datetime(2024, 1, 1, 12, 0, tzinfo=UTC)
+    df = _interactions(spark, [("u1", "a", t, 0, False, "f"), ("u2", "b", t, 1, True, None)])
+    assert tmp_lake.write_spark(df, "interactions", "overwrite", info()) == 0
+    assert tmp_lake.write_spark(df, "interactions", "append", info()) == 1
+    assert tmp_lake.count("interactions") == 4
+    assert tmp_lake.write_spark(df.limit(1), "interactions", "overwrite", info()) == 2
+    assert tmp_lake.count("interactions") == 1
+    assert tmp_lake.count("interactions", version=1) == 4  # time travel
+    assert tmp_lake.read_spark(spark, "interactions", version=0).count() == 2
+    got = tmp_lake.read_pandas("interactions", version=0).sort_values("user_id")
+    assert got["event_ts"].iloc[0] == t  # microsecond UTC timestamps survive the round trip
+    assert list(got["run_date"]) == [date(2024, 1, 2)] * 2
+    assert json.loads(got["input_versions"].iloc[0]) == {"interactions": 3}
+
+
+def test_commit_metadata(spark, tmp_lake):
+    t = datetime(2024, 1, 1, tzinfo=UTC)
+    tmp_lake.write_spark(_interactions(spark, [("u1", "a", t, 0, False, "f")]), "interactions", "overwrite",
+                         info(items=7))
+    last = tmp_lake.last_commit("interactions")
+    assert last["slimrec.stage"] == "test_stage"
+    assert last["slimrec.run_date"] == "2024-01-02"
+    assert last["slimrec.config_hash"] == "cfg123"
+    assert json.loads(last["slimrec.input_versions"]) == {"items": 7}
+
+
+def test_replace_date_replaces_only_its_slice(spark, tmp_lake):
+    d1, d2 = date(2024, 1, 1), date(2024, 1, 2)
+    tmp_lake.write_spark(_prompts(spark, ["u1", "u2"]), "prompts", "replace_date", info(d1))
+    tmp_lake.write_spark(_prompts(spark, ["u3"]), "prompts", "replace_date", info(d2))
+    # rerun of d1 with one user: d1 slice replaced, d2 untouched, nothing appended twice
+    tmp_lake.write_spark(_prompts(spark, ["u1"]), "prompts", "replace_date", info(d1))
+    got = sorted(map(tuple, tmp_lake.read_pandas("prompts")[["user_id", "run_date"]].values.tolist()))
+    assert got == [("u1", d1), ("u3", d2)]
+    # Spark reads the partition column back from the paths with the right type
+    rows = sorted((r.user_id, r.run_date) for r in tmp_lake.read_spark(spark, "prompts").collect())
+    assert rows == [("u1", d1), ("u3", d2)]
+
+
+def test_replace_date_refuses_rows_of_another_date(spark, tmp_lake):
+    from pyspark.sql import functions as F
+
+    df = _prompts(spark, ["u1"]).withColumn("run_date", F.lit(date(2023, 5, 5)))
+    with pytest.raises(LakeError, match="run_date"):
+        tmp_lake.write_spark(df, "prompts", "replace_date", info(date(2024, 1, 1)))
+
+
+def test_replace_date_needs_a_partitioned_table(spark, tmp_lake):
+    t = datetime(2024, 1, 1, tzinfo=UTC)
+    with pytest.raises(LakeError, match="partitioned by run_date"):
+        tmp_lake.write_spark(_interactions(spark, [("u1", "a", t, 0, False, "f")]), "interactions", "replace_date", info())
+
+
+def test_merge_upserts_on_key(spark, tmp_lake):
+    d = date(2024, 1, 1)
+    tmp_lake.write_spark(_prompts(spark, ["u1", "u2"], "old"), "prompts", "replace_date", info(d))
+    tmp_lake.write_spark(_prompts(spark, ["u2", "u3"], "new"), "prompts", "merge", info(d))
+    got = dict(tmp_lake.read_pandas("prompts")[["user_id", "seq_hash"]].values.tolist())
+    assert got == {"u1": "old", "u2": "new", "u3": "new"}
+    # insert-only merge leaves matched rows alone
+    tmp_lake.write_spark(_prompts(spark, ["u1", "u4"], "other"), "prompts", "merge", info(d), update=False)
+    got = dict(tmp_lake.read_pandas("prompts")[["user_id", "seq_hash"]].values.tolist())
+    assert got == {"u1": "old", "u2": "new", "u3": "new", "u4": "other"}
+
+
+def test_other_engines_read_what_spark_wrote(spark, tmp_lake):
+    t = datetime(2024, 1, 1, tzinfo=UTC)
+    rows = [(f"u{i}", f"i{i % 3}", t, i, False, "f") for i in range(7)]
+    tmp_lake.write_spark(_interactions(spark, rows).repartition(3), "interactions", "overwrite", info())
+    tmp_lake.write_spark(_prompts(spark, ["u1", "u2"]), "prompts", "replace_date", info())
+    con = duckdb_connection()
+    n, users = con.sql(
+        f"SELECT count(*), count(DISTINCT user_id) FROM delta_scan('{tmp_lake.path('interactions')}')"
+    ).fetchone()
+    assert (n, users) == (7, 7)
+    duck = con.sql(f"SELECT user_id, run_date FROM delta_scan('{tmp_lake.path('prompts')}') ORDER BY 1").fetchall()
+    assert duck == [("u1", date(2024, 1, 2)), ("u2", date(2024, 1, 2))]
+    from deltalake import DeltaTable
+
+    assert sorted(DeltaTable(tmp_lake.path("interactions")).to_pyarrow_table().column("user_id").to_pylist()) == \
+        sorted(r[0] for r in rows)
+
+
+def test_write_arrow_and_missing_table(tmp_lake):
+    data = pa.table({"model_version": ["m1"], "base_model": ["b"], "adapter_path": ["/a"], "lora_config": ["{}"],
+                     "train_rows": [10], "heldout_rows": [2], "train_loss": [1.0], "val_loss": [1.1],
+                     "heldout_rouge_l_student": [0.5], "heldout_rouge_l_base": [0.1], "metrics": ["{}"],
+                     "created_ts": [datetime(2024, 1, 1, tzinfo=UTC)]})
+    assert tmp_lake.version("student_models") is None
+    assert tmp_lake.write_arrow("student_models", data, "merge", info()) == 0
+    assert tmp_lake.write_arrow("student_models", data, "merge", info()) == 1
+    assert tmp_lake.count("student_models") == 1
+    with pytest.raises(LakeError, match="does not exist"):
+        tmp_lake.read_arrow("metrics")
+    with pytest.raises(KeyError, match="unknown table"):
+        tmp_lake.path("no_such_table")
+
+
+def test_arrow_write_enforces_not_null(tmp_lake):
+    data = pa.table({"model_version": [None], "base_model": ["b"], "adapter_path": ["/a"], "lora_config": ["{}"],
+                     "train_rows": [10], "heldout_rows": [2], "train_loss": [1.0], "val_loss": [1.1],
+                     "heldout_rouge_l_student": [0.5], "heldout_rouge_l_base": [0.1], "metrics": ["{}"],
+                     "created_ts": [datetime(2024, 1, 1, tzinfo=UTC)]})
+    with pytest.raises(Exception, match="(?i)null"):
+        tmp_lake.write_arrow("student_models", data, "overwrite", info())
+    assert not tmp_lake.exists("student_models")
