@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import traceback
-from datetime import date
+from datetime import date, datetime, timezone
 from pathlib import Path
 from typing import Annotated
 
@@ -45,7 +45,7 @@ def _setup_logging(verbose: bool = False) -> None:
 
 def _parse_date(value: str | None) -> date:
     if value is None:
-        return date.today()
+        return datetime.now(tz=timezone.utc).date()
     try:
         return date.fromisoformat(value)
     except ValueError:
@@ -151,6 +151,46 @@ def stage(
 
         r = run_stage(name, ctx, check=not no_check)
         typer.echo(f"{name}: rows in {r.rows_in}, rows out {r.rows_out}, tables {r.tables}, {r.extra}")
+    except (typer.Exit, typer.BadParameter):
+        raise
+    except Exception as e:  # noqa: BLE001
+        _fail(e, lake)
+    finally:
+        _close(ctx)
+
+
+@app.command()
+def run(
+    dataset: Annotated[str, typer.Option("--dataset", help="folder with the source files")],
+    lake: LakeOpt = "lake",
+    profile: ProfileOpt = "dev",
+    start: Annotated[str | None, typer.Option("--from", help="first stage to run")] = None,
+    stop: Annotated[str | None, typer.Option("--to", help="last stage to run")] = None,
+    run_date: DateOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="run stages even when their inputs are unchanged")] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    report_dir: Annotated[str, typer.Option("--report-dir", help="where the run report files go")] = "reports",
+    verbose: bool = False,
+):
+    """Run every stage in order with the quality gate after each; print and write the run report."""
+    _setup_logging(verbose)
+    ctx = None
+    try:
+        ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, force=force)
+        from slimrec.pipeline import run_pipeline
+        from slimrec.report import format_metrics, format_stages, latest_metrics, metrics_summary, stage_table, write_report
+
+        def progress(i, n, name):
+            typer.echo(f"[{i + 1}/{n}] {name}", err=True)
+
+        results = run_pipeline(ctx, start, stop, progress=progress)
+        typer.echo("\n" + format_stages(stage_table(results)))
+        typer.echo("\nResults (test target, mean±std over seeds; full ranking over all items minus the user's "
+                   "history first, 100 sampled negatives beside it):")
+        typer.echo(format_metrics(metrics_summary(latest_metrics(ctx.lake))))
+        paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date)
+        typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
     except (typer.Exit, typer.BadParameter):
         raise
     except Exception as e:  # noqa: BLE001

@@ -1,0 +1,103 @@
+"""Run report: per-stage figures and the metrics table, for the terminal and as files."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from slimrec.stages.base import StageResult
+
+log = logging.getLogger(__name__)
+
+METRIC_COLS = ["ndcg_10", "hr_10", "ndcg_20", "hr_20", "mrr"]
+
+
+def stage_table(results: list[StageResult]) -> pd.DataFrame:
+    rows = []
+    for r in results:
+        rows.append({
+            "stage": r.stage,
+            "status": "skipped" if r.skipped else "ran",
+            "seconds": r.extra.get("seconds", 0.0),
+            "rows_in": r.rows_in,
+            "rows_out": r.rows_out,
+            "cost_usd": r.extra.get("cost_usd", 0.0),
+            "note": r.extra.get("reason", ""),
+        })
+    return pd.DataFrame(rows)
+
+
+def metrics_summary(metrics: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Mean and std over seeds per (backbone, variant, protocol); full ranking first.
+
+    Input: rows of the ``metrics`` table for one run. Output columns:
+    protocol, backbone, variant, seeds, then ``<metric>_mean`` / ``<metric>_std``.
+    """
+    m = metrics[metrics["split"] == split]
+    if m.empty:
+        return pd.DataFrame()
+    g = m.groupby(["protocol", "backbone", "variant"])
+    out = g[METRIC_COLS].agg(["mean", "std"])
+    out.columns = [f"{a}_{b}" for a, b in out.columns]
+    out.insert(0, "seeds", g.size())
+    out = out.reset_index().fillna({f"{c}_std": 0.0 for c in METRIC_COLS})
+    order = {"full": 0, "sampled100": 1}
+    out["_p"] = out["protocol"].map(order).fillna(9)
+    return out.sort_values(["_p", "backbone", "ndcg_10_mean"], ascending=[True, True, False]).drop(columns="_p")
+
+
+def latest_metrics(lake) -> pd.DataFrame:
+    """Metrics rows of the most recent train_recommender run, or an empty frame."""
+    if not lake.exists("metrics") or not lake.exists("recommender_runs"):
+        return pd.DataFrame()
+    runs = lake.read_pandas("recommender_runs", columns=["run_id", "finished_ts"])
+    if runs.empty:
+        return pd.DataFrame()
+    run_id = runs.sort_values("finished_ts").iloc[-1]["run_id"]
+    m = lake.read_pandas("metrics")
+    return m[m["run_id"] == run_id]
+
+
+def format_metrics(summary: pd.DataFrame) -> str:
+    if summary.empty:
+        return "(no metrics: train_recommender has not run)"
+    lines = [f"{'protocol':<11} {'backbone':<9} {'variant':<16} {'seeds':>5}  " + "  ".join(f"{c:>15}" for c in METRIC_COLS)]
+    for r in summary.itertuples(index=False):
+        d = r._asdict()
+        vals = "  ".join(f"{d[c + '_mean']:.4f}±{d[c + '_std']:.4f}" for c in METRIC_COLS)
+        lines.append(f"{r.protocol:<11} {r.backbone:<9} {r.variant:<16} {r.seeds:>5}  {vals}")
+    return "\n".join(lines)
+
+
+def format_stages(stages: pd.DataFrame) -> str:
+    lines = [f"{'stage':<20} {'status':<8} {'seconds':>8} {'rows in':>10} {'rows out':>10} {'cost $':>8}  note"]
+    for r in stages.itertuples(index=False):
+        lines.append(f"{r.stage:<20} {r.status:<8} {r.seconds:>8.1f} {r.rows_in:>10,} {r.rows_out:>10,} {r.cost_usd:>8.4f}  {r.note}")
+    return "\n".join(lines)
+
+
+def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: str, run_date) -> dict[str, Path]:
+    """Write ``run-<date>-<run_id>.json`` and ``.md`` (and ``.html`` when the HTML renderer is available)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = stage_table(results)
+    summary = metrics_summary(latest_metrics(lake))
+    stem = out / f"run-{run_date}-{run_id}"
+    payload = {
+        "run_id": run_id,
+        "run_date": str(run_date),
+        "written_at": datetime.now(tz=timezone.utc).isoformat(timespec="seconds"),
+        "stages": stages.to_dict(orient="records"),
+        "metrics": summary.to_dict(orient="records"),
+    }
+    paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
+    paths["json"].write_text(json.dumps(payload, indent=2, default=str))
+    paths["md"].write_text(
+        f"# slimrec run {run_id} ({run_date})\n\n## Stages\n\n```\n{format_stages(stages)}\n```\n\n"
+        f"## Metrics (test target; mean±std over seeds; full ranking first)\n\n```\n{format_metrics(summary)}\n```\n"
+    )
+    return paths
