@@ -13,7 +13,7 @@ import logging
 import os
 import sys
 import traceback
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -45,7 +45,7 @@ def _setup_logging(verbose: bool = False) -> None:
 
 def _parse_date(value: str | None) -> date:
     if value is None:
-        return datetime.now(tz=timezone.utc).date()
+        return datetime.now(tz=UTC).date()
     try:
         return date.fromisoformat(value)
     except ValueError:
@@ -179,7 +179,14 @@ def run(
     try:
         ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, force=force)
         from slimrec.pipeline import run_pipeline
-        from slimrec.report import format_metrics, format_stages, latest_metrics, metrics_summary, stage_table, write_report
+        from slimrec.report import (
+            format_metrics,
+            format_stages,
+            latest_metrics,
+            metrics_summary,
+            stage_table,
+            write_report,
+        )
 
         def progress(i, n, name):
             typer.echo(f"[{i + 1}/{n}] {name}", err=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
@@ -90,7 +90,7 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
     payload = {
         "run_id": run_id,
         "run_date": str(run_date),
-        "written_at": datetime.now(tz=timezone.utc).isoformat(timespec="seconds"),
+        "written_at": datetime.now(tz=UTC).isoformat(timespec="seconds"),
         "stages": stages.to_dict(orient="records"),
         "metrics": summary.to_dict(orient="records"),
     }
