@@ -312,15 +312,16 @@ class HttpTeacherWorker:
         latency = None
         try:
             for attempt in range(1, self.s.max_retries + 2):
-                if self._stopping:
-                    if attempts == 0:
-                        self._finish(row, sent=False, attempts=0, latency_ms=None)
-                    else:
-                        self._finish(row, attempts=attempts, latency_ms=latency, http_status=status,
-                                     error=f"failed: run stopped after {attempts} attempt(s); last: {error}")
-                    return
                 async with self._sem:
                     await self._limiter.acquire()
+                    # Checked after the waits: a stop (fatal status, budget) must catch queued rows too.
+                    if self._stopping:
+                        if attempts == 0:
+                            self._finish(row, sent=False, attempts=0, latency_ms=None)
+                        else:
+                            self._finish(row, attempts=attempts, latency_ms=latency, http_status=status,
+                                         error=f"failed: run stopped after {attempts} attempt(s); last: {error}")
+                        return
                     attempts += 1
                     status, body, retry_after, terr, latency = await self._post(payload)
                 wait = None
@@ -337,6 +338,8 @@ class HttpTeacherWorker:
                     snippet = body[:ERROR_SNIPPET_CHARS].decode("utf-8", "replace").replace("\n", " ")
                     error = f"http {status}: {snippet}"
                     if status in FATAL_STATUS or status not in RETRYABLE_STATUS:
+                        if status in FATAL_STATUS:
+                            self._stopping = True  # every queued row would get the same answer
                         self._finish(row, attempts=attempts, latency_ms=latency, http_status=status,
                                      error=f"failed: {error}", fatal=status in FATAL_STATUS)
                         return
