@@ -26,11 +26,13 @@ def plan_requests(sample: pd.DataFrame, cached: pd.DataFrame, max_attempts: int)
 
     ``sample``: prompts rows (``prompt_hash``, ``user_id``, ...). ``cached``:
     ``CACHE_COLUMNS`` rows of that model. Returns (prompts to send, one row per
-    prompt_hash, first user wins; counts). Example: sample hashes {a, b, c, c},
+    prompt_hash under its smallest user_id; counts). Example: sample hashes {a, b, c, c},
     cache a=ok, b=failed with 10 attempts, max_attempts 10 -> send {c} once;
     counts ok=1, exhausted=1, duplicates=1.
     """
-    uniq = sample.drop_duplicates("prompt_hash", keep="first")
+    # Identical prompts (same shown history) go out once, under the smallest user_id; sample order is kept.
+    first_user = sample.groupby("prompt_hash")["user_id"].transform("min")
+    uniq = sample[sample["user_id"] == first_user].drop_duplicates("prompt_hash", keep="first")
     counts = {"sampled": int(len(sample)), "duplicate_prompts": int(len(sample) - len(uniq))}
     if cached is None or cached.empty:
         counts.update(cached_ok=0, exhausted=0, retry=0)
