@@ -117,7 +117,8 @@ def ingest(
         ctx = _context(lake, profile, config, [*(set_ or []), f"ingest.format={format}"], run_date, dataset=dataset)
         from slimrec.pipeline import run_stage
 
-        r = run_stage("ingest", ctx)
+        with ctx.lake.lock():
+            r = run_stage("ingest", ctx)
         typer.echo(f"ingest: {r.rows_in} rows read, {r.rows_out} interactions, {r.extra.get('items')} items, "
                    f"{r.extra.get('quarantined')} quarantined -> {ctx.lake.root}")
     except (typer.Exit, typer.BadParameter):
@@ -149,7 +150,8 @@ def stage(
         ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, dry_run=dry_run)
         from slimrec.pipeline import run_stage
 
-        r = run_stage(name, ctx, check=not no_check)
+        with ctx.lake.lock():
+            r = run_stage(name, ctx, check=not no_check)
         typer.echo(f"{name}: rows in {r.rows_in}, rows out {r.rows_out}, tables {r.tables}, {r.extra}")
     except (typer.Exit, typer.BadParameter):
         raise
@@ -191,13 +193,105 @@ def run(
         def progress(i, n, name):
             typer.echo(f"[{i + 1}/{n}] {name}", err=True)
 
-        results = run_pipeline(ctx, start, stop, progress=progress)
+        with ctx.lake.lock():
+            results = run_pipeline(ctx, start, stop, progress=progress)
         typer.echo("\n" + format_stages(stage_table(results)))
         typer.echo("\nResults (test target, mean±std over seeds; full ranking over all items minus the user's "
                    "history first, 100 sampled negatives beside it):")
         typer.echo(format_metrics(metrics_summary(latest_metrics(ctx.lake))))
         paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date)
         typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
+    except (typer.Exit, typer.BadParameter):
+        raise
+    except Exception as e:  # noqa: BLE001
+        _fail(e, lake)
+    finally:
+        _close(ctx)
+
+
+@app.command()
+def refresh(
+    events: Annotated[str, typer.Option("--events", help="the day's events file (CSV/Parquet: user, item, timestamp)")],
+    lake: LakeOpt = "lake",
+    run_date: DateOpt = None,
+    retrain: Annotated[bool, typer.Option("--retrain", help="fit a new recommender instead of rescoring")] = False,
+    profile: ProfileOpt = "dev",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    report_dir: Annotated[str, typer.Option("--report-dir", help="where the run report files go")] = "reports",
+    verbose: bool = False,
+):
+    """Daily refresh: merge the day's events, redo only what they change, rescore affected users."""
+    _setup_logging(verbose)
+    ctx = None
+    try:
+        ctx = _context(lake, profile, config, set_, run_date)
+        from slimrec.refresh import refresh as do_refresh
+        from slimrec.report import format_stages, stage_table, write_report
+
+        with ctx.lake.lock():
+            results = do_refresh(ctx, events, retrain=retrain,
+                                 progress=lambda i, n, name: typer.echo(f"[{i + 1}/{n}] {name}", err=True))
+        typer.echo("\n" + format_stages(stage_table(results)))
+        paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date)
+        typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
+    except (typer.Exit, typer.BadParameter):
+        raise
+    except Exception as e:  # noqa: BLE001
+        _fail(e, lake)
+    finally:
+        _close(ctx)
+
+
+@app.command()
+def replay(
+    lake: LakeOpt = "lake",
+    out: Annotated[str, typer.Option("--out", help="folder for base/ and events-YYYY-MM-DD.csv files")] = "replay",
+    days: Annotated[int, typer.Option("--days", help="number of later days")] = 3,
+    share: Annotated[float, typer.Option("--share", help="share of eligible users whose last events arrive later")] = 0.2,
+    seed: Annotated[int, typer.Option("--seed", help="random seed")] = 0,
+    start_date: Annotated[str, typer.Option("--start-date", help="date of the first later day")] = "2024-02-01",
+):
+    """Cut an ingested lake into a base data set plus daily event files, to demo and test `slim refresh`."""
+    _setup_logging()
+    try:
+        from slimrec.lake import Lake
+        from slimrec.replay import write_replay
+
+        counts = write_replay(Lake(lake), out, days, share, seed, _parse_date(start_date))
+        typer.echo(f"replay: base {counts['base_events']:,} events for {counts['users']:,} users -> {out}/base; "
+                   + "; ".join(f"{d}: {v['events']} events, {v['users']} users" for d, v in counts["days"].items()))
+    except (typer.Exit, typer.BadParameter):
+        raise
+    except Exception as e:  # noqa: BLE001
+        _fail(e, lake)
+
+
+@app.command()
+def validate(
+    table: Annotated[str, typer.Argument(help="table name, e.g. user_sequences")],
+    lake: LakeOpt = "lake",
+    version: Annotated[int | None, typer.Option("--version", help="Delta version (default: latest)")] = None,
+    docs: Annotated[str | None, typer.Option("--docs", help="render Great Expectations Data Docs (HTML) here")] = None,
+    profile: ProfileOpt = "dev",
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    verbose: bool = False,
+):
+    """Validate a table (the slice its last, or the given, version wrote). Exit 0 on pass, 1 on failure."""
+    _setup_logging(verbose)
+    ctx = None
+    try:
+        ctx = _context(lake, profile, config, set_, None)
+        from slimrec.quality import validate_table, write_dq_results
+
+        report = validate_table(ctx.lake, table, cfg=ctx.cfg, spark=ctx.spark(), version=version, docs_dir=docs,
+                                run_id=ctx.run_id)
+        typer.echo(report.summary())
+        if not report.missing:
+            write_dq_results(ctx.lake, report)
+        if not report.success:
+            raise typer.Exit(1)
     except (typer.Exit, typer.BadParameter):
         raise
     except Exception as e:  # noqa: BLE001
@@ -228,5 +322,6 @@ def tables(lake: LakeOpt = "lake"):
     Console().print(t)
 
 
-def main() -> None:  # pragma: no cover
-    app()
+def stage_main(name: str) -> None:
+    """Entry of the thin ``jobs/<table>.py`` files: ``slim stage NAME`` with the job's arguments."""
+    app(["stage", name, *sys.argv[1:]])

@@ -22,9 +22,11 @@ config hash and the Delta versions of the inputs; written rows get
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -296,6 +298,38 @@ class Lake:
             m = m.whenMatchedUpdateAll()
         m.whenNotMatchedInsertAll().execute()
         return self.version(table)
+
+    # ------------------------------------------------------------------ locking
+    @contextmanager
+    def lock(self, name: str = "pipeline"):
+        """Hold an exclusive lock on this lake for one run; a second run fails at once, clearly.
+
+        A POSIX ``flock`` on ``<root>/_locks/<name>.lock``: released by the OS when the process
+        dies, so a killed run never leaves a stale lock. (Local and POSIX-shared file systems; on an
+        object store, serialise runs in the scheduler instead.)
+        """
+        if _is_remote(self.root):
+            yield
+            return
+        d = Path(self.root) / "_locks"
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{name}.lock"
+        fh = open(path, "a+")
+        try:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "unknown holder"
+                raise LakeError(f"another slimrec run holds the lake lock {path} ({holder}); "
+                                "wait for it to finish or stop it") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()} since {datetime.now(tz=timezone.utc).isoformat(timespec='seconds')}")
+            fh.flush()
+            yield
+        finally:
+            fh.close()
 
     # ------------------------------------------------------------------ listing
     def tables(self) -> list[dict[str, Any]]:

@@ -78,7 +78,7 @@ def gate(ctx: StageContext, result: StageResult, outputs: list[str]) -> None:
     for table, version in result.tables.items():
         if version is None or table in ("quarantine", "dq_results"):
             continue
-        quality_gate(ctx.lake, table, cfg=ctx.cfg.quality, spark=ctx.spark(), version=version,
+        quality_gate(ctx.lake, table, cfg=ctx.cfg, spark=ctx.spark(), version=version,
                      run_date=ctx.run_date, run_id=ctx.run_id)
 
 

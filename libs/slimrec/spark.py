@@ -25,9 +25,12 @@ def get_spark(cfg):
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
 
+    b = SparkSession.builder
+    submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # launched by spark-submit: its --master wins
+    if not submitted:
+        b = b.master(cfg.master)
     b = (
-        SparkSession.builder.master(cfg.master)
-        .appName(cfg.app_name)
+        b.appName(cfg.app_name)
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
@@ -37,7 +40,7 @@ def get_spark(cfg):
         .config("spark.driver.memory", cfg.driver_memory)
         .config("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
     )
-    if cfg.master.startswith("local"):
+    if not submitted and cfg.master.startswith("local"):
         b = b.config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1")
     for k, v in cfg.extra_conf.items():
         b = b.config(k, v)
@@ -46,5 +49,6 @@ def get_spark(cfg):
     from slimrec.spark_delta import DeltaFilesDataSource
 
     spark.dataSource.register(DeltaFilesDataSource)
-    log.info("spark: master=%s version=%s", cfg.master, spark.version)
+    log.info("spark: master=%s version=%s%s", spark.sparkContext.master, spark.version,
+             " (from spark-submit)" if submitted else "")
     return spark

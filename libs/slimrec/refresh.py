@@ -1,0 +1,89 @@
+"""Daily refresh: merge a day's events, then redo only what they change.
+
+1. ``merge_events``: the day's events file (CSV/Parquet; user, item, timestamp
+   columns) goes through the same checks as ingest; events already in
+   ``interactions`` are ignored (anti-join on the key, then an insert-only
+   MERGE), bad rows go to quarantine. No new event -> no commit.
+2. Every later stage runs with skip-if-inputs-unchanged, and each writes only
+   what changed: sequences of users with new events, prompts for those users,
+   teacher calls for new sampled prompts within budget, student rationales for
+   changed prompts, embeddings of changed texts.
+3. Recommendations of the affected users are rescored with the current
+   recommender; ``--retrain`` (or ``recommender.retrain_every_days``) fits a new one.
+
+Running the same date twice changes nothing the second time: step 1 finds no
+new event, so every later stage is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from slimrec.ingest import IngestError, build_interactions, read_events_spark
+from slimrec.pipeline import STAGES, run_stage
+from slimrec.stages.base import StageContext, StageResult
+
+log = logging.getLogger(__name__)
+
+
+def merge_events(ctx: StageContext, events_path: str | Path) -> StageResult:
+    from pyspark.sql import functions as F
+
+    p = Path(events_path)
+    if not p.exists():
+        raise IngestError(f"events file {p} does not exist")
+    if not ctx.lake.exists("interactions"):
+        raise IngestError("refresh needs an ingested lake (run `slim run` or `slim ingest` first)")
+    t0 = time.perf_counter()
+    spark, lake = ctx.spark(), ctx.lake
+    inputs = ctx.input_versions(["interactions", "items"])
+    raw, _ = read_events_spark(spark, [p], [])
+    raw = raw.cache()
+    n_raw = raw.count()
+    items = lake.read_spark(spark, "items")
+    new, quarantine = build_interactions(raw, items, ctx.cfg.ingest.order_base_ts, ctx.cfg.ingest.max_id_chars)
+    old = lake.read_spark(spark, "interactions").select("user_id", "item_id", "event_ts")
+    fresh = new.join(old, ["user_id", "item_id", "event_ts"], "left_anti").cache()
+    n_new = fresh.count()
+    info = ctx.commit_info("merge_events", inputs, events_file=p.name)
+    tables: dict[str, int | None] = {}
+    if n_new:
+        tables["interactions"] = lake.write_spark(fresh, "interactions", "merge", info, update=False)
+    q = quarantine.toPandas()
+    if len(q):
+        q["source_row"] = q["source_row"].astype("Int64")
+        tables["quarantine"] = lake.write_arrow("quarantine", q, "merge", info)
+    users = fresh.select(F.countDistinct("user_id")).first()[0] if n_new else 0
+    raw.unpersist()
+    fresh.unpersist()
+    log.info("merge_events: %d rows read, %d new events for %d users, %d already present, %d quarantined",
+             n_raw, n_new, users, n_raw - n_new - len(q), len(q))
+    return StageResult("merge_events", tables, rows_in=n_raw, rows_out=n_new,
+                       extra={"seconds": round(time.perf_counter() - t0, 1), "users_with_new_events": users,
+                              "quarantined": int(len(q))})
+
+
+def refresh(ctx: StageContext, events_path: str | Path, retrain: bool = False, progress=None) -> list[StageResult]:
+    from slimrec.pipeline import gate
+
+    results = [merge_events(ctx, events_path)]
+    if not ctx.dry_run:
+        gate(ctx, results[0], ["interactions"])
+    later = [s for s in STAGES if s != "ingest"]
+    for i, name in enumerate(later):
+        if progress:
+            progress(i, len(later), name)
+        if name == "train_recommender" and not retrain:
+            results.append(rescore(ctx))
+            continue
+        results.append(run_stage(name, ctx, allow_skip=True))
+    return results
+
+
+def rescore(ctx: StageContext) -> StageResult:
+    """Rescore recommendations of users whose sequence changed, with the current recommender."""
+    from slimrec.recommender.serving import rescore_changed_users
+
+    return rescore_changed_users(ctx)
