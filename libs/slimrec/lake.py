@@ -325,7 +325,7 @@ class Lake:
                                 "wait for it to finish or stop it") from None
             fh.seek(0)
             fh.truncate()
-            fh.write(f"pid {os.getpid()} since {datetime.now(tz=timezone.utc).isoformat(timespec='seconds')}")
+            fh.write(f"pid {os.getpid()} since {datetime.now(tz=UTC).isoformat(timespec='seconds')}")
             fh.flush()
             yield
         finally:
