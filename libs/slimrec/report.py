@@ -37,6 +37,8 @@ def metrics_summary(metrics: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     Input: rows of the ``metrics`` table for one run. Output columns:
     protocol, backbone, variant, seeds, then ``<metric>_mean`` / ``<metric>_std``.
     """
+    if metrics.empty:
+        return pd.DataFrame()
     m = metrics[metrics["split"] == split]
     if m.empty:
         return pd.DataFrame()
@@ -81,7 +83,7 @@ def format_stages(stages: pd.DataFrame) -> str:
 
 
 def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: str, run_date) -> dict[str, Path]:
-    """Write ``run-<date>-<run_id>.json`` and ``.md`` (and ``.html`` when the HTML renderer is available)."""
+    """Write ``run-<date>-<run_id>.json``, ``.md`` and a one-file ``.html`` report with charts."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages = stage_table(results)
@@ -96,6 +98,10 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
     }
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
     paths["json"].write_text(json.dumps(payload, indent=2, default=str))
+    from slimrec.report_html import render_html
+
+    paths["html"] = stem.with_suffix(".html")
+    paths["html"].write_text(render_html(lake, results, run_id, run_date))
     paths["md"].write_text(
         f"# slimrec run {run_id} ({run_date})\n\n## Stages\n\n```\n{format_stages(stages)}\n```\n\n"
         f"## Metrics (test target; mean±std over seeds; full ranking first)\n\n```\n{format_metrics(summary)}\n```\n"

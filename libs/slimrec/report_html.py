@@ -1,0 +1,174 @@
+"""One-file HTML run report: metrics table, charts (embedded PNG), example users.
+
+Built from the lake's tables and the run's stage results; matplotlib draws
+the charts off-screen (Agg) and they are embedded as base64, so the page is a
+single file that opens anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+
+import pandas as pd
+
+from slimrec.report import METRIC_COLS, latest_metrics, metrics_summary, stage_table
+
+log = logging.getLogger(__name__)
+
+_CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:13px}
+th,td{border:1px solid #ccc;padding:3px 8px;text-align:right}
+th{background:#f3f3f3} td.l,th.l{text-align:left}
+tr.base td{color:#777;font-style:italic}
+.user{border:1px solid #ddd;padding:.6em 1em;margin:1em 0;border-radius:6px}
+.rat{white-space:pre-wrap;font-size:12px;background:#fafafa;padding:.5em}
+img{max-width:100%}
+"""
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return f'<img alt="chart" src="data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}"/>'
+
+
+def _metric_chart(summary: pd.DataFrame, metric: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    protocols = [p for p in ("full", "sampled100") if p in set(summary["protocol"])]
+    fig, axes = plt.subplots(1, len(protocols), figsize=(6 * len(protocols), 3.6), squeeze=False)
+    for ax, proto in zip(axes[0], protocols, strict=True):
+        s = summary[summary["protocol"] == proto].sort_values(f"{metric}_mean")
+        labels = [f"{b}/{v}" for b, v in zip(s["backbone"], s["variant"], strict=True)]
+        ax.barh(labels, s[f"{metric}_mean"], xerr=s[f"{metric}_std"], color="#4a7fb5")
+        ax.set_title(f"{metric.upper().replace('_', '@')} — {proto}")
+        ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _stage_chart(stages: pd.DataFrame) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.2))
+    for ax, col, title in zip(axes, ["seconds", "rows_out", "cost_usd"], ["time (s)", "rows out", "cost (USD)"], strict=True):
+        ax.barh(stages["stage"], stages[col], color="#6a9f58")
+        ax.set_title(title)
+        ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _length_chart(lengths: dict[str, pd.Series]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    for name, s in lengths.items():
+        if len(s):
+            ax.hist(s, bins=40, alpha=0.6, label=f"{name} (n={len(s)}, median {int(s.median())})")
+    ax.set_xlabel("rationale length (words)")
+    ax.legend()
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _metrics_html(summary: pd.DataFrame) -> str:
+    if summary.empty:
+        return "<p>No metrics: train_recommender has not run.</p>"
+    head = "".join(f"<th>{c.replace('_', '@').upper()}</th>" for c in METRIC_COLS)
+    rows = []
+    for r in summary.itertuples(index=False):
+        d = r._asdict()
+        cls = ' class="base"' if r.variant in ("random", "popular") else ""
+        cells = "".join(f"<td>{d[c + '_mean']:.4f} ± {d[c + '_std']:.4f}</td>" for c in METRIC_COLS)
+        rows.append(f"<tr{cls}><td class=l>{r.protocol}</td><td class=l>{r.backbone}</td>"
+                    f"<td class=l>{html.escape(r.variant)}</td><td>{r.seeds}</td>{cells}</tr>")
+    return (f'<table id="metrics"><tr><th class=l>protocol</th><th class=l>backbone</th><th class=l>variant</th>'
+            f"<th>seeds</th>{head}</tr>{''.join(rows)}</table>")
+
+
+def _latest(lake, table: str, columns: list[str]) -> pd.DataFrame:
+    return lake.read_pandas(table, columns=columns) if lake.exists(table) else pd.DataFrame(columns=columns)
+
+
+def _examples(lake, n: int) -> str:
+    if not lake.exists("user_sequences"):
+        return "<p>No users yet.</p>"
+    teacher = _latest(lake, "teacher_rationales", ["user_id", "rationale", "status"])
+    teacher = teacher[teacher["status"] == "ok"].drop_duplicates("user_id")
+    student = _latest(lake, "student_rationales", ["user_id", "rationale", "status", "run_date"])
+    student = student[student["status"] == "ok"].sort_values("run_date").drop_duplicates("user_id", keep="last")
+    recs = _latest(lake, "recommendations", ["user_id", "item_ids", "run_date"])
+    recs = recs.sort_values("run_date").drop_duplicates("user_id", keep="last")
+    seqs = lake.read_pandas("user_sequences", columns=["user_id", "history", "test_target"])
+    titles = dict(lake.read_pandas("items", columns=["item_id", "title"]).values.tolist())
+    users = list(teacher["user_id"])[:n] or list(seqs["user_id"])[:n]
+    t, s, r = (dict(zip(df["user_id"], df[c], strict=True)) for df, c in
+               ((teacher, "rationale"), (student, "rationale"), (recs, "item_ids")))
+    seq = seqs.set_index("user_id")
+    out = []
+    for u in users:
+        hist = list(seq.loc[u, "history"])[-5:]
+        target = seq.loc[u, "test_target"]
+        top = list(r.get(u, []))[:10]
+        li = "".join(f"<li>{'<b>' if i == target else ''}{html.escape(str(titles.get(i, i)))}"
+                     f"{' (test target)</b>' if i == target else ''}</li>" for i in top)
+        out.append(
+            f'<div class="user"><h3>user {html.escape(str(u))}</h3>'
+            f"<p><b>last history items:</b> {'; '.join(html.escape(str(titles.get(i, i))) for i in hist)}</p>"
+            f"<p><b>test target:</b> {html.escape(str(titles.get(target, target)))}</p>"
+            f'<p><b>teacher rationale</b></p><div class="rat">{html.escape(t.get(u, "(none)"))}</div>'
+            f'<p><b>student rationale</b></p><div class="rat">{html.escape(s.get(u, "(none)"))}</div>'
+            f"<p><b>top-10 recommendations</b></p><ol>{li or '<li>(none)</li>'}</ol></div>"
+        )
+    return "".join(out)
+
+
+def render_html(lake, results, run_id: str, run_date, n_examples: int = 3) -> str:
+    """The whole report page as a string."""
+    stages = stage_table(results)
+    metrics = latest_metrics(lake)
+    summary = metrics_summary(metrics)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>slimrec run {run_id}</title>"
+             f"<style>{_CSS}</style></head><body><h1>slimrec run {html.escape(run_id)} ({run_date})</h1>"]
+    parts.append("<h2>Metrics (test target, mean ± std over seeds)</h2>"
+                 "<p>Full ranking ranks the target among all items except the user's history (the validation item "
+                 "included); sampled100 ranks it among 100 random items the user never had. Random and popular "
+                 "rows are the baselines.</p>")
+    parts.append(_metrics_html(summary))
+    if not summary.empty:
+        parts.append('<h2>NDCG@10 and HR@10 by variant</h2><div id="charts">')
+        parts.append(_metric_chart(summary, "ndcg_10") + _metric_chart(summary, "hr_10") + "</div>")
+    if not stages.empty:
+        st = "".join(f"<tr><td class=l>{r.stage}</td><td class=l>{r.status}</td><td>{r.seconds:.1f}</td>"
+                     f"<td>{r.rows_in:,}</td><td>{r.rows_out:,}</td><td>{r.cost_usd:.4f}</td></tr>"
+                     for r in stages.itertuples(index=False))
+        parts.append("<h2>Stages</h2><table id='stages'><tr><th class=l>stage</th><th class=l>status</th>"
+                     f"<th>seconds</th><th>rows in</th><th>rows out</th><th>cost USD</th></tr>{st}</table>")
+        parts.append(_stage_chart(stages))
+    lengths = {}
+    for name, table in (("teacher", "teacher_rationales"), ("student", "student_rationales")):
+        df = _latest(lake, table, ["rationale", "status"])
+        ok = df[df["status"] == "ok"]["rationale"].dropna()
+        lengths[name] = ok.str.split().str.len()
+    if any(len(s) for s in lengths.values()):
+        parts.append("<h2>Rationale lengths</h2>" + _length_chart(lengths))
+    parts.append("<h2>Example users</h2>" + _examples(lake, n_examples))
+    parts.append("</body></html>")
+    return "".join(parts)
