@@ -1,0 +1,91 @@
+"""Run report: the summary maths by hand, and the HTML page rendered by headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from datetime import UTC, date, datetime
+
+import pandas as pd
+import pytest
+
+from slimrec.lake import CommitInfo
+from slimrec.report import metrics_summary, write_report
+from slimrec.stages.base import StageResult
+
+INFO = CommitInfo("test", date(2024, 1, 2), "r1")
+
+
+def _metrics(rows):
+    base = dict(run_id="run1", dataset="d", split="test", hr_20=0.0, ndcg_20=0.0, mrr=0.0, n_users=10)
+    return pd.DataFrame([{**base, **r} for r in rows])
+
+
+def test_metrics_summary_mean_std_and_order():
+    m = _metrics([
+        dict(backbone="sasrec", variant="base", protocol="sampled100", seed=0, hr_10=0.5, ndcg_10=0.30),
+        dict(backbone="sasrec", variant="base", protocol="sampled100", seed=1, hr_10=0.7, ndcg_10=0.40),
+        dict(backbone="sasrec", variant="base", protocol="full", seed=0, hr_10=0.1, ndcg_10=0.05),
+        dict(backbone="sasrec", variant="random", protocol="full", seed=0, hr_10=0.01, ndcg_10=0.002),
+        dict(backbone="sasrec", variant="base", protocol="full", seed=0, hr_10=0.9, ndcg_10=0.9, split="valid"),
+    ])
+    s = metrics_summary(m)
+    assert list(zip(s["protocol"], s["variant"], strict=True)) == [("full", "base"), ("full", "random"),
+                                                                   ("sampled100", "base")]
+    sampled = s[s["protocol"] == "sampled100"].iloc[0]
+    assert sampled["seeds"] == 2
+    assert sampled["ndcg_10_mean"] == pytest.approx(0.35)
+    assert sampled["ndcg_10_std"] == pytest.approx(0.0707107, rel=1e-5)  # sample std of (0.3, 0.4)
+    assert s[s["protocol"] == "full"].iloc[0]["ndcg_10_std"] == 0.0  # one seed: std shown as 0
+
+
+def _tiny_lake(lake):
+    now = datetime(2024, 1, 2, tzinfo=UTC)
+    lake.write_arrow("items", pd.DataFrame({
+        "item_id": ["i1", "i2", "i3"], "title": ["Blue Pen", "Red Ink", "Stapler"], "brand": ["B", None, "S"],
+        "categories": [["Pens"], ["Ink"], ["Staplers"]], "description": [None] * 3,
+        "item_text": ["Blue Pen", "Red Ink", "Stapler"], "text_hash": ["a", "b", "c"]}), "overwrite", INFO)
+    lake.write_arrow("user_sequences", pd.DataFrame({
+        "user_id": ["u1"], "item_ids": [["i1", "i2", "i3"]], "history": [["i1"]], "valid_target": ["i2"],
+        "test_target": ["i3"], "seq_len": [3], "last_event_ts": [now], "seq_hash": ["h"]}), "overwrite", INFO)
+    lake.write_arrow("recommendations", pd.DataFrame({
+        "user_id": ["u1"], "item_ids": [["i3", "i2"]], "scores": [[0.9, 0.1]], "run_id": ["run1"],
+        "backbone": ["sasrec"], "variant": ["base"]}), "overwrite", INFO)
+    m = _metrics([
+        dict(backbone="sasrec", variant=v, protocol=p, seed=s, hr_10=h, ndcg_10=h / 2)
+        for v, h in (("base", 0.5), ("slim", 0.6), ("random", 0.1), ("popular", 0.2))
+        for p in ("full", "sampled100") for s in (0, 1)
+    ])
+    lake.write_arrow("metrics", m, "append", INFO)
+    lake.write_arrow("recommender_runs", pd.DataFrame({
+        "run_id": ["run1"], "dataset": ["d"], "config": ["{}"], "best_backbone": ["sasrec"], "best_variant": ["slim"],
+        "n_users": [1], "n_items": [3], "notes": ["{}"], "started_ts": [now], "finished_ts": [now]}), "append", INFO)
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/run installs it)")
+def test_html_report_renders_table_and_charts(tmp_lake, tmp_path):
+    _tiny_lake(tmp_lake)
+    paths = write_report(tmp_lake, [StageResult("ingest", rows_in=10, rows_out=9, extra={"seconds": 1.5})],
+                         tmp_path / "reports", "run1", date(2024, 1, 2))
+    page = paths["html"].resolve().as_uri()
+    prof = tmp_path / "chrome-profile"
+    dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={prof}", "--dump-dom", page],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert '<table id="metrics">' in dom
+    assert dom.count("<tr") >= 1 + 8 + 2  # header + 4 variants x 2 protocols + stage table
+    assert "slim" in dom and "popular" in dom
+    assert dom.count("data:image/png;base64,") == 3  # NDCG@10, HR@10, stages (no rationale tables here)
+    assert "Stapler (test target)" in dom  # the example user's top-1 is the target, marked
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={prof}", "--window-size=1200,2400",
+                    f"--screenshot={shot}", page], capture_output=True, timeout=120)
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    dark = sum(1 for p in img.getdata() if p < 200)
+    assert dark > 20_000, "the page rendered (nearly) blank"
