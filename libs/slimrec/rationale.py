@@ -75,11 +75,11 @@ def parse_rationale(text: str | None, finish_reason: str | None = None):
         start = found[n][1]
         end = found[n + 1][0] if n < 3 else len(text)
         bodies.append(text[start:end].strip())
+    if finish_reason == "length":  # before the empty-step check: a cut right after "Step 3:" is truncation
+        return None, "truncated: the answer hit the token limit inside step 3"
     if not all(bodies):
         empty = [i + 1 for i, b in enumerate(bodies) if not b]
         return None, f"parse_error: step(s) {empty} empty"
-    if finish_reason == "length":
-        return None, "truncated: the answer hit the token limit inside step 3"
     return ParsedRationale(bodies[0], bodies[1], bodies[2], _split_items(bodies[2])), None
 
 

@@ -202,3 +202,9 @@ def test_offline_cold_user_falls_back_to_own_category_then_popularity():
     assert list(out.loc[0, "grounded_item_ids"]) == ["A", "C", "B"]
     assert "Step 2: Customers with this history tend to stay with Desk Staplers; no brand stands out." in out.loc[0, "rationale"]
     assert "no brand is listed for them" in out.loc[0, "rationale"]
+
+
+def test_cut_right_after_the_step_3_header_is_truncated_not_a_parse_error():
+    assert parse_rationale("Step 1: a\nStep 2: b\nStep 3: ", "length") == (
+        None, "truncated: the answer hit the token limit inside step 3")
+    assert parse_rationale("Step 1: a\nStep 2: b\nStep 3: ", "stop") == (None, "parse_error: step(s) [3] empty")

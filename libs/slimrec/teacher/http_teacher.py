@@ -254,7 +254,7 @@ class HttpTeacherWorker:
 
     async def drain(self, wait_s: float) -> list[dict]:
         await self._ensure()
-        if not self._done and self._tasks:
+        if not self._done:
             try:
                 await asyncio.wait_for(self._event.wait(), timeout=wait_s)
             except TimeoutError:
@@ -414,7 +414,9 @@ class HttpTeacher:
         outstanding = 0
         stop = False
         buffer: list[dict] = []
-        last_commit = time.perf_counter()
+        last_commit = last_progress = time.perf_counter()
+        # Longest a row can legitimately take: every attempt timing out plus the longest waits between them.
+        stall_s = (h.max_retries + 1) * h.request_timeout_s + h.max_retries * max(h.backoff_max_s, h.max_retry_after_s) + 60
         rr = 0
         try:
             while True:
@@ -434,7 +436,15 @@ class HttpTeacher:
                     ray.get(refs)
                 if outstanding == 0:
                     break
-                for res in (r for batch in ray.get([w.drain.remote(0.25) for w in workers]) for r in batch):
+                done = [r for batch in ray.get([w.drain.remote(0.25) for w in workers]) for r in batch]
+                now = time.perf_counter()
+                if done:
+                    last_progress = now
+                elif now - last_progress > stall_s:  # a lost row must not hang the run; the rerun resends it
+                    log.error("teacher: %d rows made no progress for %.0fs; ending the run", outstanding, stall_s)
+                    st.stopped_by = "stalled"
+                    break
+                for res in done:
                     outstanding -= 1
                     est_in = est_of[res["prompt_hash"]]
                     if not res["sent"]:
