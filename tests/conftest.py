@@ -44,3 +44,26 @@ def tmp_lake(tmp_path):
 @pytest.fixture
 def run_date():
     return date(2024, 1, 15)
+
+
+def cut_lcrec(dst, n_users: int, src="data/amazon_office_2014"):
+    """Write the first ``n_users`` users of the bundled LC-Rec data (and only their items) into ``dst``."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / src
+    inter = json.loads((root / "Office.inter.json").read_text())
+    items = json.loads((root / "Office.item.json").read_text())
+    users = dict(list(inter.items())[:n_users])
+    keep = {str(i) for seq in users.values() for i in seq}
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "Tiny.inter.json").write_text(json.dumps(users))
+    (dst / "Tiny.item.json").write_text(json.dumps({k: v for k, v in items.items() if k in keep}))
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory):
+    """150 real users of the bundled data as an LC-Rec folder."""
+    return cut_lcrec(tmp_path_factory.mktemp("tiny_dataset"), 150)
