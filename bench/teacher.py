@@ -43,6 +43,8 @@ from slimrec.teacher.fake_server import TRANSPORT_FAULTS, FakeOpenAIServer  # no
 from slimrec.teacher.fixtures import lcrec_tables, prompt_rows  # noqa: E402
 from slimrec.teacher.offline import OfflineTeacher, build_stats  # noqa: E402
 
+from bench.common import record, row  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[1] / "data" / "amazon_office_2014"
 RUN_DATE = date(2024, 1, 15)
 KEY_ENV = "SLIMREC_BENCH_TEACHER_KEY"
@@ -75,8 +77,8 @@ def _table(title: str, rows: list[dict]) -> None:
     print(pd.DataFrame(rows).to_string(index=False))
 
 
-def bench_throughput(items, seqs, tmp: Path, limits: list[float], seconds: float) -> None:
-    rows = []
+def bench_throughput(items, seqs, tmp: Path, limits: list[float], seconds: float) -> list[dict]:
+    rows, out = [], []
     for rps in limits:
         n = int(rps * seconds)
         lake = _lake(tmp / f"thr{rps:g}", items, seqs, n)
@@ -91,11 +93,15 @@ def bench_throughput(items, seqs, tmp: Path, limits: list[float], seconds: float
                 "achieved/limit": f"{achieved / rps:.0%}", "stage_s": round(wall, 1),
                 "rerun_requests": len(srv.log), "rerun_cached_ok": extra2["cached_ok"], "rerun_s": round(wall2, 1),
             })
+            case = f"http {rps:g} rps limit, 50 ms latency, {n} prompts"
+            out.append(row(case, "achieved_rps", achieved, "req/s", "configured limit", rps))
+            out.append(row(case, "rerun_requests", float(len(srv.log)), "requests", "first run requests", float(first)))
     _table("HTTP teacher throughput (fake server, 50 ms latency, concurrency 16)", rows)
+    return out
 
 
-def bench_faults(items, seqs, tmp: Path, n: int, rate: float) -> None:
-    rows = []
+def bench_faults(items, seqs, tmp: Path, n: int, rate: float) -> list[dict]:
+    rows, out = [], []
     for label, kinds in [("transport faults", TRANSPORT_FAULTS),
                          ("transport + empty/truncated", (*TRANSPORT_FAULTS, "empty", "truncated"))]:
         lake = _lake(tmp / f"faults{len(kinds)}", items, seqs, n)
@@ -111,7 +117,13 @@ def bench_faults(items, seqs, tmp: Path, n: int, rate: float) -> None:
                 "dup_rows": int(df.duplicated(["prompt_hash", "teacher_model"]).sum()),
                 "max_good_answers_per_prompt": max(srv.answered.values()), "stage_s": round(wall, 1),
             })
+            case = f"http {rate:.0%} {label}, {n} prompts"
+            out.append(row(case, "answered_ok_share", float((df["status"] == "ok").mean()), "share"))
+            out.append(row(case, "requests_per_prompt", len(srv.log) / n, "req"))
+            out.append(row(case, "duplicate_rows", float(df.duplicated(["prompt_hash", "teacher_model"]).sum()), "rows"))
+            out.append(row(case, "max_good_answers", float(max(srv.answered.values())), "per prompt"))
     _table("HTTP teacher under injected faults (max_retries 4)", rows)
+    return out
 
 
 def _hit(lists: list[list[str]], targets: list[str], k: int = 10) -> tuple[float, float]:
@@ -124,7 +136,7 @@ def _hit(lists: list[list[str]], targets: list[str], k: int = 10) -> tuple[float
     return hr / len(targets), nd / len(targets)
 
 
-def bench_offline(items, seqs) -> None:
+def bench_offline(items, seqs) -> list[dict]:
     """Valid target: the teacher sees the history. Test target: it sees history + valid item (as a later run
     would); statistics always come from the histories only. Every list excludes the items the teacher saw."""
     cfg = OfflineTeacherConfig()
@@ -159,6 +171,14 @@ def bench_offline(items, seqs) -> None:
             rows[name][f"NDCG@10 {split}"] = round(nd, 4)
     _table(f"Offline teacher signal on {len(seqs)} users (full ranking over {len(items)} items, seen items excluded; "
            f"stats {t_stats:.2f}s, {gen_rate:.0f} rationales/s, mean {chars:.0f} chars)", list(rows.values()))
+    t = rows["offline teacher step 3"]
+    out = []
+    for split in ("valid", "test"):
+        for base in ("random", "most popular"):
+            out.append(row(f"offline teacher step-3 list, {split}", "ndcg@10 full", t[f"NDCG@10 {split}"], "ndcg",
+                           base, rows[base][f"NDCG@10 {split}"]))
+    out.append(row("offline teacher, 4905 users", "rationales_per_s", gen_rate, "1/s"))
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -173,9 +193,11 @@ def main(argv: list[str] | None = None) -> None:
     ensure_ray(None)
     with tempfile.TemporaryDirectory(prefix="bench-teacher-") as d:
         tmp = Path(d)
-        bench_throughput(items, seqs, tmp, [20.0, 50.0], 3.0 if args.quick else 8.0)
-        bench_faults(items, seqs, tmp, 60 if args.quick else 300, 0.3)
-    bench_offline(items, seqs)
+        rows = bench_throughput(items, seqs, tmp, [20.0, 50.0], 3.0 if args.quick else 8.0)
+        rows += bench_faults(items, seqs, tmp, 60 if args.quick else 300, 0.3)
+    rows += bench_offline(items, seqs)
+    print()
+    record("teacher", rows, {"quick": args.quick})
 
 
 if __name__ == "__main__":
