@@ -1,0 +1,212 @@
+"""Leave-one-out evaluation under both protocols, vectorised over users and items.
+
+The rule, used everywhere in this project:
+
+* ``full``: the target is ranked against every catalogue item except the
+  items of the user's history *before the target* (valid: ``history``; test:
+  ``history + [valid_target]``). Scores are a batched matmul over all items;
+  excluded items get ``-inf``.
+* ``sampled100``: the target is ranked against 100 negatives drawn uniformly,
+  without replacement, from the items NOT in the user's whole sequence
+  (history, valid and test targets). The draw is seeded by ``eval_seed`` and a
+  stable hash of the user id, so every model, variant and seed of a run (and
+  of later runs) sees the same negatives.
+
+Ties count as expected under random tie-breaking (see :mod:`metrics`).
+
+A score function maps ``(split, users)`` to a dense ``(B, n_items+1)`` float32
+array (column 0, padding, is ignored). Priors are extra score functions
+combined linearly: ``score = model + sum_k w_k * prior_k``; the weights are
+chosen on the validation split only (:meth:`Evaluator.choose_weights`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import logging
+from collections.abc import Callable
+
+import numpy as np
+
+from slimrec.recommender.data import RecData, csr_pad_left, excluded_mask_rows
+from slimrec.recommender.metrics import counts_from_scores, mean_metrics, rank_metrics
+from slimrec.recommender.priors import cooc_rows, grounded_rows, transition_counts
+
+log = logging.getLogger(__name__)
+
+ScoreFn = Callable[[str, np.ndarray], np.ndarray]
+PROTOCOLS = ("full", "sampled100")
+_SPLIT_CODE = {"valid": 1, "test": 2, "serve": 3}
+SPLITS = ("valid", "test")
+
+
+def _user_seed(user_id: str) -> int:
+    return int.from_bytes(hashlib.sha1(str(user_id).encode()).digest()[:8], "little")
+
+
+def sample_negatives(data: RecData, n_neg: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(U, n_neg) item indices drawn uniformly without replacement from items outside each user's whole
+    sequence, and a (U, n_neg) bool mask of real draws (False only when a user has fewer than ``n_neg``
+    such items). Deterministic per (seed, user_id)."""
+    ptr, items = data.split_sequences("serve")
+    n = data.n_items
+    out = np.zeros((data.n_users, n_neg), dtype=np.int64)
+    ok = np.zeros((data.n_users, n_neg), dtype=bool)
+    for u in range(data.n_users):
+        seen = np.unique(items[ptr[u] : ptr[u + 1]])  # sorted internal indices in 1..n
+        free = n - len(seen)
+        k = min(n_neg, free)
+        if k <= 0:
+            continue
+        rng = np.random.default_rng([seed, _user_seed(data.user_ids[u])])
+        j = rng.choice(free, size=k, replace=False)  # rank among the free items, 0-based
+        # the j-th free item of 1..n: skip every seen item at or below it
+        shifted = seen - 1 - np.arange(len(seen))  # free items before each seen item
+        out[u, :k] = j + 1 + np.searchsorted(shifted, j, side="right")
+        ok[u, :k] = True
+    return out, ok
+
+
+class Evaluator:
+    """Everything evaluation needs, built once per data set: inputs, exclusions, sampled candidates, priors."""
+
+    def __init__(self, data: RecData, cfg):
+        self.data, self.cfg = data, cfg
+        self.n_cols = data.n_items + 1
+        self.inputs = {s: csr_pad_left(*data.split_sequences(s), cfg.max_len) for s in ("valid", "test", "serve")}
+        self.negatives, self.neg_ok = sample_negatives(data, cfg.num_sampled_negatives, cfg.eval_seed)
+        self.counts = transition_counts(data.hist_ptr, data.hist_items, data.n_items, cfg.cooc_window)
+        pop = np.zeros(self.n_cols, dtype=np.float32)
+        np.add.at(pop, data.hist_items, 1.0)
+        self.popularity = pop  # training-history counts
+
+    # ------------------------------------------------------------------ priors as score functions
+    def cooc_fn(self) -> ScoreFn:
+        cfg = self.cfg
+
+        def fn(split, users):
+            return cooc_rows(self.counts, self.inputs[split][users], cfg.cooc_last_n, cfg.cooc_decay)
+
+        return fn
+
+    def grounded_fn(self, source: str) -> ScoreFn:
+        rat = self.data.rationales[source]
+
+        def fn(split, users):
+            return grounded_rows(rat.grounded_ptr, rat.grounded_items, users, self.data.n_items)
+
+        return fn
+
+    def popular_fn(self) -> ScoreFn:
+        return lambda split, users: np.broadcast_to(self.popularity, (len(users), self.n_cols))
+
+    def random_fn(self, seed: int) -> ScoreFn:
+        def fn(split, users):
+            rng = np.random.default_rng([seed, _SPLIT_CODE[split], int(users[0]) if len(users) else 0, len(users)])
+            return rng.random((len(users), self.n_cols), dtype=np.float32)
+
+        return fn
+
+    # ------------------------------------------------------------------ core
+    def _batches(self, users: np.ndarray):
+        bs = self.cfg.eval_batch_size
+        for i in range(0, len(users), bs):
+            yield users[i : i + bs]
+
+    def _counts(self, scores: np.ndarray, split: str, users: np.ndarray, protocol: str):
+        targets = self.data.targets(split)[users]
+        rows = np.arange(len(users))
+        if protocol == "full":
+            s = scores.astype(np.float32, copy=True)
+            excl = excluded_mask_rows(*self.data.split_sequences(split), users, self.n_cols)
+            excl[:, 0] = True
+            excl[rows, targets] = False  # a repeated target stays a candidate
+            s[excl] = -np.inf
+            return counts_from_scores(s, targets)
+        cand = np.concatenate([targets[:, None], self.negatives[users]], axis=1)
+        s = scores[rows[:, None], cand].astype(np.float32)
+        s[:, 1:][~self.neg_ok[users]] = -np.inf
+        return counts_from_scores(s, 0)
+
+    def per_user(
+        self,
+        model_fn: ScoreFn,
+        priors: list[ScoreFn] = (),
+        weights: tuple[float, ...] = (),
+        users: np.ndarray | None = None,
+        splits=SPLITS,
+        protocols=PROTOCOLS,
+    ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
+        """Per-user metrics ``{(split, protocol): {metric: (U,)}}`` of ``model + sum w_k prior_k``."""
+        users = np.arange(self.data.n_users) if users is None else users
+        out = {}
+        for split in splits:
+            acc = {p: ([], []) for p in protocols}
+            for b in self._batches(users):
+                s = self._combined(model_fn, priors, weights, split, b)
+                for p in protocols:
+                    g, e = self._counts(s, split, b, p)
+                    acc[p][0].append(g)
+                    acc[p][1].append(e)
+            for p in protocols:
+                out[(split, p)] = rank_metrics(np.concatenate(acc[p][0]), np.concatenate(acc[p][1]))
+        return out
+
+    def _combined(self, model_fn, priors, weights, split, users):
+        s = np.array(model_fn(split, users), dtype=np.float32, copy=True)
+        for w, fn in zip(weights, priors, strict=True):
+            if w:
+                s += np.float32(w) * fn(split, users)
+        return s
+
+    def ndcg10(self, model_fn: ScoreFn, users: np.ndarray | None = None, split: str = "valid") -> float:
+        """Mean NDCG@10 on ``split`` under the early-stopping protocol (model scores only)."""
+        res = self.per_user(model_fn, users=users, splits=(split,), protocols=(self.cfg.early_stop_protocol,))
+        return float(res[(split, self.cfg.early_stop_protocol)]["ndcg_10"].mean())
+
+    def choose_weights(
+        self, model_fn: ScoreFn, priors: list[ScoreFn], users: np.ndarray | None = None
+    ) -> tuple[tuple[float, ...], float]:
+        """Grid-search prior weights on the VALIDATION split (never test): best mean NDCG@10 under the
+        early-stopping protocol. Returns (weights, valid NDCG@10)."""
+        if not priors:
+            return (), self.ndcg10(model_fn, users)
+        users = np.arange(self.data.n_users) if users is None else users
+        grid = list(itertools.product(self.cfg.prior_weight_grid, repeat=len(priors)))
+        proto = self.cfg.early_stop_protocol
+        sums = np.zeros(len(grid))
+        for b in self._batches(users):
+            base = np.array(model_fn("valid", b), dtype=np.float32, copy=True)
+            comps = [fn("valid", b) for fn in priors]
+            for gi, ws in enumerate(grid):
+                s = base.copy()
+                for w, c in zip(ws, comps, strict=True):
+                    if w:
+                        s += np.float32(w) * c
+                g, e = self._counts(s, "valid", b, proto)
+                sums[gi] += rank_metrics(g, e, ks=(10,))["ndcg_10"].sum()
+        best = int(np.argmax(sums))  # first best: ties keep the smaller weights (grid starts at 0)
+        return tuple(grid[best]), float(sums[best] / len(users))
+
+    def top_k(self, model_fn: ScoreFn, priors=(), weights=(), k: int = 20, split: str = "serve"):
+        """(U, k) internal item indices and scores, best first, excluding every item of the ``split`` input."""
+        items, scores = [], []
+        users = np.arange(self.data.n_users)
+        ptr, seq = self.data.split_sequences(split)
+        for b in self._batches(users):
+            s = self._combined(model_fn, priors, weights, split, b)
+            excl = excluded_mask_rows(ptr, seq, b, self.n_cols)
+            excl[:, 0] = True
+            s[excl] = -np.inf
+            kk = min(k, self.n_cols - 1)
+            part = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
+            ps = np.take_along_axis(s, part, 1)
+            order = np.argsort(-ps, axis=1, kind="stable")
+            items.append(np.take_along_axis(part, order, 1))
+            scores.append(np.take_along_axis(ps, order, 1))
+        return np.concatenate(items), np.concatenate(scores)
+
+
+def summarise(per_user: dict, mask: np.ndarray | None = None) -> dict[tuple[str, str], dict[str, float]]:
+    return {key: mean_metrics(m, mask) for key, m in per_user.items()}

@@ -1,0 +1,329 @@
+"""Every variant x seed x backbone of one run, on the same split, as plain functions.
+
+A *group* is one (backbone, seed): it trains the few models its variants need
+and evaluates every variant from them, so variants that differ only by a
+score prior share one trained model:
+
+=============  ======================  =================================================
+variant        model                   score (weights chosen on validation)
+=============  ======================  =================================================
+base           ids                     model
+text           ids + item text         model
+cooc_prior     text (or joint)         model + w_c * log(1 + transitions)
+teacher        text + teacher fusion   model + w_g * grounded(teacher)   [teacher users]
+slim           text + student fusion   model + w_g * grounded(student)
+teacher_cooc   teacher model           model + w_c * cooc + w_g * grounded(teacher)
+slim_cooc      slim model              model + w_c * cooc + w_g * grounded(student)
+text_matching  g_t only (no backbone)  cos(g_t(rationale_u), g_t(text_i))
+=============  ======================  =================================================
+
+Rationale models start from the text model when ``rationale_warm_start``.
+The teacher's rows are computed over the users with a teacher rationale only
+(the teacher answers a sample); every other variant is also reported on that
+subset as ``<variant>@teacher_users`` so the comparison is like for like.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from slimrec.recommender.data import RecData
+from slimrec.recommender.evaluation import Evaluator, summarise
+from slimrec.recommender.metrics import METRIC_NAMES
+from slimrec.recommender.models import SeqRecModel, TextMatching
+from slimrec.recommender.train import (
+    FitResult,
+    PeakRSS,
+    fit_seq_model,
+    fit_text_matching,
+    match_score_fn,
+    seq_score_fn,
+)
+
+log = logging.getLogger(__name__)
+
+NO_BACKBONE = "none"
+TEACHER_SUBSET = "teacher_users"
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    text: bool = False
+    rationale: str | None = None  # teacher | student
+    cooc: bool = False
+    id_agnostic: bool = False
+
+
+def variant_spec(variant: str, cfg) -> VariantSpec:
+    return {
+        "base": VariantSpec(),
+        "text": VariantSpec(text=True),
+        "cooc_prior": VariantSpec(text=True, cooc=True),
+        "teacher": VariantSpec(text=True, rationale="teacher"),
+        "slim": VariantSpec(text=True, rationale="student"),
+        "teacher_cooc": VariantSpec(text=True, rationale="teacher", cooc=True),
+        "slim_cooc": VariantSpec(text=True, rationale="student", cooc=True),
+        "text_matching": VariantSpec(id_agnostic=True, rationale=cfg.text_matching_source),
+    }[variant]
+
+
+def missing_reason(variant: str, data: RecData, cfg) -> str | None:
+    """Why ``variant`` cannot run on ``data`` (None: it can). Missing inputs are reported, never faked."""
+    spec = variant_spec(variant, cfg)
+    if (spec.text or spec.id_agnostic) and data.item_text is None:
+        return "no item text vectors (item_embeddings missing or empty)"
+    if spec.rationale:
+        table = f"{spec.rationale}_rationales"
+        rat = data.rationales.get(spec.rationale)
+        if rat is None or rat.n_present == 0:
+            return f"no {spec.rationale} rationale vectors (rationale_embeddings source={spec.rationale}; {table})"
+        if spec.id_agnostic and rat.vectors.shape[1] != data.item_text.shape[1]:
+            return f"rationale ({rat.vectors.shape[1]}) and item text ({data.item_text.shape[1]}) vectors differ in size"
+    return None
+
+
+def model_key(variant: str, cfg, backbone: str) -> str:
+    spec = variant_spec(variant, cfg)
+    if spec.id_agnostic:
+        return "text_matching"
+    if spec.rationale:
+        return spec.rationale
+    if variant == "cooc_prior" and cfg.cooc_mode == "joint" and backbone != "srgnn":
+        return "cooc_joint"
+    return "text" if spec.text else "base"
+
+
+def build_model(key: str, backbone: str, data: RecData, cfg):
+    """A fresh model for ``key`` (base | text | cooc_joint | teacher | student | text_matching)."""
+    text = torch.as_tensor(data.item_text) if data.item_text is not None else None
+    if key == "text_matching":
+        return TextMatching(text)
+    if key == "base":
+        return SeqRecModel(backbone, data.n_items, cfg)
+    if key in ("text", "cooc_joint"):
+        return SeqRecModel(backbone, data.n_items, cfg, text, joint_prior=key == "cooc_joint")
+    rdim = data.rationales[key].vectors.shape[1]
+    return SeqRecModel(backbone, data.n_items, cfg, text, rationale_dim=rdim)
+
+
+def score_fn_for(key: str, model, data: RecData, ev: Evaluator, device):
+    if key == "text_matching":
+        return match_score_fn(model, data.rationales[data_source_of(key, ev.cfg)], device)
+    rat = data.rationales.get(key) if key in ("teacher", "student") else None
+    return seq_score_fn(model, ev, rat, device)
+
+
+def data_source_of(key: str, cfg) -> str:
+    return cfg.text_matching_source if key == "text_matching" else key
+
+
+def priors_for(variant: str, data: RecData, ev: Evaluator, cfg) -> tuple[list[str], list]:
+    spec = variant_spec(variant, cfg)
+    names, fns = [], []
+    if spec.cooc:
+        names.append("cooc")
+        fns.append(ev.cooc_fn())
+    if spec.rationale and not spec.id_agnostic and cfg.grounded_prior:
+        rat = data.rationales[spec.rationale]
+        if rat.n_grounded_users:
+            names.append(f"grounded_{spec.rationale}")
+            fns.append(ev.grounded_fn(spec.rationale))
+    return names, fns
+
+
+def teacher_mask(data: RecData) -> np.ndarray | None:
+    rat = data.rationales.get("teacher")
+    return None if rat is None or rat.n_present == 0 else rat.present
+
+
+# --------------------------------------------------------------------------------------------- groups
+def plan_groups(cfg, data: RecData) -> tuple[list[tuple[str, int, list[str]]], dict[str, str]]:
+    """[(backbone, seed, variants)] to run, and {variant: reason} for the variants that cannot run."""
+    missing = {v: r for v in cfg.variants if (r := missing_reason(v, data, cfg))}
+    runnable = [v for v in cfg.variants if v not in missing]
+    seq_vars = [v for v in runnable if v != "text_matching"]
+    groups = [(b, s, seq_vars) for s in cfg.seeds for b in cfg.backbones if seq_vars]
+    if "text_matching" in runnable:
+        groups += [(NO_BACKBONE, s, ["text_matching"]) for s in cfg.seeds]
+    return groups, missing
+
+
+def _rows(per_user: dict, mask: np.ndarray | None, subset: str) -> list[dict]:
+    n = int(mask.sum()) if mask is not None else len(next(iter(next(iter(per_user.values())).values())))
+    out = []
+    for (split, protocol), m in summarise(per_user, mask).items():
+        out.append({"split": split, "protocol": protocol, "subset": subset, "n_users": n, **m})
+    return out
+
+
+def evaluate_variant(variant: str, score_fn, data: RecData, ev: Evaluator, cfg) -> dict:
+    """Choose prior weights on validation, then metrics on valid and test under both protocols."""
+    names, fns = priors_for(variant, data, ev, cfg)
+    tmask = teacher_mask(data)
+    spec = variant_spec(variant, cfg)
+    users = np.nonzero(tmask)[0] if spec.rationale == "teacher" and not spec.id_agnostic else None
+    weights, v_sel = ev.choose_weights(score_fn, fns, users)
+    per_user = ev.per_user(score_fn, fns, weights, users=users)
+    if users is not None:
+        rows = _rows(per_user, None, TEACHER_SUBSET)
+    else:
+        rows = _rows(per_user, None, "all")
+        if tmask is not None and tmask.sum() < data.n_users and "teacher" in cfg.variants:
+            rows += _rows(per_user, tmask, TEACHER_SUBSET)
+    return {"variant": variant, "weights": dict(zip(names, weights, strict=True)), "valid_selected": v_sel,
+            "rows": rows}
+
+
+def run_group(
+    backbone: str, seed: int, variants: list[str], data: RecData, ev: Evaluator, cfg, *,
+    device=None, rank: int = 0, world: int = 1, ddp_wrap=None,
+) -> tuple[list[dict], dict[str, dict], dict[str, dict]]:
+    """Train what ``variants`` need for (backbone, seed) and evaluate them.
+
+    Returns (variant results, {model key: state_dict}, {model key: fit record}).
+    """
+    device = device or torch.device("cpu")
+    keys = []
+    for v in variants:
+        k = model_key(v, cfg, backbone)
+        if k in ("teacher", "student") and cfg.rationale_warm_start and "text" not in keys:
+            keys.append("text")
+        if k not in keys:
+            keys.append(k)
+    order = ["base", "text", "cooc_joint", "teacher", "student", "text_matching"]
+    keys.sort(key=order.index)
+    models, fits, states = {}, {}, {}
+    for k in keys:
+        label = f"[{backbone}/{k}/seed{seed}]"
+        torch.manual_seed(seed)
+        model = build_model(k, backbone, data, cfg)
+        common = dict(device=device, rank=rank, world=world, ddp_wrap=ddp_wrap, label=label)
+        if k == "text_matching":
+            fit = fit_text_matching(model, data, ev, cfg, data.rationales[cfg.text_matching_source], seed=seed,
+                                    **common)
+        elif k in ("teacher", "student"):
+            warm = cfg.rationale_warm_start
+            if warm:
+                missing, unexpected = model.load_state_dict(states["text"], strict=False)
+                assert not unexpected, unexpected
+            fit = fit_seq_model(
+                model, data, ev, cfg, seed=seed, rationale=data.rationales[k],
+                epochs=cfg.finetune_epochs if warm else cfg.epochs,
+                lr=(cfg.finetune_lr or cfg.lr) if warm else cfg.lr, validate_first=warm, **common,
+            )
+        else:
+            fit = fit_seq_model(model, data, ev, cfg, seed=seed, **common)
+        models[k], states[k] = model, fit.state
+        fits[k] = _fit_record(fit)
+        log.info("%s best epoch %d valid NDCG@10 %.4f, %.2f s/epoch, peak RSS %.0f MiB", label, fit.best_epoch,
+                 fit.best_valid, fit.seconds_per_epoch, fit.peak_rss_mib)
+    results = []
+    for v in variants:
+        k = model_key(v, cfg, backbone)
+        res = evaluate_variant(v, score_fn_for(k, models[k], data, ev, device), data, ev, cfg)
+        res.update(backbone=backbone, seed=seed, model_key=k)
+        results.append(res)
+    return results, states, fits
+
+
+def _fit_record(fit: FitResult) -> dict:
+    return {
+        "best_epoch": fit.best_epoch, "best_valid_ndcg_10": fit.best_valid, "epochs_run": fit.epochs_run,
+        "train_seconds": round(fit.train_seconds, 3), "seconds_per_epoch": round(fit.seconds_per_epoch, 4),
+        "peak_rss_mib": round(fit.peak_rss_mib, 1), "history": fit.history,
+    }
+
+
+# --------------------------------------------------------------------------------------------- baselines
+def run_baselines(data: RecData, ev: Evaluator, cfg) -> list[dict]:
+    """Random (one per seed), most-popular and transition-count rankings, evaluated like the models."""
+    out = []
+    tmask = teacher_mask(data)
+    zeros = lambda split, users: np.zeros((len(users), ev.n_cols), np.float32)  # noqa: E731
+    fns = {
+        "popular": [(0, ev.popular_fn(), [], ())],
+        "cooc": [(0, zeros, [ev.cooc_fn()], (1.0,))],
+        "random": [(s, ev.random_fn(s), [], ()) for s in cfg.seeds],
+    }
+    for name in cfg.baselines:
+        for seed, fn, priors, w in fns[name]:
+            per_user = ev.per_user(fn, priors, w)
+            rows = _rows(per_user, None, "all")
+            if tmask is not None and tmask.sum() < data.n_users and "teacher" in cfg.variants:
+                rows += _rows(per_user, tmask, TEACHER_SUBSET)
+            out.append({"backbone": NO_BACKBONE, "variant": name, "seed": seed, "weights": {}, "rows": rows,
+                        "model_key": None})
+    return out
+
+
+# --------------------------------------------------------------------------------------------- tables
+def metrics_frame(results: list[dict]) -> pd.DataFrame:
+    """Long metrics rows: (backbone, variant, protocol, split, seed, metrics..., n_users).
+
+    Rows on the teacher-user subset carry the variant name ``<variant>@teacher_users`` (the teacher
+    variants themselves keep their name: they are only ever measured there).
+    """
+    recs = []
+    for r in results:
+        for row in r["rows"]:
+            v = r["variant"]
+            if row["subset"] == TEACHER_SUBSET and not variant_is_teacher(v):
+                v = f"{v}@{TEACHER_SUBSET}"
+            recs.append({"backbone": r["backbone"], "variant": v, "protocol": row["protocol"], "split": row["split"],
+                         "seed": int(r["seed"]), **{m: row[m] for m in METRIC_NAMES}, "n_users": row["n_users"]})
+    return pd.DataFrame(recs)
+
+
+def variant_is_teacher(v: str) -> bool:
+    return v in ("teacher", "teacher_cooc")
+
+
+def summary_frame(metrics: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Mean and std over seeds per (backbone, variant, protocol)."""
+    m = metrics[metrics["split"] == split]
+    g = m.groupby(["backbone", "variant", "protocol"], sort=False)
+    mean = g[list(METRIC_NAMES)].mean()
+    std = g[list(METRIC_NAMES)].std(ddof=1).fillna(0.0)
+    out = mean.join(std, rsuffix="_std")
+    out["n_seeds"] = g.size()
+    out["n_users"] = g["n_users"].max()
+    return out.reset_index()
+
+
+def results_table(metrics: pd.DataFrame, split: str = "test") -> str:
+    """Fixed-width text: one line per (backbone, variant), mean±std over seeds, both protocols."""
+    s = summary_frame(metrics, split)
+    cols = ["hr_10", "ndcg_10", "hr_20", "ndcg_20", "mrr"]
+    head = f"{'backbone':<9}{'variant':<30}{'users':>6}{'seeds':>6} | " + " ".join(
+        f"{p[:4]}:{c:<12}" for p in ("full", "sampled100") for c in cols
+    )
+    lines = [f"{split} split, mean±std over seeds", head, "-" * len(head)]
+    keys = s[["backbone", "variant"]].drop_duplicates().itertuples(index=False)
+    for b, v in keys:
+        cells = []
+        for p in ("full", "sampled100"):
+            row = s[(s.backbone == b) & (s.variant == v) & (s.protocol == p)]
+            for c in cols:
+                cells.append("-" if row.empty else f"{row[c].iloc[0]:.4f}±{row[c + '_std'].iloc[0]:.4f}".ljust(17))
+        r0 = s[(s.backbone == b) & (s.variant == v)].iloc[0]
+        lines.append(f"{b:<9}{v:<30}{int(r0.n_users):>6}{int(r0.n_seeds):>6} | " + " ".join(cells))
+    return "\n".join(lines)
+
+
+def best_variant(metrics: pd.DataFrame, cfg) -> tuple[str, str] | None:
+    """(backbone, variant) with the best mean VALIDATION NDCG@10 (early-stopping protocol), all users."""
+    m = metrics[(metrics.split == "valid") & (metrics.protocol == cfg.early_stop_protocol)
+                & (metrics.backbone != NO_BACKBONE) & ~metrics.variant.str.contains("@")
+                & ~metrics.variant.map(variant_is_teacher)]
+    if m.empty:
+        return None
+    g = m.groupby(["backbone", "variant"])["ndcg_10"].mean()
+    return g.idxmax()
+
+
+__all__ = ["PeakRSS", "run_group", "run_baselines", "plan_groups", "metrics_frame", "results_table"]

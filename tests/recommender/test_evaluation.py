@@ -1,0 +1,106 @@
+"""Both protocols: exclusions, sampled negatives, weights chosen on validation, planted signals."""
+
+import numpy as np
+import pytest
+import torch
+from rec_helpers import tiny_cfg
+from slimrec.recommender.evaluation import Evaluator, sample_negatives
+from slimrec.recommender.models import TextMatching
+from slimrec.recommender.train import match_score_fn
+
+
+def test_sampled_negatives_never_the_users_items(tiny_data):
+    neg, ok = sample_negatives(tiny_data, 10, seed=7)
+    ptr, items = tiny_data.split_sequences("serve")
+    for u in range(tiny_data.n_users):
+        seen = set(items[ptr[u] : ptr[u + 1]].tolist())
+        drawn = neg[u][ok[u]].tolist()
+        assert not seen & set(drawn)
+        assert len(set(drawn)) == len(drawn) == 10
+        assert all(1 <= i <= tiny_data.n_items for i in drawn)
+
+
+def test_sampled_negatives_seeded_and_short_catalogue(tiny_data):
+    a, _ = sample_negatives(tiny_data, 10, seed=7)
+    b, _ = sample_negatives(tiny_data, 10, seed=7)
+    c, _ = sample_negatives(tiny_data, 10, seed=8)
+    assert (a == b).all() and (a != c).any()
+    neg, ok = sample_negatives(tiny_data, 100, seed=7)  # only 24 - len(seq) items are free
+    lens = np.diff(tiny_data.split_sequences("serve")[0])
+    assert ok.sum(1).tolist() == (tiny_data.n_items - lens).tolist()
+
+
+def _planted(data, which):
+    def fn(split, users):
+        s = np.zeros((len(users), data.n_items + 1), np.float32)
+        s[np.arange(len(users)), data.targets(split)[users] if which == "target" else data.valid_target[users]] = 2
+        if which == "valid_then_test":
+            s[np.arange(len(users)), data.test_target[users]] = 1
+        s[:, 1:] += np.linspace(0, 0.5, data.n_items, dtype=np.float32)  # no ties elsewhere
+        return s
+
+    return fn
+
+
+def test_planted_perfect_signal_ranks_target_first(tiny_data):
+    ev = Evaluator(tiny_data, tiny_cfg())
+    res = ev.per_user(_planted(tiny_data, "target"))
+    for m in res.values():
+        for name, v in m.items():
+            assert v.min() == pytest.approx(1.0), name
+
+
+def test_full_ranking_excludes_history_and_valid_target(tiny_data):
+    # the valid target outscores the test target; at test time it is history, so it is excluded
+    ev = Evaluator(tiny_data, tiny_cfg())
+    res = ev.per_user(_planted(tiny_data, "valid_then_test"), splits=("test",))
+    assert res[("test", "full")]["mrr"].min() == 1.0
+    assert res[("test", "sampled100")]["mrr"].min() == 1.0
+
+
+def test_history_items_never_counted_against_target(tiny_data):
+    def fn(split, users):  # every history item scores highest, the target next
+        s = np.zeros((len(users), tiny_data.n_items + 1), np.float32)
+        ptr, items = tiny_data.split_sequences(split)
+        for r, u in enumerate(users):
+            s[r, items[ptr[u] : ptr[u + 1]]] = 5
+        s[np.arange(len(users)), tiny_data.targets(split)[users]] = 3
+        return s
+
+    res = Evaluator(tiny_data, tiny_cfg()).per_user(fn, protocols=("full",))
+    assert res[("valid", "full")]["hr_10"].min() == 1.0 and res[("test", "full")]["mrr"].min() == 1.0
+
+
+def test_weights_chosen_on_validation(tiny_data):
+    ev = Evaluator(tiny_data, tiny_cfg(prior_weight_grid=[0.0, 0.5, 3.0]))
+    noise = ev.random_fn(3)
+    w, v = ev.choose_weights(noise, [_planted(tiny_data, "target")])
+    assert w[0] > 0 and v == pytest.approx(1.0)
+    w, _ = ev.choose_weights(_planted(tiny_data, "target"), [noise])
+    assert w == (0.0,)  # the smallest of the equally good weights
+
+
+def test_text_matching_planted_rationale_ranks_test_target_first(tiny_data):
+    # the synthetic student rationale IS the test target's text vector: cosine 1
+    ev = Evaluator(tiny_data, tiny_cfg())
+    tm = TextMatching(torch.as_tensor(tiny_data.item_text))
+    res = ev.per_user(match_score_fn(tm, tiny_data.rationales["student"], "cpu"), splits=("test",))
+    assert res[("test", "full")]["ndcg_10"].mean() == pytest.approx(1.0)
+
+
+def test_top_k_excludes_the_whole_sequence(tiny_data):
+    ev = Evaluator(tiny_data, tiny_cfg())
+    items, scores = ev.top_k(ev.random_fn(0), k=5)
+    ptr, seq = tiny_data.split_sequences("serve")
+    for u in range(tiny_data.n_users):
+        assert not set(items[u].tolist()) & set(seq[ptr[u] : ptr[u + 1]].tolist())
+        assert (np.diff(scores[u]) <= 0).all() and 0 not in items[u]
+
+
+def test_baselines_random_and_popular(tiny_data):
+    ev = Evaluator(tiny_data, tiny_cfg())
+    full = ev.per_user(ev.random_fn(0), protocols=("sampled100",), splits=("test",))
+    # 10 sampled negatives + target: random HR@10 is about 10/11
+    assert 0.7 < full[("test", "sampled100")]["hr_10"].mean() <= 1.0
+    pop = ev.popularity
+    assert pop[0] == 0 and pop.sum() == len(tiny_data.hist_items)
