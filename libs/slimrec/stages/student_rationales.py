@@ -1,0 +1,210 @@
+"""Stage student_rationales: prompts + student_models (+ items) -> student_rationales, incrementally.
+
+1. Model: ``student.model_version`` (``latest``: the newest registered row of
+   ``student_models``) gives the base model and adapter path.
+2. Population: the latest prompt of each user dated on or before the run date.
+3. Anti-join (:func:`plan_users`): a user needs a rationale when no row of
+   ``student_rationales`` has this ``(user_id, prompt_hash, model_version)``,
+   i.e. when the prompt or the model changed since the last run (rows whose
+   status is ``failed`` are retried when ``infer.retry_failed``).
+4. Ray Data: prompts sorted by length, one block per generate batch, through
+   an actor pool of :class:`~slimrec.student.generate.TransformersGenerator`
+   (CPU default, fractional CPUs per actor) or
+   :class:`~slimrec.student.generate.VllmGenerator` (GPUs, ``infer.engine=vllm``).
+5. Each answer is split into its steps (:func:`~slimrec.student.generate.parse_outputs`;
+   a bad answer is a status, never an exception), step-3 titles are grounded
+   to catalogue item_ids, and every ``infer.write_batch_rows`` rows are MERGEd
+   on (user_id, run_date, model_version): a crash loses at most the rows in
+   flight, and a rerun generates only what is still missing.
+
+``ctx.dry_run``: users to generate, token bound and GPU-hour estimate; no
+model is loaded. Command: ``slim stage student_rationales --lake lake`` (or
+``python jobs/student_rationales.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+
+import pandas as pd
+
+from slimrec.pipeline import StageError
+from slimrec.stages.base import StageContext, StageResult
+from slimrec.student.config import StudentConfig
+
+log = logging.getLogger(__name__)
+
+STAGE = "student_rationales"
+INPUTS = ["prompts", "student_models", "items"]
+OUTPUTS = ["student_rationales"]
+PROMPT_COLUMNS = ["user_id", "run_date", "student_prompt", "prompt_hash"]
+EXISTING_COLUMNS = ["user_id", "prompt_hash", "model_version", "status"]
+
+
+def select_model(models: pd.DataFrame, model_version: str) -> dict:
+    """The ``student_models`` row to use: ``latest`` (newest ``created_ts``) or the named version."""
+    if models.empty:
+        raise StageError("student_models is empty: run distill_student first")
+    if model_version == "latest":
+        return models.sort_values(["created_ts", "model_version"]).iloc[-1].to_dict()
+    hit = models[models["model_version"] == model_version]
+    if hit.empty:
+        known = ", ".join(sorted(models["model_version"]))
+        raise StageError(f"student model {model_version!r} is not registered; known: {known}")
+    return hit.iloc[0].to_dict()
+
+
+def latest_prompts(prompts: pd.DataFrame, run_date) -> pd.DataFrame:
+    """Latest prompt per user dated on or before ``run_date``.
+
+    Example: u1 has prompts on 01-10 and 01-15, u2 on 01-12; run_date 01-14 -> u1@01-10, u2@01-12.
+    """
+    p = prompts[pd.to_datetime(prompts["run_date"]) <= pd.Timestamp(run_date)]
+    return p.sort_values(["user_id", "run_date"]).drop_duplicates("user_id", keep="last").reset_index(drop=True)
+
+
+def plan_users(prompts: pd.DataFrame, existing: pd.DataFrame, model_version: str, retry_failed: bool) -> pd.DataFrame:
+    """Prompts whose (user_id, prompt_hash, model_version) has no row yet (or only failed rows, when retried).
+
+    ``prompts``: one row per user (``user_id``, ``prompt_hash``, ...);
+    ``existing``: :data:`EXISTING_COLUMNS` of ``student_rationales``.
+
+    Example: existing (u1, h1, m1, ok), (u2, h2, m1, failed); prompts u1@h1,
+    u2@h2, u3@h3 under m1 -> u2, u3 (u2 only with retry_failed); under m2 -> u1, u2, u3.
+    """
+    done = existing[existing["model_version"] == model_version]
+    if retry_failed:
+        done = done[done["status"] != "failed"]
+    keys = set(zip(done["user_id"], done["prompt_hash"], strict=True))
+    mask = [(u, h) not in keys for u, h in zip(prompts["user_id"], prompts["prompt_hash"], strict=True)]
+    return prompts[mask].reset_index(drop=True)
+
+
+def to_rows(parsed: pd.DataFrame, grounded: list[list[str]], model_version: str) -> pd.DataFrame:
+    """Parsed answers (:func:`~slimrec.student.generate.parse_outputs`) + grounded ids -> table rows."""
+    return pd.DataFrame(
+        {
+            "user_id": parsed["user_id"].astype(str).to_numpy(),
+            "model_version": model_version,
+            "prompt_hash": parsed["prompt_hash"].to_numpy(),
+            "rationale": parsed["rationale"].to_numpy(),
+            "step1": parsed["step1"].to_numpy(),
+            "step2": parsed["step2"].to_numpy(),
+            "step3": parsed["step3"].to_numpy(),
+            "grounded_item_ids": grounded,
+            "status": parsed["status"].to_numpy(),
+            "error": parsed["error"].to_numpy(),
+            "output_tokens": parsed["output_tokens"].astype("int64").to_numpy(),
+            "latency_ms": parsed["latency_ms"].astype("float64").to_numpy(),
+        }
+    )
+
+
+def _generator(cfg: StudentConfig, model: dict):
+    """(callable class, constructor kwargs, Ray resources) for the configured engine."""
+    infer = cfg.infer.model_dump(mode="json")
+    if cfg.infer.engine == "vllm":
+        from slimrec.student.generate import VllmGenerator
+
+        lora = json.loads(model["lora_config"])
+        kwargs = dict(base_path=model["base_model"], adapter_path=model["adapter_path"], infer=infer,
+                      vllm_cfg=cfg.vllm.model_dump(mode="json"), max_prompt_tokens=cfg.max_prompt_tokens,
+                      lora_rank=int(lora.get("r", 16)))
+        gpus = cfg.infer.gpus_per_actor or float(cfg.vllm.tensor_parallel_size)
+        return VllmGenerator, kwargs, {"num_cpus": cfg.infer.cpus_per_actor, "num_gpus": gpus}
+    from slimrec.student.generate import TransformersGenerator
+
+    kwargs = dict(base_path=model["base_model"], adapter_path=model["adapter_path"], infer=infer,
+                  max_prompt_tokens=cfg.max_prompt_tokens)
+    res = {"num_cpus": cfg.infer.cpus_per_actor}
+    if cfg.infer.gpus_per_actor:
+        res["num_gpus"] = cfg.infer.gpus_per_actor
+    return TransformersGenerator, kwargs, res
+
+
+def generate_dataset(todo: pd.DataFrame, cfg: StudentConfig, model: dict):
+    """Ray Dataset of raw answers for ``todo`` (sorted by prompt length; one block per generate batch)."""
+    import ray
+
+    todo = todo.assign(_len=todo["student_prompt"].str.len()).sort_values("_len").drop(columns="_len")
+    bs = cfg.infer.batch_size
+    blocks = [todo.iloc[i : i + bs].reset_index(drop=True) for i in range(0, len(todo), bs)]
+    cls, kwargs, res = _generator(cfg, model)
+    ds = ray.data.from_pandas(blocks)
+    return ds.map_batches(
+        cls,
+        fn_constructor_kwargs=kwargs,
+        batch_size=bs,
+        batch_format="pandas",
+        compute=ray.data.ActorPoolStrategy(size=cfg.infer.num_actors),
+        **res,
+    )
+
+
+def _grounder(ctx: StageContext, items_version: int | None):
+    from slimrec.teacher.grounding import TitleIndex
+
+    if items_version is None:
+        return None
+    return TitleIndex(ctx.lake.read_pandas("items", version=items_version, columns=["item_id", "title"]))
+
+
+def run(ctx: StageContext) -> StageResult:
+    from slimrec.student.generate import parse_outputs
+
+    cfg: StudentConfig = ctx.cfg.student
+    lake = ctx.lake
+    inputs = ctx.input_versions(INPUTS)
+    if inputs["student_models"] is None:
+        raise StageError("student_rationales needs a registered student model; run distill_student first")
+    model = select_model(lake.read_pandas("student_models", version=inputs["student_models"]), cfg.model_version)
+    version = model["model_version"]
+    prompts = latest_prompts(lake.read_pandas("prompts", version=inputs["prompts"], columns=PROMPT_COLUMNS), ctx.run_date)
+    existing = (lake.read_pandas(STAGE, columns=EXISTING_COLUMNS, filters=[("model_version", "=", version)])
+                if lake.exists(STAGE) else pd.DataFrame(columns=EXISTING_COLUMNS))
+    todo = plan_users(prompts, existing, version, cfg.infer.retry_failed)
+    extra: dict = {"model_version": version, "users": len(prompts), "users_to_generate": len(todo),
+                   "users_unchanged": len(prompts) - len(todo), "engine": cfg.infer.engine}
+    log.info("student_rationales: model %s, %d users with a prompt, %d to generate, %d unchanged",
+             version, len(prompts), len(todo), len(prompts) - len(todo))
+    if ctx.dry_run or todo.empty:
+        bound = len(todo) * cfg.infer.max_new_tokens
+        extra.update(est_output_tokens_max=bound, est_gpu_hours_at_10k_tok_s=round(bound / 1e4 / 3600, 4))
+        return StageResult(STAGE, rows_in=len(prompts), skipped=todo.empty and not ctx.dry_run, extra=extra)
+
+    grounder = _grounder(ctx, inputs["items"])
+    ctx.ray()
+    info = ctx.commit_info(STAGE, inputs, model_version=version)
+    t0 = time.perf_counter()
+    statuses: Counter = Counter()
+    written, tokens, table_version, buf = 0, 0, None, []
+
+    def flush() -> None:
+        nonlocal written, tokens, table_version, buf
+        raw = pd.concat(buf, ignore_index=True)
+        buf = []
+        parsed = parse_outputs(raw)
+        names = parsed["item_names"].tolist()
+        ground = grounder.ground(names, cfg.infer.grounding_min_score) if grounder else [[] for _ in names]
+        rows = to_rows(parsed, ground, version)
+        table_version = lake.write_arrow(STAGE, rows, "merge", info)
+        written += len(rows)
+        tokens += int(rows["output_tokens"].sum())
+        statuses.update(rows["status"])
+        el = time.perf_counter() - t0
+        log.info("student_rationales: %d/%d rows written (%.0f output tokens/s, statuses %s)",
+                 written, len(todo), tokens / max(el, 1e-9), dict(statuses))
+
+    for out in generate_dataset(todo, cfg, model).iter_batches(batch_size=None, batch_format="pandas"):
+        buf.append(out)
+        if sum(len(b) for b in buf) >= cfg.infer.write_batch_rows:
+            flush()
+    if buf:
+        flush()
+    secs = time.perf_counter() - t0
+    extra.update(rows_written=written, statuses=dict(statuses), output_tokens=tokens,
+                 generate_seconds=round(secs, 1), output_tokens_per_s=round(tokens / max(secs, 1e-9), 1))
+    return StageResult(STAGE, tables={STAGE: table_version}, rows_in=len(prompts), rows_out=written, extra=extra)

@@ -1,0 +1,211 @@
+"""Student generation: batched HF ``generate`` or vLLM with a LoRA adapter, and the parsing of its output.
+
+Model steps are callable classes for Ray Data actor pools: weights load once
+in ``__init__``, ``__call__`` turns a batch of prompts into raw answers.
+
+Input batch columns: ``user_id``, ``prompt_hash``, ``student_prompt``.
+Output (:data:`RAW_COLUMNS`): ``user_id``, ``prompt_hash``, ``rationale``,
+``finish_reason`` (stop | length | error), ``output_tokens``, ``latency_ms``
+(the batch's wall time / its rows), ``error`` (the exception of a failed
+batch, else None). A failed batch becomes rows with ``finish_reason=error``,
+never an exception that kills the run.
+
+:func:`parse_outputs` is the post-processing (a plain function): it splits
+each answer into its steps with :func:`slimrec.rationale.parse_rationale`
+and turns errors into statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pandas as pd
+
+from slimrec.rationale import parse_rationale, status_of
+from slimrec.student.data import collate_left, fit_prompt_ids
+
+log = logging.getLogger(__name__)
+
+RAW_COLUMNS = ["user_id", "prompt_hash", "rationale", "finish_reason", "output_tokens", "latency_ms", "error"]
+
+
+def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+                 device: str = "cpu") -> list[tuple[str, str, int]]:
+    """(text, finish_reason, n_tokens) per prompt, generated ``batch_size`` at a time, left padded.
+
+    ``finish_reason`` is ``stop`` when the model wrote EOS, else ``length``. The
+    caller orders prompts by length when it wants batches that pad little.
+    """
+    import torch
+
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id
+    out: list[tuple[str, str, int]] = []
+    for s in range(0, len(prompt_ids), batch_size):
+        chunk = prompt_ids[s : s + batch_size]
+        batch = {k: v.to(device) for k, v in collate_left(chunk, pad).items()}
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad)
+        if do_sample:
+            torch.manual_seed(seed + s)
+            kwargs.update(temperature=temperature, top_p=top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        with torch.inference_mode():
+            gen = model.generate(**batch, **kwargs)  # (B, T_prompt + T_new)
+        new = gen[:, batch["input_ids"].shape[1] :].tolist()
+        for row in new:
+            n = row.index(eos) if eos in row else len(row)
+            finish = "stop" if n < len(row) else "length"
+            out.append((tokenizer.decode(row[:n], skip_special_tokens=True), finish, n + (finish == "stop")))
+    return out
+
+
+def _threads(torch_threads: int | None, num_actors: int) -> int:
+    import os
+
+    return torch_threads or max(1, (os.cpu_count() or 1) // max(1, num_actors))
+
+
+class TransformersGenerator:
+    """Ray Data actor: base + adapter loaded once; batched, padded, greedy (by default) generation.
+
+    ``infer`` is :class:`~slimrec.student.config.InferSettings` (or its dict).
+    """
+
+    def __init__(self, base_path: str, adapter_path: str | None, infer, max_prompt_tokens: int):
+        import torch
+
+        from slimrec.student.config import InferSettings
+        from slimrec.student.models import load_student, load_tokenizer, pick_device
+
+        self.infer = infer if isinstance(infer, InferSettings) else InferSettings.model_validate(infer)
+        self.device = pick_device(self.infer.device)
+        if self.device == "cpu":
+            torch.set_num_threads(_threads(self.infer.torch_threads, self.infer.num_actors))
+        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        self.tokenizer = load_tokenizer(base_path, padding_side="left")
+        self.model = load_student(base_path, adapter_path, dtype, self.device, merge=self.infer.merge_adapter)
+        self.max_prompt_tokens = max_prompt_tokens
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        t0 = time.perf_counter()
+        n = len(batch)
+        try:
+            ids = [fit_prompt_ids(self.tokenizer, p, self.max_prompt_tokens) for p in batch["student_prompt"]]
+            order = sorted(range(n), key=lambda i: len(ids[i]))  # similar lengths share a generate call
+            res = generate_ids(self.model, self.tokenizer, [ids[i] for i in order], self.infer.max_new_tokens,
+                               self.infer.batch_size, self.infer.do_sample, self.infer.temperature,
+                               self.infer.top_p, self.infer.seed, self.device)
+            outs: list = [None] * n
+            for i, r in zip(order, res, strict=True):
+                outs[i] = r
+            err = None
+        except Exception as e:  # noqa: BLE001 - one bad batch becomes failed rows, not a dead run
+            log.exception("student generation failed for a batch of %d", n)
+            outs, err = [(None, "error", 0)] * n, f"failed: {type(e).__name__}: {e}"[:500]
+        ms = (time.perf_counter() - t0) * 1000.0 / max(1, n)
+        return _raw_frame(batch, outs, ms, err)
+
+
+class VllmGenerator:
+    """Ray Data actor for GPUs: ``vllm.LLM`` over the base with the adapter as a ``LoRARequest``.
+
+    Prompts go in as token ids (the same :func:`fit_prompt_ids` as training),
+    so BOS and truncation match what the adapter was trained on.
+    """
+
+    def __init__(self, base_path: str, adapter_path: str | None, infer, vllm_cfg, max_prompt_tokens: int,
+                 lora_rank: int):
+        from vllm import LLM, SamplingParams
+        from vllm.lora.request import LoRARequest
+
+        from slimrec.student.config import InferSettings, VllmSettings
+        from slimrec.student.models import load_tokenizer, set_offline
+
+        set_offline()
+        self.infer = infer if isinstance(infer, InferSettings) else InferSettings.model_validate(infer)
+        v = vllm_cfg if isinstance(vllm_cfg, VllmSettings) else VllmSettings.model_validate(vllm_cfg)
+        self.tokenizer = load_tokenizer(base_path, padding_side="left")
+        self.max_prompt_tokens = max_prompt_tokens
+        self.llm = LLM(
+            model=base_path,
+            tokenizer=base_path,
+            enable_lora=adapter_path is not None,
+            max_lora_rank=max(8, lora_rank),
+            max_loras=1,
+            tensor_parallel_size=v.tensor_parallel_size,
+            max_model_len=v.max_model_len,
+            gpu_memory_utilization=v.gpu_memory_utilization,
+            dtype=v.dtype,
+            max_num_seqs=v.max_num_seqs,
+            enforce_eager=v.enforce_eager,
+            seed=self.infer.seed,
+        )
+        self.params = SamplingParams(
+            temperature=self.infer.temperature if self.infer.do_sample else 0.0,
+            top_p=self.infer.top_p if self.infer.do_sample else 1.0,
+            max_tokens=self.infer.max_new_tokens,
+            seed=self.infer.seed if self.infer.do_sample else None,
+        )
+        self.lora = LoRARequest("student", 1, adapter_path) if adapter_path else None
+
+    def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
+        t0 = time.perf_counter()
+        n = len(batch)
+        try:
+            ids = [fit_prompt_ids(self.tokenizer, p, self.max_prompt_tokens) for p in batch["student_prompt"]]
+            results = self.llm.generate([{"prompt_token_ids": x} for x in ids], self.params,
+                                        lora_request=self.lora, use_tqdm=False)
+            outs = []
+            for r in results:
+                o = r.outputs[0]
+                finish = "stop" if o.finish_reason == "stop" else "length"
+                outs.append((o.text, finish, len(o.token_ids)))
+            err = None
+        except Exception as e:  # noqa: BLE001
+            log.exception("vLLM generation failed for a batch of %d", n)
+            outs, err = [(None, "error", 0)] * n, f"failed: {type(e).__name__}: {e}"[:500]
+        ms = (time.perf_counter() - t0) * 1000.0 / max(1, n)
+        return _raw_frame(batch, outs, ms, err)
+
+
+def _raw_frame(batch: pd.DataFrame, outs: list, ms: float, err: str | None) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "user_id": batch["user_id"].to_numpy(),
+            "prompt_hash": batch["prompt_hash"].to_numpy(),
+            "rationale": [o[0] for o in outs],
+            "finish_reason": [o[1] for o in outs],
+            "output_tokens": [int(o[2]) for o in outs],
+            "latency_ms": ms,
+            "error": err,
+        }
+    )
+
+
+def parse_outputs(raw: pd.DataFrame) -> pd.DataFrame:
+    """Raw answers -> ``step1..3``, ``item_names`` (step-3 titles), ``status``, ``error``.
+
+    ``finish_reason=error`` rows are ``failed`` with the batch's error; the
+    rest go through :func:`parse_rationale` (``length`` -> ``truncated`` when
+    step 3 was cut). Example: ``"Step 1: a\\nStep 2: b\\nStep 3: \\"Pen\\""``,
+    stop -> ok, item_names ``["Pen"]``.
+    """
+    step1, step2, step3, names, status, error = [], [], [], [], [], []
+    for text, finish, err in zip(raw["rationale"], raw["finish_reason"], raw["error"], strict=True):
+        if finish == "error":
+            p, e = None, err or "failed: generation error"
+        else:
+            p, e = parse_rationale(text, finish)
+        step1.append(p.step1 if p else None)
+        step2.append(p.step2 if p else None)
+        step3.append(p.step3 if p else None)
+        names.append(list(p.item_names) if p else [])
+        status.append("failed" if finish == "error" else status_of(e))
+        error.append(e)
+    out = raw.copy()
+    out["step1"], out["step2"], out["step3"] = step1, step2, step3
+    out["item_names"], out["status"], out["error"] = names, status, error
+    return out

@@ -1,0 +1,89 @@
+"""Where student models live, and loading them with the real transformers / PEFT code.
+
+Paths: ``<models_dir>/tiny-llama-*`` (built bases), ``<models_dir>/student/<model_version>/adapter``
+(registered adapters), ``<models_dir>/student_runs/<model_version>`` (Ray Train runs and
+checkpoints). ``models_dir`` is ``student.models_dir`` or ``<lake root>/_models``.
+
+Nothing is downloaded: ``HF_HUB_OFFLINE=1`` is set before transformers is
+imported here, and a Hugging Face name must already be in the local cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from slimrec.student.config import BUILTIN_TINY, StudentConfig
+
+log = logging.getLogger(__name__)
+
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def set_offline() -> None:
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+
+
+def models_dir(cfg: StudentConfig, lake_root: str) -> Path:
+    """``student.models_dir`` or ``<lake root>/_models`` (a local folder: models are loaded from paths)."""
+    if cfg.models_dir:
+        return Path(cfg.models_dir).expanduser().resolve()
+    if "://" in lake_root and not lake_root.startswith("file://"):
+        raise ValueError(f"lake root {lake_root} is remote: set student.models_dir to a local or shared folder")
+    return Path(lake_root.removeprefix("file://")) / "_models"
+
+
+def adapter_dir(root: Path, model_version: str) -> Path:
+    return root / "student" / model_version / "adapter"
+
+
+def runs_dir(root: Path) -> Path:
+    return root / "student_runs"
+
+
+def is_builtin(base_model: str) -> bool:
+    return base_model == BUILTIN_TINY
+
+
+def pick_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def load_tokenizer(path: str, padding_side: str = "left"):
+    """The base's tokenizer with a pad token (EOS when it has none) and the given padding side."""
+    set_offline()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = padding_side
+    return tok
+
+
+def load_base(path: str, dtype=None, device: str = "cpu"):
+    """``AutoModelForCausalLM`` from a local directory (or a name already in the local HF cache)."""
+    set_offline()
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, local_files_only=True)
+    return model.to(device)
+
+
+def load_student(base_path: str, adapter_path: str | None, dtype=None, device: str = "cpu", merge: bool = False):
+    """Base + LoRA adapter (PEFT) in eval mode; ``merge`` folds the adapter into the weights."""
+    from peft import PeftModel
+
+    model = load_base(base_path, dtype, device)
+    if adapter_path:
+        model = PeftModel.from_pretrained(model, adapter_path, is_trainable=False)
+        if merge:
+            model = model.merge_and_unload()
+    return model.eval()
