@@ -153,33 +153,51 @@ def commit_info(stage: str = "test", run_date: date = RUN_DATE, **inputs):
     return CommitInfo(stage=stage, run_date=run_date, run_id="run1", input_versions=inputs)
 
 
-def write_table(lake, table: str, rows: list[dict], mode: str = "append", spark=None, run_date: date = RUN_DATE):
-    """Write rows; with ``spark`` through Lake.write_spark (the only path that lets a null into a NOT NULL column)."""
+def _arrow(table: str, rows: list[dict], run_date: date, nullable: bool = False):
     import pyarrow as pa
     from slimrec.schemas.tables import spec
 
     s = spec(table)
-    fields = [f for f in s.arrow_schema() if any(f.name in r for r in rows)] if rows else None
-    data = (
-        pa.Table.from_pylist(rows, schema=pa.schema([f.with_nullable(True) for f in fields]))
-        if rows
-        else s.arrow_schema().empty_table().drop_columns(["run_date", "input_versions"])
-    )
-    info = commit_info(run_date=run_date)
-    if spark is not None:
-        from pyspark.sql import types as T
-
-        sschema = T.StructType([f for f in s.spark_schema().fields if f.name in data.column_names])
-        df = spark.createDataFrame([tuple(r.get(f.name) for f in sschema.fields) for r in rows], sschema)
-        return lake.write_spark(df, table, mode, info)
-    return lake.write_arrow(table, data, mode, info)
+    if not rows:
+        return s.arrow_schema().empty_table().drop_columns(["run_date", "input_versions"])
+    if any("run_date" in r for r in rows):  # a planted stale date: the other rows keep the run's date
+        rows = [{"run_date": run_date, **r} for r in rows]
+    fields = [f.with_nullable(True) for f in s.arrow_schema() if any(f.name in r for r in rows)]
+    return pa.Table.from_pylist(rows, schema=pa.schema(fields))
 
 
-def write_world(lake, w: dict[str, list[dict]], table: str, spark=None) -> int:
+def write_table(lake, table: str, rows: list[dict], mode: str = "append", run_date: date = RUN_DATE):
+    return lake.write_arrow(table, _arrow(table, rows, run_date), mode, commit_info(run_date=run_date))
+
+
+def write_unchecked(lake, table: str, rows: list[dict], run_date: date = RUN_DATE) -> int:
+    """Append rows with every column nullable, as a writer outside Lake could (delta-spark, other tools).
+
+    Both Lake write paths cast to the NOT NULL Arrow schema and refuse a null key;
+    this is the only way to plant one.
+    """
+    import json
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+    from slimrec.schemas.tables import spec
+
+    s = spec(table)
+    data = _arrow(table, rows, run_date)
+    n = len(data)
+    data = data.append_column("run_date", pa.array([run_date] * n, pa.date32()))
+    data = data.append_column("input_versions", pa.array([json.dumps({})] * n, pa.string()))
+    schema = pa.schema([f.with_nullable(True) for f in s.arrow_schema()])
+    write_deltalake(lake.path(table), data.select(s.column_names).cast(schema), mode="append",
+                    partition_by=list(s.partition_by) or None, commit_properties=commit_info(run_date=run_date).properties())
+    return lake.version(table)
+
+
+def write_world(lake, w: dict[str, list[dict]], table: str, unchecked: bool = False) -> int:
     """Write ``table`` and the tables its suite references; returns the version of ``table``."""
     for ref in REFS.get(table, []):
         write_table(lake, ref, w[ref])
-    return write_table(lake, table, w[table], spark=spark)
+    return (write_unchecked if unchecked else write_table)(lake, table, w[table])
 
 
 @pytest.fixture
