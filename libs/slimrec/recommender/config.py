@@ -85,6 +85,10 @@ class RecommenderConfig(BaseModel):
     early_stop_protocol: Literal["full", "sampled100"] = Field(
         "full", description="protocol of the validation NDCG@10 used for early stopping and all weight choices"
     )
+    time_budget_s: float | None = Field(
+        None, gt=0, description="stop a fit once its training time passes this many seconds (the best validation "
+        "state is kept); None: epochs and patience alone decide"
+    )
     valid_max_users: int | None = Field(
         None, description="validate on a fixed seeded sample of this many users during training (None: all)"
     )

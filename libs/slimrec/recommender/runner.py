@@ -235,7 +235,8 @@ def _fit_record(fit: FitResult) -> dict:
     return {
         "best_epoch": fit.best_epoch, "best_valid_ndcg_10": fit.best_valid, "epochs_run": fit.epochs_run,
         "train_seconds": round(fit.train_seconds, 3), "seconds_per_epoch": round(fit.seconds_per_epoch, 4),
-        "peak_rss_mib": round(fit.peak_rss_mib, 1), "history": fit.history,
+        "peak_rss_mib": round(fit.peak_rss_mib, 1),
+        "rss_growth_mib": round(fit.peak_rss_mib - fit.rss_start_mib, 1), "history": fit.history,
     }
 
 

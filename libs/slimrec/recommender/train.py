@@ -45,6 +45,7 @@ class PeakRSS:
         self._proc = psutil.Process()
         self.interval_s = interval_s
         self.peak_mib = 0.0
+        self.start_mib = 0.0
         self._stop = threading.Event()
 
     def _sample(self):
@@ -53,7 +54,7 @@ class PeakRSS:
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
-        self.peak_mib = self._proc.memory_info().rss / 2**20
+        self.start_mib = self.peak_mib = self._proc.memory_info().rss / 2**20
         self._t = threading.Thread(target=self._sample, daemon=True)
         self._t.start()
         return self
@@ -187,6 +188,7 @@ class FitResult:
     train_seconds: float
     seconds_per_epoch: float
     peak_rss_mib: float
+    rss_start_mib: float = 0.0
     history: list[dict] = field(default_factory=list)
 
 
@@ -238,6 +240,9 @@ def _fit_loop(loss_mod, params_model, make_batches, n_rows, score_fn, ev, cfg, *
                      f"{rec['valid_ndcg_10']:.4f}" if "valid_ndcg_10" in rec else "-", time.perf_counter() - t0)
             if bad >= cfg.patience:
                 break
+            if cfg.time_budget_s is not None and train_s >= cfg.time_budget_s:
+                log.info("%s time budget of %.0f s spent after epoch %d", label, cfg.time_budget_s, epoch)
+                break
     params_model.load_state_dict(best_state)
     return FitResult(
         state={k: v.detach().cpu() for k, v in best_state.items()},
@@ -247,6 +252,7 @@ def _fit_loop(loss_mod, params_model, make_batches, n_rows, score_fn, ev, cfg, *
         train_seconds=train_s,
         seconds_per_epoch=train_s / max(epoch, 1),
         peak_rss_mib=mem.peak_mib,
+        rss_start_mib=mem.start_mib,
         history=history,
     )
 
