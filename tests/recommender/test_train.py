@@ -130,3 +130,12 @@ def test_group_runs_every_variant(tiny_data, tmp_path):
     assert "cooc_prior" in results_table(m)
     slim_cooc = next(r for r in results if r["variant"] == "slim_cooc")
     assert set(slim_cooc["weights"]) == {"cooc", "grounded_student"}
+
+
+def test_joint_prior_group_and_time_budget(tiny_data):
+    cfg = tiny_cfg(cooc_mode="joint", epochs=50, time_budget_s=0.01)
+    ev = Evaluator(tiny_data, cfg)
+    results, states, fits = run_group("sasrec", 0, ["cooc_prior"], tiny_data, ev, cfg)
+    assert set(states) == {"cooc_joint"} and "prior_weight" in states["cooc_joint"]
+    assert fits["cooc_joint"]["epochs_run"] == 1  # the budget stops it after the first epoch
+    assert set(results[0]["weights"]) == {"cooc"}

@@ -166,7 +166,8 @@ def evaluate_variant(variant: str, score_fn, data: RecData, ev: Evaluator, cfg) 
     names, fns = priors_for(variant, data, ev, cfg)
     tmask = teacher_mask(data)
     spec = variant_spec(variant, cfg)
-    users = np.nonzero(tmask)[0] if spec.rationale == "teacher" and not spec.id_agnostic else None
+    # a teacher-rationale variant is only meaningful where the teacher answered (a sample of users)
+    users = np.nonzero(tmask)[0] if spec.rationale == "teacher" and tmask is not None else None
     weights, v_sel = ev.choose_weights(score_fn, fns, users)
     per_user = ev.per_user(score_fn, fns, weights, users=users)
     if users is not None:
@@ -176,7 +177,7 @@ def evaluate_variant(variant: str, score_fn, data: RecData, ev: Evaluator, cfg) 
         if tmask is not None and tmask.sum() < data.n_users and "teacher" in cfg.variants:
             rows += _rows(per_user, tmask, TEACHER_SUBSET)
     return {"variant": variant, "weights": dict(zip(names, weights, strict=True)), "valid_selected": v_sel,
-            "rows": rows}
+            "rows": rows, "teacher_users_only": users is not None}
 
 
 def run_group(
@@ -266,22 +267,18 @@ def run_baselines(data: RecData, ev: Evaluator, cfg) -> list[dict]:
 def metrics_frame(results: list[dict]) -> pd.DataFrame:
     """Long metrics rows: (backbone, variant, protocol, split, seed, metrics..., n_users).
 
-    Rows on the teacher-user subset carry the variant name ``<variant>@teacher_users`` (the teacher
-    variants themselves keep their name: they are only ever measured there).
+    Rows on the teacher-user subset carry the variant name ``<variant>@teacher_users``; variants that
+    need teacher rationales keep their name (they are only ever measured there, ``n_users`` says on how many).
     """
     recs = []
     for r in results:
         for row in r["rows"]:
             v = r["variant"]
-            if row["subset"] == TEACHER_SUBSET and not variant_is_teacher(v):
+            if row["subset"] == TEACHER_SUBSET and not r.get("teacher_users_only"):
                 v = f"{v}@{TEACHER_SUBSET}"
             recs.append({"backbone": r["backbone"], "variant": v, "protocol": row["protocol"], "split": row["split"],
                          "seed": int(r["seed"]), **{m: row[m] for m in METRIC_NAMES}, "n_users": row["n_users"]})
     return pd.DataFrame(recs)
-
-
-def variant_is_teacher(v: str) -> bool:
-    return v in ("teacher", "teacher_cooc")
 
 
 def summary_frame(metrics: pd.DataFrame, split: str = "test") -> pd.DataFrame:
@@ -319,10 +316,10 @@ def results_table(metrics: pd.DataFrame, split: str = "test") -> str:
 def best_variant(metrics: pd.DataFrame, cfg) -> tuple[str, str] | None:
     """(backbone, variant) with the best mean VALIDATION NDCG@10 (early-stopping protocol), all users."""
     m = metrics[(metrics.split == "valid") & (metrics.protocol == cfg.early_stop_protocol)
-                & (metrics.backbone != NO_BACKBONE) & ~metrics.variant.str.contains("@")
-                & ~metrics.variant.map(variant_is_teacher)]
+                & (metrics.backbone != NO_BACKBONE) & ~metrics.variant.str.contains("@")]
     if m.empty:
         return None
+    m = m[m.n_users == m.n_users.max()]  # variants measured on every user (not the teacher's sample)
     g = m.groupby(["backbone", "variant"])["ndcg_10"].mean()
     return g.idxmax()
 
