@@ -114,11 +114,12 @@ def http_json(url: str, timeout_s: float = 5.0):
 class Procs:
     """Processes one test started, stopped by pid.
 
-    ``marker``: a string unique to this test (its temp dir); any process whose command line holds
-    it is ours too (daemons that ``ray start`` or a Spark worker forked and re-parented).
+    ``markers``: strings unique to this test (its temp dir, a port of its own); any process whose
+    command line holds one is ours too (daemons that ``ray start`` or a Spark worker forked and
+    re-parented).
     """
 
-    marker: str
+    markers: tuple[str, ...]
     started: list[subprocess.Popen] = field(default_factory=list)
     seen: set[int] = field(default_factory=set)  # every pid we have seen as ours
 
@@ -147,7 +148,7 @@ class Procs:
                 cmd = " ".join(proc.info["cmdline"] or [])
             except psutil.Error:
                 continue
-            if self.marker and self.marker in cmd and proc.pid != os.getpid():
+            if any(m and m in cmd for m in self.markers) and proc.pid != os.getpid():
                 found[proc.pid] = proc
         found.pop(os.getpid(), None)
         for pid in found:

@@ -48,7 +48,7 @@ def spark_cluster(short_tmp):
         SPARK_LOCAL_DIRS=str(short_tmp / "local"),
         SPARK_DAEMON_MEMORY="512m",
     )
-    procs = Procs(marker=str(short_tmp))
+    procs = Procs(markers=(str(short_tmp),))
     spark_class = str(VENV_BIN / "spark-class")
     # The temp dir is in every command line (as a system property) so leftovers are found by it.
     tag = f"-Dslimrec.test.dir={short_tmp}"
@@ -94,7 +94,7 @@ def test_spark_stages_run_unchanged_under_spark_submit(spark_cluster, ingested_l
                  "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.ui.enabled=false",
                  str(REPO / "jobs" / f"{job}.py"),
                  "--lake", str(lake_dir), "--profile", "tiny", "--run-date", RUN_DATE.isoformat(),
-                 "--set", f"spark.app_name={app_name}"],
+                 "--set", f"spark.app_name={app_name}", "--no-check"],
                 env=spark_cluster["env"], timeout_s=600, log=log)
         out = r.stdout + r.stderr  # spark-submit sends the Python driver's stderr to its stdout
         assert r.returncode == 0, f"spark-submit {job}.py failed:\n{out[-3000:]}"
