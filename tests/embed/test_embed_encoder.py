@@ -26,6 +26,7 @@ def test_builtin_resolves_offline_with_a_stable_id():
     # Knobs that change vectors change the id; speed knobs do not.
     assert resolve_encoder(EmbedConfig(max_seq_length=128)).encoder_id == "all-MiniLM-L6-v2:st:norm:128"
     assert resolve_encoder(EmbedConfig(pooling="cls", normalize=False)).encoder_id == "all-MiniLM-L6-v2:cls:raw:256"
+    assert resolve_encoder(EmbedConfig(dtype="bfloat16")).encoder_id == "all-MiniLM-L6-v2:st:norm:256:bf16"
     assert resolve_encoder(EmbedConfig(num_actors=3, batch_size=7)).encoder_id == spec.encoder_id
 
 
@@ -60,6 +61,14 @@ def test_normalize_off_and_cls_pooling():
     cls = load_encoder(resolve_encoder(EmbedConfig(pooling="cls"))).encode(TEXTS, 4)
     np.testing.assert_allclose(np.linalg.norm(cls, axis=1), 1.0, atol=1e-5)
     assert float(cls[0] @ (raw[0] / norms[0])) < 0.99  # first token != mean of tokens
+
+
+def test_bfloat16_is_close_to_float32(st_encoder):
+    for pooling in ("auto", "mean"):
+        bf = load_encoder(resolve_encoder(EmbedConfig(dtype="bfloat16", pooling=pooling))).encode(TEXTS, 4)
+        assert bf.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(bf, axis=1), 1.0, atol=1e-3)
+        assert float((bf * st_encoder.encode(TEXTS, 4)).sum(1).min()) > 0.98  # cosine to the float32 vectors
 
 
 def test_plain_bert_directory_loads_with_mean_pooling(tmp_path, st_encoder):

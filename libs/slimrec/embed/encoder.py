@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slimrec.config import ConfigError
 from slimrec.embed.config import BUILTIN_MINILM, EmbedConfig
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,8 @@ BUILTINS = {BUILTIN_MINILM: "all-MiniLM-L6-v2"}
 _FALLBACK_MAX_LEN = 512  # BERT's position table, when a directory names no limit
 
 
-class EncoderError(ValueError):
-    """An encoder that cannot be resolved or loaded from local files."""
+class EncoderError(ConfigError):
+    """An encoder that cannot be resolved from local files (a config problem: the CLI prints one line)."""
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ class EncoderSpec:
     pooling: str  # "st" (the directory's own) | "mean" | "cls"
     normalize: bool
     max_seq_length: int
+    dtype: str  # torch dtype name of weights and activations: float32 | bfloat16
     device: str
     encoder_id: str
 
@@ -91,7 +93,7 @@ def _model_max_length(path: Path) -> int:
 
 
 def resolve_encoder(cfg: EmbedConfig) -> EncoderSpec:
-    """Where the encoder lives, how it pools, and its id ``name:pooling:norm|raw:max_len``.
+    """Where the encoder lives, how it pools, and its id ``name:pooling:norm|raw:max_len[:bf16]``.
 
     Reads config JSON files only. The id changes whenever a knob that changes
     vectors changes, so a new setting writes new rows instead of mixing vectors.
@@ -110,7 +112,9 @@ def resolve_encoder(cfg: EmbedConfig) -> EncoderSpec:
     pooling = "st" if kind == "st" else ("mean" if cfg.pooling == "auto" else cfg.pooling)
     max_len = cfg.max_seq_length or _model_max_length(path)
     enc_id = f"{cfg.encoder_name or name}:{pooling}:{'norm' if cfg.normalize else 'raw'}:{max_len}"
-    return EncoderSpec(str(path.resolve()), kind, pooling, cfg.normalize, max_len, cfg.device, enc_id)
+    if cfg.dtype != "float32":
+        enc_id += ":bf16"
+    return EncoderSpec(str(path.resolve()), kind, pooling, cfg.normalize, max_len, cfg.dtype, cfg.device, enc_id)
 
 
 class TextEncoder:
@@ -126,16 +130,23 @@ class TextEncoder:
             self._load_hf()
 
     def _load_st(self) -> None:
+        import torch
         from sentence_transformers import SentenceTransformer
         from sentence_transformers.models import Normalize
 
-        model = SentenceTransformer(self.spec.path, device=self.spec.device, local_files_only=True)
+        model = SentenceTransformer(
+            self.spec.path,
+            device=self.spec.device,
+            local_files_only=True,
+            model_kwargs={"dtype": getattr(torch, self.spec.dtype)},
+        )
         has_norm = any(isinstance(m, Normalize) for m in model)
         if has_norm and not self.spec.normalize:
             model = SentenceTransformer(modules=[m for m in model if not isinstance(m, Normalize)], device=self.spec.device)
         model.max_seq_length = self.spec.max_seq_length
         self._st = model
-        self._st_normalize = self.spec.normalize and not has_norm  # the model's own Normalize already does it
+        # The model's own Normalize does it in float32; in bfloat16 its norms are off by ~3e-3, so redo it.
+        self._st_normalize = self.spec.normalize and (not has_norm or self.spec.dtype != "float32")
         self.dim = int(model.get_embedding_dimension())
 
     def _load_hf(self) -> None:
@@ -144,7 +155,8 @@ class TextEncoder:
 
         hf_dir = str(_transformer_dir(Path(self.spec.path)))
         self._tok = AutoTokenizer.from_pretrained(hf_dir, local_files_only=True)
-        self._model = AutoModel.from_pretrained(hf_dir, local_files_only=True).eval().to(self.spec.device)
+        self._model = AutoModel.from_pretrained(hf_dir, local_files_only=True, dtype=getattr(torch, self.spec.dtype))
+        self._model = self._model.eval().to(self.spec.device)
         self._torch = torch
         self.dim = int(self._model.config.hidden_size)
 
@@ -152,14 +164,13 @@ class TextEncoder:
         if not texts:
             return np.zeros((0, self.dim), np.float32)
         if self.spec.kind == "st":
-            out = self._st.encode(
-                list(texts),
-                batch_size=batch_size,
-                convert_to_numpy=True,
-                normalize_embeddings=self._st_normalize,
-                show_progress_bar=False,
-            )
-            return np.asarray(out, dtype=np.float32)
+            out = np.asarray(
+                self._st.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False),
+                dtype=np.float32,
+            )  # (N, dim)
+            if self._st_normalize:
+                out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+            return out
         return self._encode_hf(list(texts), batch_size)
 
     def _encode_hf(self, texts: list[str], batch_size: int) -> np.ndarray:
@@ -176,7 +187,7 @@ class TextEncoder:
                     max_length=self.spec.max_seq_length,
                     return_tensors="pt",
                 ).to(self.spec.device)
-                hidden = self._model(**enc).last_hidden_state  # (B, T, d)
+                hidden = self._model(**enc).last_hidden_state.float()  # (B, T, d); pool in float32
                 if self.spec.pooling == "cls":
                     vec = hidden[:, 0]
                 else:

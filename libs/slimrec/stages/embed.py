@@ -112,15 +112,15 @@ def run(ctx: StageContext) -> StageResult:
     log.info("embed: encoded %d texts in %.1f s (%.1f texts/s)", n_texts, encode_s, n_texts / max(encode_s, 1e-9))
 
     is_item = (work["_part"] == "item").to_numpy()
+    # Every input's version in both commits: the pipeline's skip check reads them from item_embeddings.
     commit_extra = {"encoder": enc.encoder_id, "rationale_text": cfg.rationale_text}
     if is_item.any():
         out = with_vectors(todo_items, vectors[is_item], enc.encoder_id, _out_cols("item_embeddings"))
-        info = ctx.commit_info("embed", {"items": inputs["items"]}, rows_encoded=len(out), **commit_extra)
+        info = ctx.commit_info("embed", inputs, rows_encoded=len(out), **commit_extra)
         versions["item_embeddings"] = lake.write_arrow("item_embeddings", out, "merge", info)
     if (~is_item).any():
         out = with_vectors(todo_rat, vectors[~is_item], enc.encoder_id, _out_cols("rationale_embeddings"))
-        used = {t: inputs[t] for t in ("student_rationales", "teacher_rationales")}
-        info = ctx.commit_info("embed", used, rows_encoded=len(out), **commit_extra)
+        info = ctx.commit_info("embed", inputs, rows_encoded=len(out), **commit_extra)
         versions["rationale_embeddings"] = lake.write_arrow("rationale_embeddings", out, "merge", info)
     rows_out = len(work)
     log.info("embed: wrote %d item and %d rationale vectors", int(is_item.sum()), int((~is_item).sum()))
