@@ -272,6 +272,9 @@ def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
     def load(f: Path):
         name = f.name.lower()
         if name.endswith(".parquet"):
+            # pandas writes nanosecond timestamps, which Spark refuses; read them as longs (ns),
+            # which build_interactions converts. Delta tables here are written in microseconds.
+            spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
             return spark.read.parquet(str(f))
         sep = "\t" if ".tsv" in name else ","
         return spark.read.option("header", True).option("sep", sep).option("mode", "PERMISSIVE").csv(str(f))
@@ -361,8 +364,9 @@ def build_interactions(raw_df, items_df, base_ts: str, max_id_chars: int):
     Input columns: source_file, source_row, user_raw, item_raw, ts_raw, position.
     Output: user_id, item_id, event_ts, event_seq, ts_derived, source_file.
     Rules, each rejected row going to quarantine with its reason: missing or
-    over-long ids; unparseable timestamp (numbers are unix seconds, or ms when
-    > 1e11; strings are ISO-8601); no timestamp and no position; item not in
+    over-long ids; unparseable timestamp (integers are unix seconds, or ms above
+    1e11, us above 1e14, ns above 1e17; decimals are seconds; strings are ISO-8601);
+    no timestamp and no position; item not in
     ``items`` (when a catalogue exists); the same (user, item, event_ts) again
     (first by source row kept). Order-only sources get ``event_ts = base_ts +
     position`` seconds and ``event_seq = position``; others ``event_seq = source_row``.
@@ -374,10 +378,17 @@ def build_interactions(raw_df, items_df, base_ts: str, max_id_chars: int):
     from pyspark.sql import functions as F
 
     base = F.lit(datetime.fromisoformat(base_ts)).cast("timestamp")
-    num = F.col("ts_raw").cast("double")
+    # try_cast: Spark 4 runs in ANSI mode, where a plain cast of "yesterday" fails the whole job.
+    lng = F.col("ts_raw").try_cast("long")
+    num = F.col("ts_raw").try_cast("double")
+    mag = F.abs(num)  # magnitude picks the unit (abs of a double cannot overflow)
     parsed = (
-        F.when(num.isNotNull(), F.when(F.abs(num) > 1e11, F.timestamp_millis(num.cast("long"))).otherwise(F.timestamp_seconds(num.cast("long"))))
-        .otherwise(F.try_to_timestamp(F.col("ts_raw")))
+        F.when(lng.isNotNull() & (mag < 1e11), F.timestamp_seconds(lng))
+        .when(lng.isNotNull() & (mag < 1e14), F.timestamp_millis(lng))
+        .when(lng.isNotNull() & (mag < 1e17), F.timestamp_micros(lng))
+        .when(lng.isNotNull(), F.timestamp_micros(F.expr("try_cast(ts_raw AS long) div 1000")))  # ns
+        .when(num.isNotNull() & (mag < 1e11), F.timestamp_seconds(num))  # fractional seconds
+        .when(num.isNull(), F.try_to_timestamp(F.col("ts_raw")))
     )
     df = raw_df.withColumn("ts_parsed", parsed).withColumn(
         "reason",

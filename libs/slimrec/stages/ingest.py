@@ -45,14 +45,16 @@ def run(ctx: StageContext) -> StageResult:
     if cfg.format != "auto" and cfg.format != fmt:
         raise IngestError(f"--format {cfg.format} given, but {ctx.dataset_dir} looks like {fmt}")
     log.info("ingest: %s format, files %s", fmt, {k: [p.name for p in v] for k, v in files.items()})
-    spark = ctx.spark()
     if fmt == "events":
+        spark = ctx.spark()
         raw_sdf, raw_items_sdf = read_events_spark(spark, files["interactions"], files["items"])
         raw_items = raw_items_sdf.toPandas() if raw_items_sdf is not None else None
         q_read = None
     else:
         reader = read_lcrec if fmt == "lcrec" else read_amazon
+        # JSON sources are parsed before Spark starts: an unreadable document fails in a second.
         raw_pdf, raw_items, q_read = reader(files["interactions"], files["items"])
+        spark = ctx.spark()
         raw_sdf = _to_spark(spark, raw_pdf, "raw_interactions")
     if raw_items is not None and len(raw_items):
         items, q_items = normalise_items(raw_items, cfg.max_text_chars, cfg.max_id_chars)
