@@ -18,7 +18,9 @@ import unicodedata
 _TAG_RE = re.compile(r"<[^>]{0,200}>")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")
 _TRAILING_RE = re.compile(r"[\s,;:|/\\\-–—]+$")
-_CATEGORY_SEPS = re.compile(r"\s*(?:>|\||/|»|›)\s*")
+# Path separators, strongest first: the first one present splits the path, so a level name may hold
+# the weaker ones ("Office > Pens/Pencils", "Office, Labels/Stickers").
+_CATEGORY_SEPS = (re.compile(r"\s*(?:>|»|›)\s*"), re.compile(r"\s*\|\s*"), re.compile(r"\s*,\s*"), re.compile(r"\s*/\s*"))
 
 
 def clean_text(value, max_chars: int) -> str | None:
@@ -50,7 +52,8 @@ def split_categories(value, max_chars: int = 200) -> list[str]:
     """A category path, coarse to fine, from any of the shapes sources use.
 
     Accepts a list of strings, a list of lists (Amazon 2014: several paths,
-    the first is taken), or one string joined by ``>``, ``|``, ``/`` or ``,``.
+    the first is taken), or one string joined by ``>``, ``|``, ``,`` or ``/``
+    (the first of these present is the separator; level names keep the others).
 
     >>> split_categories("Office Electronics, Telephones &amp; Accessories, Cordless Telephones")
     ['Office Electronics', 'Telephones & Accessories', 'Cordless Telephones']
@@ -70,7 +73,8 @@ def split_categories(value, max_chars: int = 200) -> list[str]:
                 except (ValueError, SyntaxError):
                     pass
         s = html.unescape(s)
-        parts = _CATEGORY_SEPS.split(s) if _CATEGORY_SEPS.search(s) else s.split(",")
+        sep = next((r for r in _CATEGORY_SEPS if r.search(s)), None)
+        parts = sep.split(s) if sep else [s]
     elif isinstance(value, (list, tuple)):
         if value and all(isinstance(v, (list, tuple)) for v in value):
             value = value[0]
