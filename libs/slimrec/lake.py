@@ -331,6 +331,49 @@ class Lake:
         finally:
             fh.close()
 
+    # ------------------------------------------------------------------ stage completion records
+    def _record_path(self, stage: str) -> str:
+        return f"{self.root.rstrip('/')}/_stages/{stage}.json"
+
+    def stage_record(self, stage: str) -> dict[str, Any] | None:
+        """What :meth:`record_stage` last stored for ``stage``, or None."""
+        path = self._record_path(stage)
+        if _is_remote(path):
+            import pyarrow.fs as pafs
+
+            fs, p = pafs.FileSystem.from_uri(path)
+            if fs.get_file_info(p).type == pafs.FileType.NotFound:
+                return None
+            with fs.open_input_stream(p) as f:
+                return json.loads(f.read().decode())
+        try:
+            return json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            return None
+
+    def record_stage(self, stage: str, record: dict[str, Any]) -> None:
+        """Store that ``stage`` finished (and passed its gate), replacing the previous record atomically.
+
+        A stage writes its tables in several commits; a run killed between two of them leaves no
+        record, so the rerun runs the stage again instead of skipping it on the first commit's metadata.
+        """
+        path = self._record_path(stage)
+        data = json.dumps(record, sort_keys=True, default=str)
+        if _is_remote(path):
+            import pyarrow.fs as pafs
+
+            fs, p = pafs.FileSystem.from_uri(path)
+            with fs.open_output_stream(p) as f:  # object-store PUTs are atomic
+                f.write(data.encode())
+            return
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
     # ------------------------------------------------------------------ listing
     def tables(self) -> list[dict[str, Any]]:
         """Each existing table: name, version, rows, last commit time and stage."""

@@ -1,13 +1,17 @@
 """Running stages: one stage, or the whole pipeline with a quality gate after each.
 
 A stage is skipped when the Delta versions of its inputs equal those recorded
-in the commit metadata of its last successful run (``--force`` runs it anyway).
+when it last *finished* (``--force`` runs it anyway). The record
+(:meth:`slimrec.lake.Lake.record_stage`) is written after the stage and its
+quality gate succeed, never from the commit metadata of its first table: a
+stage writes several tables (or batches) in separate commits, and a run
+killed between two of them must rerun the stage, not skip it on a half-done
+set of tables that no gate has validated.
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -39,33 +43,30 @@ def stage_module(name: str):
     return importlib.import_module(f"slimrec.stages.{name}")
 
 
-def _last_inputs(ctx: StageContext, name: str, outputs: list[str]) -> dict | None:
-    """Input versions recorded by the last commit this stage made to its main output table."""
-    main = outputs[0]
-    if not ctx.lake.exists(main):
-        return None
-    for commit in ctx.lake.history(main, 50):
-        if commit.get("slimrec.stage") == name:
-            rec = {"versions": json.loads(commit.get("slimrec.input_versions", "{}"))}
-            if "slimrec.dataset_fingerprint" in commit:
-                rec["dataset"] = json.loads(commit["slimrec.dataset_fingerprint"])
-            return rec
-    return None
+def _stage_inputs(ctx: StageContext, name: str, mod) -> dict:
+    """The inputs a stage starts from: Delta versions (and the dataset files, for ingest)."""
+    rec: dict = {"versions": {t: ctx.lake.version(t) for t in mod.INPUTS}}
+    if name == "ingest":
+        rec["dataset"] = dataset_fingerprint(ctx.dataset_dir)
+    return rec
 
 
 def should_skip(ctx: StageContext, name: str) -> tuple[bool, str]:
     mod = stage_module(name)
     if ctx.force:
         return False, "forced"
-    last = _last_inputs(ctx, name, mod.OUTPUTS)
+    last = ctx.lake.stage_record(name)
     if last is None:
-        return False, "never ran"
-    now = {t: ctx.lake.version(t) for t in mod.INPUTS}
+        return False, "no finished run recorded"
+    if not last.get("checked") and ctx.cfg.quality.enabled:
+        return False, "its last run skipped the quality gate"
+    now = _stage_inputs(ctx, name, mod)
     if name == "ingest":
-        fp = dataset_fingerprint(ctx.dataset_dir)
-        return (last.get("dataset") == fp, "dataset files unchanged" if last.get("dataset") == fp else "dataset changed")
-    if {k: v for k, v in last["versions"].items() if k in now} == now and now:
-        return True, f"inputs unchanged since its last run ({now})"
+        same = last.get("dataset") == now["dataset"]
+        return same, "dataset files unchanged" if same else "dataset changed"
+    versions = now["versions"]
+    if {k: v for k, v in last["versions"].items() if k in versions} == versions and versions:
+        return True, f"inputs unchanged since its last run ({versions})"
     return False, "inputs changed"
 
 
@@ -93,6 +94,7 @@ def run_stage(name: str, ctx: StageContext, check: bool = True, allow_skip: bool
     if missing:
         raise StageError(f"stage {name} needs table(s) {', '.join(missing)}; run the stages that write them first")
     log.info("stage %s: start (run_date=%s, run_id=%s)", name, ctx.run_date, ctx.run_id)
+    started_from = None if ctx.dry_run else _stage_inputs(ctx, name, mod)
     t0 = time.perf_counter()
     result = mod.run(ctx)
     result.extra["seconds"] = round(time.perf_counter() - t0, 1)
@@ -100,6 +102,10 @@ def run_stage(name: str, ctx: StageContext, check: bool = True, allow_skip: bool
              name, result.extra["seconds"], result.rows_in, result.rows_out, result.tables)
     if check and not ctx.dry_run:
         gate(ctx, result, mod.OUTPUTS)
+    if started_from is not None:
+        ctx.lake.record_stage(name, {**started_from, "checked": check and ctx.cfg.quality.enabled,
+                                     "run_id": ctx.run_id, "run_date": ctx.run_date.isoformat(),
+                                     "tables": result.tables})
     return result
 
 

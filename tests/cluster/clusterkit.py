@@ -121,7 +121,19 @@ class Procs:
 
     markers: tuple[str, ...]
     started: list[subprocess.Popen] = field(default_factory=list)
-    seen: set[int] = field(default_factory=set)  # every pid we have seen as ours
+    # Every process seen as ours, kept as psutil objects: they remember their start time, so a pid the
+    # OS has since given to someone else's process is never signalled.
+    seen: dict[int, psutil.Process] = field(default_factory=dict)
+
+    def add(self, *procs: psutil.Process | int) -> None:
+        for p in procs:
+            try:
+                p = p if isinstance(p, psutil.Process) else psutil.Process(p)
+                old = self.seen.get(p.pid)
+                if old is None or not old.is_running():
+                    self.seen[p.pid] = p
+            except psutil.Error:
+                continue
 
     def popen(self, args: list[str], log: Path, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
         fh = open(log, "ab")
@@ -129,16 +141,17 @@ class Procs:
                              stdin=subprocess.DEVNULL)
         fh.close()
         self.started.append(p)
-        self.seen.add(p.pid)
+        self.add(p.pid)
         return p
 
     def ours(self) -> list[psutil.Process]:
-        """Live processes that are ours: started here, their descendants, or carrying the marker."""
+        """Live processes that are ours: started here, their descendants, or carrying a marker."""
         found: dict[int, psutil.Process] = {}
-        for pid in list(self.seen):
+        for proc in list(self.seen.values()):
             try:
-                proc = psutil.Process(pid)
-                found[pid] = proc
+                if not proc.is_running():  # gone, or its pid now belongs to another process
+                    continue
+                found[proc.pid] = proc
                 for c in proc.children(recursive=True):
                     found[c.pid] = c
             except psutil.Error:
@@ -148,11 +161,10 @@ class Procs:
                 cmd = " ".join(proc.info["cmdline"] or [])
             except psutil.Error:
                 continue
-            if any(m and m in cmd for m in self.markers) and proc.pid != os.getpid():
+            if any(m and m in cmd for m in self.markers):
                 found[proc.pid] = proc
         found.pop(os.getpid(), None)
-        for pid in found:
-            self.seen.add(pid)
+        self.add(*found.values())
         return list(found.values())
 
     def stop(self, grace_s: float = 10.0) -> int:

@@ -1,0 +1,43 @@
+"""Fixtures of the reliability tests: one clean run per session, figures printed at the end."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from killkit import FIGURES, UNDER_TEST, Pipeline, Procs  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def rel_tmp():
+    d = Path(tempfile.mkdtemp(prefix="slimr-", dir="/tmp"))
+    procs = Procs(markers=(str(d),))
+    yield d, procs
+    procs.stop()
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def clean_run(tiny_dataset, rel_tmp):
+    """A clean ``slim run`` of the stages under test: (lake dir, result)."""
+    d, procs = rel_tmp
+    (d / "clean").mkdir()
+    pipe = Pipeline(tiny_dataset, d / "clean" / "lake", d / "clean", procs)
+    res = pipe.run()
+    assert res.rc == 0, f"clean run failed (log {pipe.log}):\n{res.output[-4000:]}"
+    assert res.stages_done == UNDER_TEST, res.stages_done
+    return pipe.lake, res
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not FIGURES:
+        return
+    terminalreporter.section("reliability figures")
+    for name, fig in FIGURES:
+        terminalreporter.write_line(f"{name}: " + ", ".join(f"{k}={v}" for k, v in fig.items()))

@@ -1,0 +1,151 @@
+"""Reliability harness: ``slim run`` as a subprocess, SIGKILLed when a chosen log line appears.
+
+A *run* is ``slim run`` over the stages under test (several ``--from/--to``
+commands when a stage in between is not built yet). Figures the tests record
+(runs killed, tables compared, differences found) are printed at the end of
+the session by ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
+
+from clusterkit import REPO, RUN_DATE, VENV_BIN, Procs, project_env  # noqa: E402
+from slimrec.pipeline import STAGES  # noqa: E402
+
+# The stages killed by default: every Spark stage, the teacher (batched commits) and a Ray stage.
+# SLIMREC_RELIABILITY_ALL=1 adds every other stage that exists (student, recommender: minutes each).
+DEFAULT_STAGES = ["ingest", "build_sequences", "build_prompts", "teacher_rationales", "embed"]
+EXISTING = [s for s in STAGES if importlib.util.find_spec(f"slimrec.stages.{s}") is not None]
+UNDER_TEST = EXISTING if os.environ.get("SLIMREC_RELIABILITY_ALL") else [s for s in EXISTING if s in DEFAULT_STAGES]
+# Same config for every run (the config hash is part of each commit): teacher answers in 5 commits of 10.
+SETTINGS = ["teacher.commit_batch_size=10", "teacher.commit_interval_s=60"]
+
+FIGURES: list[tuple[str, dict]] = []
+
+
+def segments(stages: list[str]) -> list[tuple[str, str]]:
+    """Contiguous runs of ``stages`` in pipeline order: ``[(from, to), ...]``."""
+    out: list[list[str]] = []
+    for s in stages:
+        if out and STAGES.index(s) == STAGES.index(out[-1][-1]) + 1:
+            out[-1].append(s)
+        else:
+            out.append([s])
+    return [(seg[0], seg[-1]) for seg in out]
+
+
+@dataclass
+class Kill:
+    """SIGKILL the run ``delay_s`` after the first stderr line matching ``trigger`` while in ``stage``."""
+
+    stage: str
+    trigger: str
+    delay_s: float = 0.0
+
+
+@dataclass
+class RunResult:
+    rc: int | None
+    killed: bool = False
+    kill_after_stage_start_s: float | None = None
+    stage_done_before_kill: bool = False
+    survivors: int = 0  # processes of the run still alive 5 s after the driver was killed
+    stages_done: list[str] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    output: str = ""
+
+
+class Pipeline:
+    """Runs ``slim run`` on one lake with an isolated local Ray (``RAY_TMPDIR``) and a log file."""
+
+    def __init__(self, dataset: Path, lake: Path, workdir: Path, procs: Procs):
+        self.dataset, self.lake, self.workdir, self.procs = dataset, lake, workdir, procs
+        self.env = project_env(
+            RAY_TMPDIR=str(workdir),
+            # The marker in the Spark driver JVM's command line, so a leftover JVM is found by it.
+            PYSPARK_SUBMIT_ARGS=f"--driver-java-options -Dslimrec.test.dir={workdir} pyspark-shell",
+        )
+        self.log = workdir / "runs.log"
+
+    def commands(self) -> list[list[str]]:
+        return [[str(VENV_BIN / "slim"), "run", "--dataset", str(self.dataset), "--lake", str(self.lake),
+                 "--profile", "tiny", "--run-date", RUN_DATE.isoformat(), "--from", a, "--to", b,
+                 "--report-dir", str(self.workdir / "reports"), *[x for s in SETTINGS for x in ("--set", s)]]
+                for a, b in segments(UNDER_TEST)]
+
+    def run(self, kill: Kill | None = None, timeout_s: float = 1500) -> RunResult:
+        res = RunResult(rc=0)
+        lines: list[str] = []
+        for cmd in self.commands():
+            rc = self._one(cmd, kill, res, lines, timeout_s)
+            res.rc = rc
+            if res.killed or rc != 0:
+                break
+        res.output = "".join(lines)
+        return res
+
+    def _one(self, cmd: list[str], kill: Kill | None, res: RunResult, lines: list[str], timeout_s: float) -> int:
+        with open(self.log, "a") as f:
+            f.write(f"\n$ {' '.join(cmd)}\n")
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
+                             cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.procs.add(p.pid)
+        started: dict[str, float] = {}
+        timer: threading.Timer | None = None
+        deadline = time.monotonic() + timeout_s
+
+        def do_kill():
+            if p.poll() is not None:
+                return
+            tree = []
+            try:
+                tree = psutil.Process(p.pid).children(recursive=True)
+            except psutil.Error:
+                pass
+            self.procs.add(*tree)
+            res.killed = True
+            res.kill_after_stage_start_s = round(time.monotonic() - started.get(kill.stage, time.monotonic()), 1)
+            res.stage_done_before_kill = kill.stage in res.stages_done
+            os.kill(p.pid, signal.SIGKILL)
+            _, alive = psutil.wait_procs(tree, timeout=5)
+            res.survivors = len(alive)
+
+        with open(self.log, "a") as f:
+            for line in p.stderr:
+                f.write(line)
+                f.flush()
+                lines.append(line)
+                m = re.search(r"stage (\w+): (start|done in ([\d.]+)s)", line)
+                if m and m.group(2) == "start":
+                    started[m.group(1)] = time.monotonic()
+                elif m:
+                    res.stages_done.append(m.group(1))
+                    res.stage_seconds[m.group(1)] = float(m.group(3))
+                if kill and timer is None and kill.stage in started and re.search(kill.trigger, line):
+                    timer = threading.Timer(kill.delay_s, do_kill)
+                    timer.start()
+                if time.monotonic() > deadline:
+                    p.kill()
+                    raise TimeoutError(f"{' '.join(cmd)} ran past {timeout_s}s; log in {self.log}")
+        rc = p.wait()
+        if timer is not None:
+            timer.join()
+        # Whatever the dead driver left (Spark JVM, local Ray daemons) goes now, by pid.
+        self.procs.stop(grace_s=5)
+        return rc
+
+
