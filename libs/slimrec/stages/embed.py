@@ -6,6 +6,11 @@ encoder id, the rest is left as it is. All texts of a run go through one Ray
 Data actor pool (one model load per actor), then each table gets one MERGE
 commit on its key; a run with nothing to encode makes no commit.
 A missing rationale table is skipped with a log line (its stage has not run).
+
+``StageResult.extra``: encoder id, rows encoded per table and source, texts
+encoded (steps mode: up to three per rationale) and ``encode_s`` /
+``texts_per_s``, wall clock of the Ray pass including the actor pool's start
+and model load.
 """
 
 from __future__ import annotations
