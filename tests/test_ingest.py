@@ -89,7 +89,7 @@ def test_lcrec_interactions_keep_source_order_with_derived_timestamps(lcrec):
 def test_lcrec_bad_rows_are_quarantined_with_reasons(lcrec):
     lake, result = lcrec
     assert _quarantine(lake) == _sorted([
-        ("ingest", "tiny.inter.json", None, "user value is not a list of items"),  # u5
+        ("ingest", "tiny.inter.json", 4, "user value is not a list of items"),  # u5: 5th user
         ("ingest", "tiny.inter.json", 13, "unknown item id (not in the catalogue)"),  # u4's 99
         ("ingest", "tiny.inter.json", 16, "non-UTF-8 bytes in id"),  # u\xff6, three items
         ("ingest", "tiny.inter.json", 17, "non-UTF-8 bytes in id"),
@@ -267,6 +267,24 @@ def test_timestamp_parsing_rules(spark):
     assert bad == {k: f"unparseable timestamp: {k}" for k, v in cases.items() if v is None}
 
 
+def test_source_rows_are_exact_across_file_splits(spark, tmp_path):
+    """source_row is the 0-based row of the file even when Spark reads it as several splits."""
+    from slimrec.ingest import read_events_spark
+
+    f = tmp_path / "events.csv"
+    f.write_text("user_id,item_id,timestamp\n" + "".join(f"u{n % 7},i{n},{n}\n" for n in range(3000)))
+    old = spark.conf.get("spark.sql.files.maxPartitionBytes")
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "4096")  # about 9 splits of ~330 rows
+    try:
+        raw, _ = read_events_spark(spark, [f], [])
+        assert raw.rdd.getNumPartitions() > 5
+        got = raw.select("source_row", "ts_raw").collect()
+    finally:
+        spark.conf.set("spark.sql.files.maxPartitionBytes", old)
+    assert sorted(r.source_row for r in got) == list(range(3000))
+    assert all(int(r.ts_raw) == r.source_row for r in got)
+
+
 def test_rerun_of_ingest_replaces_tables(spark, tmp_path):
     """A second ingest of the same files overwrites (same rows, same quarantine), never appends."""
     ctx, _ = _ingest(spark, tmp_path / "lake", FIXTURES / "amazon_tiny")
@@ -279,6 +297,21 @@ def test_rerun_of_ingest_replaces_tables(spark, tmp_path):
 
 
 # ----------------------------------------------------------------------------- whole-input errors
+def test_read_lcrec_quarantine_keys_are_unique(tmp_path):
+    """Two bad users in one file get two quarantine keys (a MERGE of duplicate keys fails on rerun)."""
+    from slimrec.ingest import read_lcrec
+
+    f = tmp_path / "x.inter.json"
+    f.write_text('{"a": "x", "b": [1, 2], "c": {"d": 1}}')
+    raw, raw_items, q = read_lcrec([f], [])
+    assert raw[["user_raw", "item_raw", "source_row", "position"]].values.tolist() == [["b", "1", 0, 0], ["b", "2", 1, 1]]
+    assert q[["source", "source_row", "reason"]].values.tolist() == [
+        ["x.inter.json", 0, "user value is not a list of items"],
+        ["x.inter.json", 2, "user value is not a list of items"],
+    ]
+    assert len(raw_items) == 0
+
+
 def test_parse_json_line_reasons():
     assert parse_json_line('{"a": 1}') == ({"a": 1}, None)
     assert parse_json_line("{'a': [['x']]}") == ({"a": [["x"]]}, None)

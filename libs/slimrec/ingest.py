@@ -150,9 +150,10 @@ def read_lcrec(inter_files: list[Path], item_files: list[Path]):
         if not isinstance(doc, dict):
             raise IngestError(f"{f.name}: expected an object {{user: [items]}}, got {type(doc).__name__}")
         row = 0
-        for user, seq in doc.items():
+        for n_user, (user, seq) in enumerate(doc.items()):
             if not isinstance(seq, list):
-                quarantine.append(_qrow(f.name, None, "user value is not a list of items", {user: seq}))
+                # source_row: the user's 0-based place in the document (keeps the quarantine key unique)
+                quarantine.append(_qrow(f.name, n_user, "user value is not a list of items", {user: seq}))
                 continue
             for pos, item in enumerate(seq):
                 raw.append((f.name, row, _id(user), _id(item), None, pos))
@@ -280,10 +281,20 @@ def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
         return spark.read.option("header", True).option("sep", sep).option("mode", "PERMISSIVE").csv(str(f))
 
     def with_row(df, source):
-        # zipWithIndex gives the exact 0-based row of the source file (stable tie-break).
-        rdd = df.rdd.zipWithIndex().map(lambda t: (*t[0], t[1]))
-        out = spark.createDataFrame(rdd, df.schema.add("source_row", "long"))
-        return out.withColumn("source_file", F.lit(source))
+        # The exact 0-based row of the source file (the stable tie-break), numbered in the JVM like
+        # RDD.zipWithIndex but without shipping every row through Python: one small job counts the
+        # rows of each partition (the file's splits, in file order), then row = rows in earlier
+        # partitions + position within the partition (monotonically_increasing_id's low 33 bits).
+        df = df.withColumn("_pid", F.spark_partition_id()).withColumn("_mid", F.monotonically_increasing_id())
+        counts = dict(df.groupBy("_pid").count().collect())
+        offsets, total = [], 0
+        for pid in range(max(counts, default=-1) + 1):
+            offsets.append(total)
+            total += counts.get(pid, 0)
+        offset = F.element_at(F.array(*[F.lit(o) for o in offsets]), F.col("_pid") + 1) if offsets else F.lit(0)
+        local = F.col("_mid") - F.shiftleft(F.col("_pid").cast("long"), 33)
+        return df.withColumn("source_row", (offset + local).cast("long")).withColumn(
+            "source_file", F.lit(source)).drop("_pid", "_mid")
 
     raws, items = None, None
     for f in inter_files:

@@ -46,13 +46,18 @@ def build_sequences(interactions, cfg):
         w = Window.partitionBy("user_id", "item_id").orderBy(*order)
         df = df.withColumn("_rn", F.row_number().over(w)).where("_rn = 1").drop("_rn")
     if cfg.k_core > 0:
-        for _ in range(20):  # k-core converges in a few rounds on real data; 20 is a safety cap
-            before = df.count()
+        first = before = df.count()
+        rounds = 0
+        while rounds < 20:  # k-core converges in a few rounds on real data; 20 is a safety cap
+            rounds += 1
             ucnt = df.groupBy("user_id").count().where(F.col("count") >= cfg.k_core).select("user_id")
             icnt = df.groupBy("item_id").count().where(F.col("count") >= cfg.k_core).select("item_id")
             df = df.join(ucnt, "user_id", "left_semi").join(icnt, "item_id", "left_semi").cache()
-            if df.count() == before:
+            after = df.count()
+            if after == before:
                 break
+            before = after
+        log.info("build_sequences: %d-core kept %d of %d deduplicated events (%d rounds)", cfg.k_core, after, first, rounds)
     # collect_list does not keep order: sort structs (ts, seq, item) and project the item.
     seq = df.groupBy("user_id").agg(
         F.sort_array(F.collect_list(F.struct(*order))).alias("_evs"),
@@ -68,7 +73,9 @@ def build_sequences(interactions, cfg):
     short = seq.where(F.col("seq_len") < cfg.min_seq_len)
     quarantine = short.select(
         F.lit("build_sequences").alias("stage"),
-        F.lit("interactions").alias("source"),
+        # one row per user: the user is part of the source, so the quarantine key stays unique
+        # (a MERGE of several rows with one key fails on the next run)
+        F.concat(F.lit("interactions user_id="), F.col("user_id")).alias("source"),
         F.lit(None).cast("long").alias("source_row"),
         F.lit(f"sequence shorter than {cfg.min_seq_len} items after dedup/filtering").alias("reason"),
         F.to_json(F.struct("user_id", "item_ids")).alias("payload"),
