@@ -16,16 +16,22 @@ Ray is started before timing (the pipeline starts it once for every stage);
 the Ray path's time includes its per-run fixed cost, printed separately
 (one text through a fresh actor pool). The baseline's model load is printed
 beside it but not counted, since a long-lived process would load once.
-Prints a table and the ratio Ray / plain; never asserts times. The machine
-is shared, so use ``--repeats 3`` (best of each, run in turns) before quoting a figure.
+Prints a table and the ratio Ray / plain; never asserts times. Wall time on a
+shared machine is bent by other processes (a second process gets a second
+share of a contended CPU), so CPU time per text is printed beside it: this
+process's, plus the encoder actors' for the Ray path. Use ``--repeats 3``
+(best of each, run in turns) before quoting a figure.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import random
+import resource
+import threading
 import time
 from pathlib import Path
 
@@ -60,21 +66,69 @@ def synthetic_rationale(items, rng: random.Random) -> str:
     )
 
 
-def _timed(fn) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
+class ActorCpu:
+    """CPU seconds of the encoder actors while a block runs (they exit with the pass, so they are polled).
+
+    Counted per process from its start, so a reused idle Ray worker's own start is included (overstates
+    the Ray path slightly). With this process's own CPU time it gives a figure that load from other
+    processes does not bend the way it bends wall time on a shared machine.
+    """
+
+    MARK = "MapBatches(EncodeBatch)"
+
+    def __init__(self, every_s: float = 0.2):
+        self.every_s, self.seen, self._stop = every_s, {}, threading.Event()
+
+    def _poll(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            for p in psutil.process_iter(["cmdline"]):
+                try:
+                    if self.MARK in " ".join(p.info["cmdline"] or []):
+                        t = p.cpu_times()
+                        self.seen[p.pid] = t.user + t.system
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+            self._stop.wait(self.every_s)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def cpu_s(self) -> float:
+        return float(sum(self.seen.values()))
 
 
-def _best_interleaved(fns: list, repeats: int) -> list[tuple[float, object]]:
-    """Best time of each function, run in turns (A B A B ...) so that load from others hits both alike."""
-    best: list[tuple[float, object]] = [(float("inf"), None)] * len(fns)
+def _self_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _timed(fn, actors: bool = False) -> tuple[float, float, object]:
+    """(wall s, CPU s of this process plus, with ``actors``, of the encoder actors, result)."""
+    meter = ActorCpu() if actors else contextlib.nullcontext()
+    c0, t0 = _self_cpu(), time.perf_counter()
+    with meter:
+        out = fn()
+    wall, cpu = time.perf_counter() - t0, _self_cpu() - c0
+    return wall, cpu + (meter.cpu_s if actors else 0.0), out
+
+
+def _best_interleaved(fns: list, repeats: int) -> list[tuple[float, float, object]]:
+    """Best wall and best CPU time of each (fn, actors), run in turns (A B A B ...) so load hits both alike."""
+    best: list[list] = [[float("inf"), float("inf"), None] for _ in fns]
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            t, out = _timed(fn)
-            if t < best[i][0]:
-                best[i] = (t, out)
-    return best
+        for i, (fn, actors) in enumerate(fns):
+            wall, cpu, out = _timed(fn, actors)
+            best[i] = [min(best[i][0], wall), min(best[i][1], cpu), out]
+    return [tuple(b) for b in best]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,29 +174,34 @@ def main(argv: list[str] | None = None) -> None:
     st.max_seq_length = spec.max_seq_length
     load_s = time.perf_counter() - t0
     tok = st.tokenizer
-    mean_tokens = {k: float(np.mean([len(tok(t)["input_ids"]) for t in v[:500]])) for k, v in sets.items()}
+    mean_tokens = {k: float(np.mean([len(tok(t)["input_ids"]) for t in v[:: max(1, len(v) // 500)]]))
+                   for k, v in sets.items()}
 
-    fixed_s = min(_timed(lambda: encode_texts(item_texts[:1], spec, ecfg))[0] for _ in range(args.repeats))
+    fixed = [_timed(lambda: encode_texts(item_texts[:1], spec, ecfg), actors=True) for _ in range(args.repeats)]
+    fixed_cpu = min(f[1] for f in fixed)
     print(f"encoder {spec.encoder_id}; {ecfg.num_actors} actor(s) x {ecfg.actor_num_cpus} CPU, {threads} torch "
           f"threads, batch {ecfg.batch_size}, encode batch {ecfg.encode_batch_size}, sort {ecfg.sort_by_length}; "
           f"{os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}")
     print(f"ray start {ray_start_s:.1f} s (once per pipeline, not counted); plain model load {load_s:.1f} s "
-          f"(not counted); Ray path fixed cost per run (1 text) {fixed_s:.1f} s")
-    header = f"{'texts':<17}{'n':>6}{'tokens':>8}{'plain/s':>10}{'ray/s':>9}{'ray/plain':>11}{'overhead':>10}{'max|dv|':>10}"
-    print(header)
+          f"(not counted); Ray path fixed cost per run (1 text): {min(f[0] for f in fixed):.1f} s wall, "
+          f"{fixed_cpu:.1f} CPU-s (subtracted in the last overhead column)")
+    print(f"{'texts':<17}{'n':>6}{'tokens':>7} | {'plain/s':>8}{'ray/s':>8}{'ray/plain':>10}{'overhead':>9} | "
+          f"{'CPU-ms/text plain':>18}{'ray':>7}{'overhead':>9}{'w/o fixed':>10} |{'max|dv|':>9}")
     for name, texts in sets.items():
-        (plain_s, plain_v), (ray_s, ray_v) = _best_interleaved(
+        (plain_s, plain_c, plain_v), (ray_s, ray_c, ray_v) = _best_interleaved(
             [
-                lambda t=texts: st.encode(t, batch_size=ecfg.encode_batch_size, convert_to_numpy=True,
-                                          normalize_embeddings=spec.normalize, show_progress_bar=False),
-                lambda t=texts: encode_texts(t, spec, ecfg),
+                (lambda t=texts: st.encode(t, batch_size=ecfg.encode_batch_size, convert_to_numpy=True,
+                                           normalize_embeddings=spec.normalize, show_progress_bar=False), False),
+                (lambda t=texts: encode_texts(t, spec, ecfg), True),
             ],
             args.repeats,
         )
         n = len(texts)
         diff = float(np.abs(np.asarray(plain_v) - ray_v).max())
-        print(f"{name:<17}{n:>6}{mean_tokens[name]:>8.0f}{n / plain_s:>10.1f}{n / ray_s:>9.1f}"
-              f"{plain_s / ray_s:>11.2f}{ray_s / plain_s - 1:>10.1%}{diff:>10.1e}")
+        print(f"{name:<17}{n:>6}{mean_tokens[name]:>7.0f} | {n / plain_s:>8.1f}{n / ray_s:>8.1f}"
+              f"{plain_s / ray_s:>10.2f}{ray_s / plain_s - 1:>9.1%} | {1000 * plain_c / n:>18.1f}"
+              f"{1000 * ray_c / n:>7.1f}{ray_c / plain_c - 1:>9.1%}{(ray_c - fixed_cpu) / plain_c - 1:>10.1%} |"
+              f"{diff:>9.1e}")
     print(f"load avg after: {os.getloadavg()[0]:.1f} (other processes share these cores: compare within a run)")
 
 
