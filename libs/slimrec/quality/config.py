@@ -54,6 +54,12 @@ class QualityConfig(BaseModel):
         ("raw_interactions", "items", "interactions", "user_sequences"),
         description="tables whose validated slice must hold at least one row",
     )
+    max_listed_missing_ids: int = Field(
+        10_000,
+        ge=1,
+        description="distinct dangling ids collected per reference check; rows are flagged for these only "
+        "(the check fails either way; beyond this the unexpected count is a lower bound)",
+    )
     offending_rows: int = Field(5, ge=1, le=100, description="offending rows shown per failed expectation")
     small_slice_rows: int = Field(
         200_000,

@@ -6,7 +6,7 @@ becomes a column (declared in ``schemas/expectations.py``) that a standard
 expectation then checks, so every rule is reported the same way: the
 expectation, its column, the observed value and the offending rows.
 
-Example (user_sequences, items holds i1 and i2)::
+Example (user_sequences; items holds i1 and i2)::
 
     user_id  item_ids        dq_unknown_item_ids
     u1       [i1, i2, i1]    null
@@ -23,8 +23,6 @@ from slimrec.schemas.expectations import Derived, Suite, Thresholds
 from slimrec.schemas.tables import spec
 
 log = logging.getLogger(__name__)
-
-ROW_ID = "_dq_row"
 
 
 class RefReader:
@@ -54,18 +52,35 @@ class RefReader:
         return df
 
 
-def _missing(df, d: Derived, refs: RefReader):
+def _missing(df, d: Derived, refs: RefReader, max_listed: int):
+    """Unknown ids in two steps, without joining the slice back to itself.
+
+    1. the distinct ids of the slice that ``table.key`` lacks (one anti-join; usually none) are
+       collected, at most ``max_listed`` of them;
+    2. each row keeps those of its ids that are in that list (a projection, no shuffle).
+    """
     from pyspark.sql import functions as F
     from pyspark.sql import types as T
 
     m = d.missing
     is_array = isinstance(df.schema[m.column].dataType, T.ArrayType)
-    ids = df.select(ROW_ID, (F.explode(m.column) if is_array else F.col(m.column)).alias("_dq_id"))
-    ids = ids.where(F.col("_dq_id").isNotNull())
-    keys = refs.read(m.table).select(F.col(m.key).alias("_dq_id")).distinct()
-    agg = F.array_sort(F.collect_set("_dq_id")) if is_array else F.first("_dq_id")
-    unknown = ids.join(keys, "_dq_id", "left_anti").groupBy(ROW_ID).agg(agg.alias(d.name))
-    return df.join(unknown, ROW_ID, "left")
+    ids = df.select((F.explode(m.column) if is_array else F.col(m.column)).alias("_dq_id"))
+    ids = ids.where(F.col("_dq_id").isNotNull()).distinct()
+    keys = refs.read(m.table).select(F.col(m.key).alias("_dq_id"))
+    unknown = [r[0] for r in ids.join(keys, "_dq_id", "left_anti").limit(max_listed + 1).collect()]
+    if len(unknown) > max_listed:
+        refs.notes.append(
+            f"{d.name}: more than {max_listed} distinct ids of {m.column} are missing from {m.table}; "
+            f"rows are flagged for the first {max_listed} only (unexpected counts are lower bounds)"
+        )
+        unknown = unknown[:max_listed]
+    if not unknown:
+        return df.withColumn(d.name, F.lit(None).cast(df.schema[m.column].dataType))
+    listed = F.array(*[F.lit(x) for x in sorted(unknown)])
+    if is_array:
+        value = F.array_sort(F.array_distinct(F.array_intersect(F.col(m.column), listed)))
+        return df.withColumn(d.name, F.when(F.size(value) > 0, value))
+    return df.withColumn(d.name, F.when(F.array_contains(listed, F.col(m.column)), F.col(m.column)))
 
 
 def _lookup(df, d: Derived, refs: RefReader):
@@ -79,30 +94,30 @@ def _lookup(df, d: Derived, refs: RefReader):
 
 
 def _expected_dim(df, d: Derived, th: Thresholds):
-    from pyspark.sql import Window
+    """Configured dimension of the row's encoder, else that encoder's most common dim in the slice."""
     from pyspark.sql import functions as F
 
-    counts = df.groupBy("encoder", "dim").count()
-    w = Window.partitionBy("encoder").orderBy(F.desc("count"), F.desc("dim"))
-    modes = counts.withColumn("_r", F.row_number().over(w)).where("_r = 1").select("encoder", F.col("dim").alias("_mode"))
-    configured = dict(th.embedding_dims)
-    if configured:
-        lit_map = F.create_map(*[x for k, v in configured.items() for x in (F.lit(k), F.lit(v))])
-        expected = F.coalesce(lit_map[F.col("encoder")], F.col("_mode"))
-    else:
-        expected = F.col("_mode")
+    counts = df.groupBy("encoder", "dim").count().collect()  # encoders x dims: a handful of rows
+    mode: dict[str, tuple[int, int]] = {}
+    for r in counts:
+        if r["encoder"] is not None and r["dim"] is not None:
+            mode[r["encoder"]] = max(mode.get(r["encoder"], (-1, -1)), (r["count"], r["dim"]))
+    expected = {enc: dim for enc, (_, dim) in mode.items()} | dict(th.embedding_dims)
+    if not expected:
+        return df.withColumn(d.name, F.col("dim").cast("int"))
+    lit_map = F.create_map(*[x for k, v in sorted(expected.items()) for x in (F.lit(k), F.lit(v))])
     # A null encoder is the not-null check's defect; comparing its dim with nothing would report it twice.
-    expected = F.when(F.col("encoder").isNull(), F.col("dim")).otherwise(expected)
-    return df.join(F.broadcast(modes), "encoder", "left").withColumn(d.name, expected.cast("int")).drop("_mode")
+    value = F.when(F.col("encoder").isNull(), F.col("dim")).otherwise(lit_map[F.col("encoder")])
+    return df.withColumn(d.name, value.cast("int"))
 
 
-def add_derived(df, suite: Suite, refs: RefReader, th: Thresholds):
-    """``df`` (with a ``_dq_row`` id column) plus every derived column of ``suite``."""
+def add_derived(df, suite: Suite, refs: RefReader, th: Thresholds, max_listed_missing: int = 10_000):
+    """``df`` plus every derived column of ``suite``."""
     from pyspark.sql import functions as F
 
     for d in suite.derived:
         if d.missing is not None:
-            df = _missing(df, d, refs)
+            df = _missing(df, d, refs, max_listed_missing)
         elif d.lookup is not None:
             df = _lookup(df, d, refs)
         elif d.expected_dim:

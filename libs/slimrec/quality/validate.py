@@ -37,7 +37,7 @@ from typing import Any
 
 from slimrec.lake import CommitInfo, Lake
 from slimrec.quality.config import QualityConfig
-from slimrec.quality.derive import ROW_ID, RefReader, add_derived
+from slimrec.quality.derive import RefReader, add_derived
 from slimrec.quality.slices import QualityError, Slice, plan_slice, read_slice
 from slimrec.schemas.expectations import Check, Suite, Thresholds, suite_for
 from slimrec.schemas.tables import TABLES, spec
@@ -250,7 +250,7 @@ def _clean(v: Any) -> Any:
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
     if isinstance(v, dict):
-        return {k: _clean(x) for k, x in v.items() if k != ROW_ID}
+        return {k: _clean(x) for k, x in v.items()}
     if hasattr(v, "item") and not isinstance(v, (str, bytes)):
         try:
             return v.item()
@@ -374,12 +374,12 @@ def validate_table(
         run_id=run_id,
         validation_id=f"{run_id or uuid.uuid4().hex[:12]}:{table}@{version}",
     )
-    df, base = _prepare(lake, spark, sl, suite, th, qcfg, report)
+    df, cached = _prepare(lake, spark, sl, suite, th, qcfg, report)
     try:
         _run_suite(df, suite, spec(table).key, qcfg, report)
     finally:
-        df.unpersist()
-        base.unpersist()
+        for d in cached:
+            d.unpersist()
     report.success = all(o.success for o in report.outcomes)
     if docs_dir is not None:
         report.docs_index = render_docs(report, docs_dir)
@@ -393,21 +393,28 @@ def validate_table(
 
 
 def _prepare(lake: Lake, spark, sl: Slice, suite: Suite, th: Thresholds, qcfg: QualityConfig, report):
-    """Read the slice, add the derived columns, cache; small slices go to one partition."""
-    from pyspark.sql import functions as F
+    """Read the slice, add the derived columns and cache the result (one Spark partition when small).
 
-    base = read_slice(lake, spark, sl).withColumn(ROW_ID, F.monotonically_increasing_id())
-    # Cached so that the row ids stay put while derived columns join the slice with itself.
-    base = base.cache()
-    n = base.count()
-    report.rows = n
-    src = base.coalesce(1) if n <= qcfg.small_slice_rows else base
+    Returns ``(df, cached)``: the DataFrame to validate and every DataFrame cached for it.
+    """
+    df = read_slice(lake, spark, sl)
+    cached = []
+    if suite.derived:
+        # Derived columns read the slice more than once (distinct ids, modes): read the files once.
+        df = df.cache()
+        cached.append(df)
     refs = RefReader(lake, spark, sl.input_versions)
-    df = add_derived(src, suite, refs, th).cache()
-    df.count()
+    df = add_derived(df, suite, refs, th, qcfg.max_listed_missing_ids)
+    # The table's row count at that version (Delta metadata) bounds the slice's: GE runs many tiny
+    # jobs, and on a small slice one task per job beats several.
+    if lake.count(sl.table, sl.version) <= qcfg.small_slice_rows:
+        df = df.coalesce(1)
+    df = df.cache()
+    cached.append(df)
+    report.rows = df.count()
     report.notes += refs.notes
     report.reference_versions = dict(refs.versions)
-    return df, base
+    return df, cached
 
 
 def _index_columns(df, check: Check, key: tuple[str, ...]) -> list[str]:
