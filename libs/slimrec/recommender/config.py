@@ -128,7 +128,7 @@ class RecommenderConfig(BaseModel):
     cooc_last_n: int = Field(1, ge=1, description="most recent input items whose transitions form the prior")
     cooc_decay: float = Field(0.6, gt=0, le=1, description="weight decay**k of the k-th most recent input item")
     prior_weight_grid: list[float] = Field(
-        default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0],
+        default_factory=lambda: [0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0],
         description="candidate prior weights (transition and grounded), chosen on validation; 0 keeps the model",
     )
 
