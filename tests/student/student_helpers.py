@@ -96,8 +96,8 @@ def teacher_frame(prompts: pd.DataFrame, hists: dict[str, list[str]], items: pd.
 
 def small_tiny_config(**kw) -> TinyModelConfig:
     """A base model that builds in a few seconds."""
-    base = dict(vocab_size=600, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=2,
-                max_position_embeddings=512, warmup_steps=30, warmup_seq_len=64, warmup_batch_size=8,
+    base = dict(vocab_size=600, hidden_size=128, intermediate_size=256, num_layers=2, num_heads=2,
+                max_position_embeddings=512, warmup_steps=100, warmup_seq_len=64, warmup_batch_size=8,
                 warmup_lr=3e-3)
     base.update(kw)
     return TinyModelConfig(**base)
@@ -111,13 +111,13 @@ def small_student_config(models_dir: str | None = None, **kw) -> StudentConfig:
         max_prompt_tokens=160,
         max_target_items=None,
         max_target_tokens=160,
-        lora={"r": 8, "alpha": 16, "dropout": 0.0},
-        train={"epochs": 4, "batch_size": 8, "learning_rate": 1e-2, "torch_threads": 1, "cpus_per_worker": 0.5},
+        lora={"r": 16, "alpha": 32, "dropout": 0.0},
+        train={"epochs": 10, "batch_size": 4, "learning_rate": 1e-2, "torch_threads": 1, "cpus_per_worker": 0.5},
         eval_max_users=8,
         eval_batch_size=8,
         min_rouge_gain=0.05,
-        infer={"max_new_tokens": 120, "batch_size": 8, "cpus_per_actor": 0.5, "torch_threads": 1,
-               "write_batch_rows": 10},
+        infer={"max_new_tokens": 120, "batch_size": 8, "num_actors": 1, "cpus_per_actor": 0.5, "torch_threads": 1,
+               "write_batch_rows": 16},
     )
     base.update(kw)
     return StudentConfig.model_validate(base)

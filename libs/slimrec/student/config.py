@@ -27,13 +27,16 @@ class TinyModelConfig(_Frozen):
     """
 
     version: str = Field("v1", description="builder version; part of the directory name tiny-llama-<version>-<hash>")
-    vocab_size: int = Field(8192, ge=300, description="BPE vocabulary (byte-level) trained on the corpus with `tokenizers`")
+    vocab_size: int = Field(4096, ge=300, description="BPE vocabulary (byte-level) trained on the corpus with `tokenizers`")
     tokenizer_min_frequency: int = Field(2, ge=1, description="pairs seen fewer times are not merged by the BPE trainer")
-    hidden_size: int = Field(256, ge=16, description="Llama hidden size")
+    hidden_size: int = Field(192, ge=16, description="Llama hidden size")
     intermediate_size: int = Field(512, ge=16, description="Llama MLP inner size")
     num_layers: int = Field(4, ge=1, description="Llama decoder layers")
-    num_heads: int = Field(4, ge=1, description="attention heads (head dim = hidden_size / num_heads)")
+    num_heads: int = Field(3, ge=1, description="attention heads (head dim = hidden_size / num_heads; 64 suits vLLM kernels)")
     max_position_embeddings: int = Field(1024, ge=64, description="longest prompt + answer the model takes, tokens")
+    corpus_description_chars: int = Field(
+        300, ge=0, description="item descriptions, cut to this many characters, join the catalogue text (0: none)"
+    )
     corpus_max_prompts: int = Field(
         5000, ge=0, description="student prompts (a seeded sample) added to the tokenizer corpus and the warm-up"
     )
@@ -61,10 +64,10 @@ class LoraSettings(_Frozen):
 
 
 class TrainSettings(_Frozen):
-    epochs: int = Field(3, ge=1, description="passes over the training pairs")
+    epochs: int = Field(2, ge=1, description="passes over the training pairs")
     batch_size: int = Field(16, ge=1, description="pairs per micro-batch per worker")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    learning_rate: float = Field(3e-3, gt=0, description="AdamW peak learning rate (LoRA weights only)")
+    learning_rate: float = Field(5e-3, gt=0, description="AdamW peak learning rate (LoRA weights only)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of optimizer steps with linear LR warm-up; then linear decay to 0")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
@@ -87,15 +90,15 @@ class InferSettings(_Frozen):
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: CPU/GPU actors with HF generate; vllm: GPU actors with vllm.LLM + LoRA"
     )
-    max_new_tokens: int = Field(192, ge=1, description="generated tokens per rationale at most (beyond: status truncated)")
+    max_new_tokens: int = Field(200, ge=1, description="generated tokens per rationale at most (beyond: status truncated)")
     do_sample: bool = Field(False, description="false: greedy decoding (reproducible)")
     temperature: float = Field(1.0, gt=0, description="sampling temperature when do_sample")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling when do_sample")
     seed: int = Field(0, description="sampling seed when do_sample")
-    batch_size: int = Field(64, ge=1, description="prompts per generate call (padded left, sorted by length)")
-    num_actors: int = Field(1, ge=1, description="model actors in the Ray Data actor pool (one model each)")
+    batch_size: int = Field(128, ge=1, description="prompts per generate call (padded left, sorted by length)")
+    num_actors: int = Field(2, ge=1, description="model actors in the Ray Data actor pool (one model each)")
     cpus_per_actor: float = Field(
-        1.0, gt=0, description="Ray CPUs each actor reserves; fractional so Ray Data cannot deadlock on small machines"
+        0.5, gt=0, description="Ray CPUs each actor reserves; fractional so Ray Data cannot deadlock on small machines"
     )
     gpus_per_actor: float = Field(0.0, ge=0, description="Ray GPUs each actor reserves (vllm: tensor_parallel_size)")
     torch_threads: int | None = Field(
@@ -145,12 +148,12 @@ class StudentConfig(_Frozen):
         160, ge=16, description="student prompt tokens at most: the oldest history lines are dropped first (train and infer)"
     )
     max_target_items: int | None = Field(
-        3,
+        2,
         ge=1,
         description="step 3 of a teacher rationale is cut after this many quoted items before training (the "
         "teacher ranks best first); None: whole rationale. Keeps generation short on CPUs",
     )
-    max_target_tokens: int = Field(192, ge=8, description="rationale tokens trained on at most (longer: cut, no end token)")
+    max_target_tokens: int = Field(200, ge=8, description="rationale tokens trained on at most (longer: cut, no end token)")
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA adapter (PEFT)")
     train: TrainSettings = Field(default_factory=TrainSettings, description="Ray Train TorchTrainer job")
     # ---------------------------------------------------------------- quality on held-out users

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from slimrec.prompts import item_line
+from slimrec.prompts import item_line, sanitize_text
 from slimrec.student.config import TinyModelConfig
 
 log = logging.getLogger(__name__)
@@ -59,12 +59,24 @@ def _sample(texts: list[str], k: int, seed: int) -> list[str]:
     return sorted(random.Random(seed).sample(texts, k))
 
 
+def descriptions(items: pd.DataFrame, max_chars: int) -> list[str]:
+    """Sanitised item descriptions (plain English about the products), cut to ``max_chars``, in item_id order."""
+    if max_chars <= 0 or "description" not in items.columns:
+        return []
+    items = items.sort_values("item_id")
+    return [d for d in (sanitize_text(x, max_chars) for x in items["description"]) if d]
+
+
 def build_corpus(
     items: pd.DataFrame, prompts: list[str], rationales: list[str], cfg: TinyModelConfig
 ) -> dict[str, list[str]]:
-    """``{"catalogue", "prompts", "rationales"}`` text lists, sampled and ordered deterministically."""
+    """``{"catalogue", "prompts", "rationales"}`` text lists, sampled and ordered deterministically.
+
+    ``catalogue`` is one ``title | categories | brand`` line per item, then the
+    item descriptions (``corpus_description_chars``).
+    """
     return {
-        "catalogue": catalogue_lines(items),
+        "catalogue": catalogue_lines(items) + descriptions(items, cfg.corpus_description_chars),
         "prompts": _sample([p for p in prompts if p], cfg.corpus_max_prompts, cfg.seed),
         "rationales": _sample([r for r in rationales if r], cfg.corpus_max_rationales, cfg.seed + 1),
     }
@@ -113,12 +125,14 @@ def train_tokenizer(texts: list[str], vocab_size: int, min_frequency: int, model
 
 
 def _packed_blocks(tokenizer, docs: list[str], seq_len: int) -> list[list[int]]:
-    """Documents as ``<s> doc </s>`` back to back, cut into ``seq_len`` blocks (the last partial one dropped)."""
-    ids = tokenizer(docs, add_special_tokens=True)["input_ids"]
+    """Documents as ``<s> doc`` back to back, cut into ``seq_len`` blocks (the last partial one dropped).
+
+    No EOS between documents: after a prompt the base goes on writing catalogue
+    text instead of stopping at once, so the un-adapted baseline says something.
+    """
     flat: list[int] = []
-    for x in ids:
+    for x in tokenizer(docs, add_special_tokens=True)["input_ids"]:
         flat.extend(x)
-        flat.append(tokenizer.eos_token_id)
     return [flat[i : i + seq_len] for i in range(0, len(flat) - seq_len + 1, seq_len)]
 
 

@@ -1,0 +1,152 @@
+"""Student benchmark: distillation time per epoch, peak memory, held-out quality, generation tokens/s.
+
+    python -m bench.student                       # bundled Office data, dev profile's student config
+    python -m bench.student --set student.train.epochs=2 --users 1500 --gen-prompts 64
+
+What it does, on the bundled data and without Spark or a lake:
+
+1. items and leave-one-out sequences from ``data/amazon_office_2014`` (the
+   teacher's fixture reader), prompts exactly as ``build_prompts`` renders
+   them, and offline-teacher rationales for ``--users`` users (seeded);
+2. the builtin tiny Llama (built once into ``--models-dir``, then reused);
+3. LoRA distillation with the same loop Ray Train runs
+   (:func:`slimrec.student.train.core_train`, in this process): seconds per
+   epoch, train/val loss, peak resident memory;
+4. held-out quality: ROUGE-L and token F1 of the student's and of the
+   un-adapted base's rationales against the teacher's, on held-out users;
+5. generation on ``--gen-prompts`` held-out prompts: batched (``infer.batch_size``)
+   versus one prompt at a time, same prompts, greedy: output tokens/s and how
+   many outputs are identical.
+
+Numbers depend on the machine's load: the report prints the load average
+and CPU seconds next to wall seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger("bench.student")
+
+
+def offline_pairs(dataset: str, users: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(items, prompts, teacher rows) for ``users`` sampled users, from the bundled data set."""
+    from slimrec.config import load_config
+    from slimrec.teacher.fixtures import lcrec_tables, prompt_rows
+    from slimrec.teacher.offline import OfflineTeacher, build_stats
+
+    cfg = load_config("dev")
+    items, seqs = lcrec_tables(dataset)
+    prompts = prompt_rows(seqs, items, cfg.prompts)
+    stats = build_stats(seqs["history"], items, cfg.teacher.offline)
+    sample = prompts.sample(n=min(users, len(prompts)), random_state=seed)
+    answers = OfflineTeacher(stats, cfg.teacher.offline)(sample)
+    teacher = sample[["prompt_hash", "user_id"]].merge(answers, on="prompt_hash")
+    teacher = teacher.assign(teacher_model=cfg.teacher.offline.model_name, status="ok")
+    return items, prompts, teacher
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="data/amazon_office_2014")
+    ap.add_argument("--users", type=int, default=1500, help="users answered by the offline teacher (dev: 1500)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--models-dir", default="bench/results/_models", help="where the builtin base is built / reused")
+    ap.add_argument("--gen-prompts", type=int, default=64, help="prompts for the batched vs single generation check")
+    ap.add_argument("--profile", default="dev")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override, e.g. student.train.epochs=2")
+    ap.add_argument("--out", default="bench/results/student.json")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from slimrec.config import load_config
+    from slimrec.stages.distill_student import _eval_subset
+    from slimrec.student.data import encode_pair, fit_prompt_ids, split_by_user, training_pairs, trim_items
+    from slimrec.student.generate import generate_ids
+    from slimrec.student.models import load_tokenizer
+    from slimrec.student.tiny_model import build_corpus, ensure_tiny_model
+    from slimrec.student.train import core_train, peak_rss_mb
+
+    cfg = load_config(args.profile, overrides=args.sets).student
+    report: dict = {"load_avg_start": os.getloadavg(), "cpus": os.cpu_count(), "student_config": cfg.model_dump(mode="json")}
+    t0 = time.perf_counter()
+    items, prompts, teacher = offline_pairs(args.dataset, args.users, args.seed)
+    pairs = training_pairs(teacher, prompts)
+    pairs["target"] = [trim_items(r, cfg.max_target_items) for r in pairs["rationale"]]
+    train_df, held = split_by_user(pairs, cfg.heldout_fraction, cfg.split_seed)
+    report["data_seconds"] = round(time.perf_counter() - t0, 1)
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    corpus = build_corpus(items, prompts["student_prompt"].tolist(), pairs["rationale"].tolist(), cfg.tiny)
+    base_path, base_info = ensure_tiny_model(args.models_dir, corpus, cfg.tiny)
+    report["base"] = {"path": base_path, "seconds_this_run": round(time.perf_counter() - t0, 1),
+                      "cpu_seconds_this_run": round(time.process_time() - c0, 1), **base_info}
+
+    tok = load_tokenizer(base_path)
+    enc = [encode_pair(tok, p, t, cfg.max_prompt_tokens, cfg.max_target_tokens)
+           for p, t in zip(train_df["student_prompt"], train_df["target"], strict=True)]
+    val = [encode_pair(tok, p, t, cfg.max_prompt_tokens, cfg.max_target_tokens)
+           for p, t in zip(held["student_prompt"], held["target"], strict=True)]
+    eval_df = _eval_subset(held, cfg.eval_max_users, cfg.split_seed)
+    eval_set = {"prompt_ids": [fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in eval_df["student_prompt"]],
+                "targets": eval_df["target"].tolist(), "full": eval_df["rationale"].tolist()}
+    target_tokens = [sum(x != -100 for x in e["labels"]) for e in enc]
+    report["data"] = {"train_pairs": len(enc), "heldout_pairs": len(val), "eval_users": len(eval_df),
+                      "train_tokens": sum(len(e["input_ids"]) for e in enc),
+                      "target_tokens_p50_p90_max": np.percentile(target_tokens, [50, 90, 100]).tolist()}
+    config = {"base_path": base_path, "train": enc, "val": val, "eval_set": eval_set,
+              "lora": cfg.lora.model_dump(mode="json"), "train_cfg": cfg.train.model_dump(mode="json"),
+              "seed": cfg.split_seed, "max_new_tokens": cfg.infer.max_new_tokens, "eval_batch_size": cfg.eval_batch_size}
+    t0, c0 = time.perf_counter(), time.process_time()
+    model, m = core_train(config)
+    report["distill"] = {k: v for k, v in m.items() if k != "samples"}
+    report["distill"]["seconds_total_incl_eval"] = round(time.perf_counter() - t0, 1)
+    report["distill"]["cpu_seconds_total_incl_eval"] = round(time.process_time() - c0, 1)
+    report["samples"] = m.get("samples")
+
+    # Generation: the same held-out prompts, batched versus one at a time (greedy, so outputs should match).
+    gen_df = held.drop_duplicates("user_id").head(args.gen_prompts)
+    ids = sorted((fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in gen_df["student_prompt"]), key=len)
+    merged = model.merge_and_unload().eval() if cfg.infer.merge_adapter else model.eval()
+    gen = {}
+    for name, bs in (("batched", cfg.infer.batch_size), ("single", 1)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        outs = generate_ids(merged, tok, ids, cfg.infer.max_new_tokens, bs)
+        wall = time.perf_counter() - t0
+        n_tok = sum(o[2] for o in outs)
+        gen[name] = {"batch_size": bs, "prompts": len(ids), "output_tokens": n_tok, "seconds": round(wall, 2),
+                     "cpu_seconds": round(time.process_time() - c0, 2), "tokens_per_s": round(n_tok / wall, 1),
+                     "outs": outs}
+    same = sum(a[0] == b[0] for a, b in zip(gen["batched"].pop("outs"), gen["single"].pop("outs"), strict=True))
+    gen["identical_outputs"] = f"{same}/{len(ids)}"
+    gen["speedup_batched_vs_single"] = round(gen["batched"]["tokens_per_s"] / gen["single"]["tokens_per_s"], 2)
+    report["generation"] = gen
+    report["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    report["load_avg_end"] = os.getloadavg()
+
+    d = report["distill"]
+    print(f"held-out ROUGE-L vs teacher (trimmed to {cfg.max_target_items} items), {d.get('heldout_eval_users')} users: "
+          f"student {d.get('heldout_rouge_l_student', 0):.3f} vs base {d.get('heldout_rouge_l_base', 0):.3f}; "
+          f"token F1 {d.get('heldout_token_f1_student', 0):.3f} vs {d.get('heldout_token_f1_base', 0):.3f}; "
+          f"parse ok {d.get('heldout_parse_ok_rate_student', 0):.2f}")
+    print(f"distill: epochs {d['history']['epoch_seconds']} s, train loss {d['history']['train_loss']}, "
+          f"val loss {d['history']['val_loss']}, peak RSS {report['peak_rss_mb']} MiB")
+    print(f"generation: batched {gen['batched']['tokens_per_s']} tok/s vs single {gen['single']['tokens_per_s']} tok/s "
+          f"(x{gen['speedup_batched_vs_single']}), identical {gen['identical_outputs']}")
+    print(f"load average start {report['load_avg_start']} end {report['load_avg_end']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
+if __name__ == "__main__":
+    main()
