@@ -245,8 +245,8 @@ def _is_strict_map(check: Check) -> bool:
 
 def _clean(v: Any) -> Any:
     """JSON-friendly values for the offending rows (dates, numpy scalars, NaN)."""
-    if isinstance(v, float) and math.isnan(v):
-        return "NaN"
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # "nan", "inf": strict JSON has no literal for them
     if isinstance(v, (list, tuple)):
         return [_clean(x) for x in v]
     if isinstance(v, dict):
