@@ -70,14 +70,37 @@ def should_skip(ctx: StageContext, name: str) -> tuple[bool, str]:
     return False, "inputs changed"
 
 
+def _passed_gate(ctx: StageContext, table: str, version: int) -> bool:
+    """Whether ``dq_results`` holds a passing suite for this version of ``table``."""
+    if not ctx.lake.exists("dq_results"):
+        return False
+    dq = ctx.lake.read_pandas("dq_results", columns=["table_version", "suite_success"],
+                              filters=[("table_name", "=", table)])
+    return bool(((dq["table_version"] == version) & dq["suite_success"]).any())
+
+
 def gate(ctx: StageContext, result: StageResult, outputs: list[str]) -> None:
-    """Validate each table the stage wrote; raises QualityGateError on a failed suite."""
+    """Validate each table the stage wrote; raises QualityGateError on a failed suite.
+
+    An output the stage did not commit to this time (nothing changed) is validated too when its
+    current version never passed a gate: a run killed after that commit and before its gate left it
+    unvalidated, and the rerun, finding nothing to change, would otherwise hand it on unchecked.
+    """
     if not ctx.cfg.quality.enabled:
         return
     from slimrec.quality import gate as quality_gate
 
-    for table, version in result.tables.items():
-        if version is None or table in ("quarantine", "dq_results"):
+    todo = {t: v for t, v in result.tables.items() if v is not None}
+    for table in [*result.tables, *outputs]:
+        if table in todo or table in ("quarantine", "dq_results") or not ctx.lake.exists(table):
+            continue
+        current = ctx.lake.version(table)
+        if not _passed_gate(ctx, table, current):
+            log.warning("stage %s: %s v%d was committed but never validated: validating it now",
+                        result.stage, table, current)
+            todo[table] = current
+    for table, version in todo.items():
+        if table in ("quarantine", "dq_results"):
             continue
         quality_gate(ctx.lake, table, cfg=ctx.cfg, spark=ctx.spark(), version=version,
                      run_date=ctx.run_date, run_id=ctx.run_id)

@@ -236,8 +236,9 @@ def read_table(lake, table: str) -> pd.DataFrame:
     return lake.read_arrow(table).to_pandas()
 
 
-def key_of(spec, drop_run_id: bool = True) -> list[str]:
-    return [k for k in spec.key if not (drop_run_id and k in ("run_id", "validation_id"))]
+def key_of(spec, across_runs: bool = True) -> list[str]:
+    """The table's key; ``across_runs`` drops run and validation ids, which differ between two runs."""
+    return [k for k in spec.key if not (across_runs and k in ("run_id", "validation_id"))]
 
 
 def duplicate_keys(df: pd.DataFrame, key: list[str]) -> int:
@@ -257,7 +258,7 @@ def compare_table(table: str, clean: pd.DataFrame, other: pd.DataFrame, atol: fl
     if len(clean) != len(other):
         diffs.append(f"{table}: {len(other)} rows, clean run has {len(clean)}")
     for name, df in (("clean", clean), ("other", other)):
-        d = duplicate_keys(df, key)
+        d = duplicate_keys(df, list(s.key))
         if d:
             diffs.append(f"{table}: {d} duplicate keys {key} in the {name} run")
     ck = set(map(tuple, clean[key].map(_norm).values.tolist())) if len(clean) else set()
@@ -332,7 +333,7 @@ def visible_state(lake) -> dict[str, dict]:
         referenced = {Path(u.replace("file://", "")).resolve() for u in lake.file_uris(t)}
         on_disk = {p.resolve() for p in Path(lake.path(t)).rglob("*.parquet")}
         out[t] = dict(rows=len(df), duckdb_rows=int(duck), version=lake.version(t),
-                      duplicate_keys=duplicate_keys(df, key_of(s)), orphan_files=len(on_disk - referenced),
+                      duplicate_keys=duplicate_keys(df, list(s.key)), orphan_files=len(on_disk - referenced),
                       keys=set(map(tuple, df[key_of(s)].map(_norm).values.tolist())) if len(df) else set())
     con.close()
     return out

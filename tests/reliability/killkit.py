@@ -63,7 +63,7 @@ class RunResult:
     killed: bool = False
     kill_after_stage_start_s: float | None = None
     stage_done_before_kill: bool = False
-    survivors: int = 0  # processes of the run still alive 5 s after the driver was killed
+    survivors: list[str] = field(default_factory=list)  # the run's processes alive 5 s after the driver was killed
     stages_done: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     output: str = ""
@@ -122,7 +122,11 @@ class Pipeline:
             res.stage_done_before_kill = kill.stage in res.stages_done
             os.kill(p.pid, signal.SIGKILL)
             _, alive = psutil.wait_procs(tree, timeout=5)
-            res.survivors = len(alive)
+            for a in alive:
+                try:
+                    res.survivors.append(a.name())
+                except psutil.Error:
+                    pass
 
         with open(self.log, "a") as f:
             for line in p.stderr:

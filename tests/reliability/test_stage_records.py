@@ -99,3 +99,38 @@ def test_a_dry_run_records_nothing(tmp_lake, two_table_stage):
     two_table_stage["die"] = False
     pipeline.run_stage("two_tables", _ctx(tmp_lake, dry_run=True), check=False)
     assert tmp_lake.stage_record("two_tables") is None
+
+
+def test_a_rerun_that_commits_nothing_still_validates_a_commit_no_gate_passed(tmp_lake, monkeypatch):
+    """Killed after committing ``items`` and before its gate; the rerun finds nothing to change."""
+    import slimrec.quality
+    from slimrec.text import sha1
+
+    gated: list[tuple[str, int]] = []
+
+    def fake_gate(lake, table, *, cfg, spark=None, version=None, run_date=None, run_id="", **kw):
+        gated.append((table, version))
+        row = {"validation_id": f"v{len(gated)}", "table_name": table, "table_version": version, "suite": "s",
+               "suite_success": True, "expectation": "e", "column_name": None, "success": True, "observed": None,
+               "unexpected_count": 0, "details": None, "validated_ts": pd.Timestamp("2024-01-15", tz="UTC")}
+        lake.write_arrow("dq_results", pd.DataFrame([row]), "append", CommitInfo("quality", RUN_DATE))
+
+    def run(ctx):
+        if ctx.lake.exists("items"):  # incremental: same content, no commit
+            return StageResult("write_items", {"items": None})
+        items = _items(2).assign(text_hash=sha1("t | c | b"))
+        ctx.lake.write_arrow("items", items, "overwrite", ctx.commit_info("write_items", {}))
+        raise Crash("killed after the commit, before the gate")
+
+    mod = types.SimpleNamespace(INPUTS=[], OUTPUTS=["items", "quarantine"], run=run)
+    monkeypatch.setattr(pipeline, "STAGES", ["write_items"])
+    monkeypatch.setattr(pipeline, "stage_module", lambda name: mod)
+    monkeypatch.setattr(slimrec.quality, "gate", fake_gate)
+    gated_ctx = lambda: StageContext(cfg=load_config("tiny"), lake=tmp_lake, run_date=RUN_DATE,  # noqa: E731
+                                     _spark=object())  # the fake gate needs no Spark
+    with pytest.raises(Crash):
+        pipeline.run_pipeline(gated_ctx())
+    pipeline.run_pipeline(gated_ctx())
+    assert gated == [("items", 0)]  # the rerun validated the killed run's commit
+    pipeline.run_stage("write_items", gated_ctx())
+    assert gated == [("items", 0)]  # already passed: not validated twice
