@@ -8,8 +8,10 @@
    what changed: sequences of users with new events, prompts for those users,
    teacher calls for new sampled prompts within budget, student rationales for
    changed prompts, embeddings of changed texts.
-3. Recommendations of the affected users are rescored with the current
-   recommender; ``--retrain`` (or ``recommender.retrain_every_days``) fits a new one.
+3. ``--retrain`` fits a new recommender (and rewrites recommendations).
+   Without it, rescoring the affected users with the current model is NOT
+   implemented yet: the step reports itself as skipped with that reason, and
+   those users' recommendations stay as they were until the next retrain.
 
 Running the same date twice changes nothing the second time: step 1 finds no
 new event, so every later stage is skipped.
@@ -83,7 +85,8 @@ def refresh(ctx: StageContext, events_path: str | Path, retrain: bool = False, p
 
 
 def rescore(ctx: StageContext) -> StageResult:
-    """Rescore recommendations of users whose sequence changed, with the current recommender."""
-    from slimrec.recommender.serving import rescore_changed_users
-
-    return rescore_changed_users(ctx)
+    """Not implemented yet: say so in the run report instead of pretending to rescore."""
+    why = ("rescoring with the current recommender is not implemented yet; "
+           "run `slim refresh --retrain` to refresh recommendations")
+    log.warning("refresh: %s", why)
+    return StageResult("rescore_recommendations", skipped=True, extra={"reason": why})
