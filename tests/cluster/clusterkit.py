@@ -110,13 +110,52 @@ def http_json(url: str, timeout_s: float = 5.0):
 
 
 # ---------------------------------------------------------------------------------------------- processes
+# Run apart from the test: when the test process dies without its teardown (killed by `timeout`, a
+# SIGKILL, a crash), stop every process whose command line holds one of the markers, then remove the
+# given folders. Its settings come in an environment variable, so its own command line holds no marker.
+_WATCHDOG = """
+import json, os, shutil, signal, sys, time
+import psutil
+cfg = json.loads(os.environ["SLIMREC_TEST_WATCHDOG"])
+try:
+    owner = psutil.Process(cfg["pid"])
+    while owner.is_running() and owner.create_time() == cfg["created"]:
+        time.sleep(2)
+except psutil.Error:
+    pass
+me = os.getpid()
+left = []
+for p in psutil.process_iter(["cmdline"]):
+    try:
+        cmd = " ".join(p.info["cmdline"] or [])
+    except psutil.Error:
+        continue
+    if p.pid != me and any(m in cmd for m in cfg["markers"]):
+        left.append(p)
+for p in left:
+    try:
+        p.terminate()
+    except psutil.Error:
+        pass
+_, alive = psutil.wait_procs(left, timeout=10)
+for p in alive:
+    try:
+        p.kill()
+    except psutil.Error:
+        pass
+for d in cfg["remove"]:
+    shutil.rmtree(d, ignore_errors=True)
+"""
+
+
 @dataclass
 class Procs:
     """Processes one test started, stopped by pid.
 
     ``markers``: strings unique to this test (its temp dir, a port of its own); any process whose
     command line holds one is ours too (daemons that ``ray start`` or a Spark worker forked and
-    re-parented).
+    re-parented). :meth:`watch` starts a watchdog that does the same cleanup if the test process
+    dies before :meth:`stop` (``final=True``) runs.
     """
 
     markers: tuple[str, ...]
@@ -124,6 +163,16 @@ class Procs:
     # Every process seen as ours, kept as psutil objects: they remember their start time, so a pid the
     # OS has since given to someone else's process is never signalled.
     seen: dict[int, psutil.Process] = field(default_factory=dict)
+    watchdog: subprocess.Popen | None = None
+
+    def watch(self, remove: tuple[Path, ...] = ()) -> None:
+        me = psutil.Process()
+        cfg = {"pid": me.pid, "created": me.create_time(), "markers": [m for m in self.markers if m],
+               "remove": [str(d) for d in remove]}
+        env = dict(os.environ, SLIMREC_TEST_WATCHDOG=json.dumps(cfg))
+        self.watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG], env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
 
     def add(self, *procs: psutil.Process | int) -> None:
         for p in procs:
@@ -164,11 +213,16 @@ class Procs:
             if any(m and m in cmd for m in self.markers):
                 found[proc.pid] = proc
         found.pop(os.getpid(), None)
+        if self.watchdog is not None:
+            found.pop(self.watchdog.pid, None)
         self.add(*found.values())
         return list(found.values())
 
-    def stop(self, grace_s: float = 10.0) -> int:
-        """SIGTERM every process of ours, then SIGKILL what is left after ``grace_s``; return how many were live."""
+    def stop(self, grace_s: float = 10.0, final: bool = True) -> int:
+        """SIGTERM every process of ours, then SIGKILL what is left after ``grace_s``; return how many were live.
+
+        ``final``: the test is done with these processes; the watchdog goes too.
+        """
         procs = self.ours()
         for p in procs:
             try:
@@ -195,6 +249,10 @@ class Procs:
             except psutil.Error:
                 pass
         psutil.wait_procs(late, timeout=5)
+        if final and self.watchdog is not None:
+            self.watchdog.terminate()
+            self.watchdog.wait(timeout=10)
+            self.watchdog = None
         return len(procs)
 
 

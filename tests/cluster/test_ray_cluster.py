@@ -48,6 +48,7 @@ def ray_cluster(short_tmp):
               "--disable-usage-stats"]
     procs = Procs(markers=(str(short_tmp), f":{gcs} ", f":{gcs}\n", f"address=127.0.0.1:{gcs}",
                            f"--port={client}"))
+    procs.watch(remove=(short_tmp,))
     try:
         r = run([ray, "start", "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port",
                  str(dash), "--include-dashboard", "true", "--ray-client-server-port", str(client),

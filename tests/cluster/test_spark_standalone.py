@@ -49,6 +49,7 @@ def spark_cluster(short_tmp):
         SPARK_DAEMON_MEMORY="512m",
     )
     procs = Procs(markers=(str(short_tmp),))
+    procs.watch(remove=(short_tmp,))
     spark_class = str(VENV_BIN / "spark-class")
     # The temp dir is in every command line (as a system property) so leftovers are found by it.
     tag = f"-Dslimrec.test.dir={short_tmp}"

@@ -18,6 +18,7 @@ from killkit import FIGURES, UNDER_TEST, Pipeline, Procs  # noqa: E402
 def rel_tmp():
     d = Path(tempfile.mkdtemp(prefix="slimr-", dir="/tmp"))
     procs = Procs(markers=(str(d),))
+    procs.watch(remove=(d,))
     yield d, procs
     procs.stop()
     shutil.rmtree(d, ignore_errors=True)

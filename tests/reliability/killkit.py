@@ -149,7 +149,7 @@ class Pipeline:
         if timer is not None:
             timer.join()
         # Whatever the dead driver left (Spark JVM, local Ray daemons) goes now, by pid.
-        self.procs.stop(grace_s=5)
+        self.procs.stop(grace_s=5, final=False)
         return rc
 
 
