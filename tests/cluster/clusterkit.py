@@ -377,7 +377,7 @@ def validated_tables(lake) -> dict[str, bool]:
 
 
 def visible_state(lake) -> dict[str, dict]:
-    """What readers see now, per table: delta-rs rows, DuckDB rows, duplicate keys, files on disk not in the log."""
+    """What readers see now, per table: delta-rs rows, DuckDB rows, duplicate keys, files on disk no version lists."""
     from slimrec.lake import duckdb_connection
     from slimrec.schemas.tables import TABLES
 
@@ -388,7 +388,9 @@ def visible_state(lake) -> dict[str, dict]:
             continue
         df = read_table(lake, t)
         duck = con.sql(f"SELECT count(*) FROM delta_scan('{lake.path(t)}')").fetchone()[0]
-        referenced = {Path(u.replace("file://", "")).resolve() for u in lake.file_uris(t)}
+        # Files no version references: written by a killed run, never committed (readers skip them).
+        referenced = {Path(u.replace("file://", "")).resolve()
+                      for v in range(lake.version(t) + 1) for u in lake.file_uris(t, v)}
         on_disk = {p.resolve() for p in Path(lake.path(t)).rglob("*.parquet")}
         out[t] = dict(rows=len(df), duckdb_rows=int(duck), version=lake.version(t),
                       duplicate_keys=duplicate_keys(df, list(s.key)), orphan_files=len(on_disk - referenced),
