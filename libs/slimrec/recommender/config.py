@@ -145,5 +145,6 @@ class RecommenderConfig(BaseModel):
     cpus_per_worker: float = Field(2, gt=0, description="CPUs each Ray Train worker asks for")
     num_threads: int | None = Field(None, description="torch threads per worker; None: cpus_per_worker")
     artifacts_dir: str = Field(
-        "artifacts/recommender", description="Ray Train storage (checkpoints) root; a run writes <dir>/<run_id>"
+        "_artifacts/recommender",
+        description="Ray Train storage (checkpoints) root, relative to the lake root unless absolute; a run writes <dir>/<run_id>"
     )

@@ -90,14 +90,16 @@ def run(ctx: StageContext) -> StageResult:
         log.info("%s: dry run: would train %d (backbone, seed) groups; missing %s", STAGE, len(groups), missing)
         return StageResult(STAGE, {t: None for t in OUTPUTS}, rows_in=data.n_users, skipped=True, extra=extra)
 
-    res = run_experiment(data, cfg, ctx.run_id, Path(cfg.artifacts_dir), ray_address=ctx.cfg.ray_address)
+    # A relative artifacts_dir lives under the lake root, not wherever the command was started.
+    artifacts = Path(cfg.artifacts_dir) if Path(cfg.artifacts_dir).is_absolute() else Path(ctx.lake.root) / cfg.artifacts_dir
+    res = run_experiment(data, cfg, ctx.run_id, artifacts, ray_address=ctx.cfg.ray_address)
     finished = datetime.now(tz=UTC)
     info = ctx.commit_info(STAGE, inputs, best=list(res.best) if res.best else None)
 
     metrics = res.metrics.assign(run_id=ctx.run_id, dataset=ctx.cfg.dataset_name)
     metrics["seed"] = metrics["seed"].astype("int32")
     versions = {"metrics": ctx.lake.write_arrow("metrics", metrics, "append", info)}
-    notes = {**res.notes, "data": data_notes, "artifacts": str(Path(cfg.artifacts_dir).resolve() / ctx.run_id)}
+    notes = {**res.notes, "data": data_notes, "artifacts": str(artifacts / ctx.run_id)}
     runs = pd.DataFrame([{
         "run_id": ctx.run_id, "dataset": ctx.cfg.dataset_name, "config": cfg.model_dump_json(),
         "best_backbone": res.best[0] if res.best else None, "best_variant": res.best[1] if res.best else None,
