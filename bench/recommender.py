@@ -1,4 +1,4 @@
-"""python -m bench.recommender [--quick | --full] [--backbones sasrec,gru4rec] [--seeds 0,1,2] [--lake lake]
+"""python -m bench.recommender [--quick | --full] [--paper] [--offline-teacher] [--backbones sasrec,gru4rec] [--seeds 0,1,2] [--lake lake]
     [--set recommender.epochs=200 ...] [--ray]
 
 The recommender on the bundled Office data, read straight from the JSON
@@ -22,7 +22,8 @@ the results table (test target, mean±std over seeds, both protocols) with
 random, most-popular and transition-count baselines computed the same way, and
 each variant's NDCG@10 as a ratio to the ids-only model of the same run.
 ``--quick``: SASRec, one seed, 5 epochs (a smoke run). ``--full``: the full
-benchmark (``FULL_BENCHMARK_OVERRIDES``: every backbone, 5 seeds, 200 epochs).
+benchmark (``FULL_BENCHMARK_OVERRIDES``: every backbone, 5 seeds, 200 epochs); ``--paper``:
+SASRec.pytorch's learning rate and one negative per positive.
 Runs in this process unless ``--ray`` (then through Ray Train, as the stage).
 Nothing is asserted; the machine is shared, so quote times from a quiet run.
 """
@@ -184,6 +185,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="SASRec, one seed, 5 epochs")
     ap.add_argument("--full", action="store_true", help="the full benchmark: FULL_BENCHMARK_OVERRIDES")
+    ap.add_argument("--paper", action="store_true", help="SASRec.pytorch's optimisation: PAPER_SETTINGS_OVERRIDES")
     ap.add_argument("--backbones", default=None, help="comma list, e.g. sasrec,gru4rec,srgnn")
     ap.add_argument("--seeds", default=None, help="comma list of seeds")
     ap.add_argument("--lake", default=None, help="read item/rationale embeddings and rationales from this lake")
@@ -198,11 +200,12 @@ def main() -> int:
                         datefmt="%H:%M:%S")
 
     from slimrec.config import load_config
-    from slimrec.recommender.config import FULL_BENCHMARK_OVERRIDES
+    from slimrec.recommender.config import FULL_BENCHMARK_OVERRIDES, PAPER_SETTINGS_OVERRIDES
     from slimrec.recommender.data import build_rec_data
     from slimrec.recommender.experiment import run_experiment
 
     sets = list(FULL_BENCHMARK_OVERRIDES) if args.full else []
+    sets += list(PAPER_SETTINGS_OVERRIDES) if args.paper else []
     if args.quick:
         sets += ["recommender.seeds=[0]", "recommender.epochs=5", "recommender.finetune_epochs=2"]
     if args.backbones:

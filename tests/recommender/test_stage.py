@@ -97,8 +97,9 @@ def test_ray_train_job(tiny_data, tmp_path, ray_local):
     from rec_helpers import tiny_cfg
     from slimrec.recommender.experiment import run_experiment
 
-    cfg = tiny_cfg(use_ray=True, cpus_per_worker=1, num_threads=1, variants=["base", "slim"], epochs=2,
-                   finetune_epochs=1)
+    # two CPU workers: data-parallel DDP (gloo), rank 0 reports the checkpoints
+    cfg = tiny_cfg(use_ray=True, num_workers=2, cpus_per_worker=1, num_threads=1, variants=["base", "slim"],
+                   epochs=2, finetune_epochs=1)
     res = run_experiment(tiny_data, cfg, "raytest", tmp_path)
     assert set(res.checkpoints) == {"sasrec/0"}
     ckpt = res.checkpoints["sasrec/0"]

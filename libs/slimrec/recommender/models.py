@@ -41,13 +41,25 @@ class ItemEncoder(nn.Module):
             self.register_buffer("text", text.float(), persistent=False)  # (N, D), from the data, not the checkpoint
             self.g_l = nn.Linear(text.shape[1], d)
             self.g_f = nn.Linear(2 * d, d)
+            # g_f starts as [0 | I]: z_i = id_i, exactly the ids-only model, and the text part is learned
+            # from there (a random g_f rescales the id embeddings and made SASRec worse than ids alone).
+            with torch.no_grad():
+                self.g_f.weight.zero_()
+                self.g_f.weight[:, d:].copy_(torch.eye(d))
+                self.g_f.bias.zero_()
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        """(...,) item indices -> (..., d)."""
+    def forward(self, ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """(...,) item indices -> (..., d); with ``table`` (N, d) from :meth:`all_items`, a plain lookup."""
+        if table is not None:
+            return table[ids]
         e = self.id_emb(ids)
         if not self.use_text:
             return e
         return self.g_f(torch.cat([self.g_l(self.text[ids]), e], dim=-1))
+
+    @property
+    def n_rows(self) -> int:
+        return self.id_emb.num_embeddings
 
     def all_items(self) -> torch.Tensor:
         """(N, d) every item's vector (row 0 is padding: never a candidate)."""
@@ -251,9 +263,9 @@ class SeqRecModel(nn.Module):
         )
         self.prior_weight = nn.Parameter(torch.tensor(1.0)) if joint_prior else None
 
-    def user(self, ids: torch.Tensor, r=None, present=None) -> torch.Tensor:
+    def user(self, ids: torch.Tensor, r=None, present=None, table=None) -> torch.Tensor:
         """(B, L) right-aligned inputs -> (B, L, d) per position, or (B, d) for SR-GNN."""
-        out = self.backbone(ids, self.items(ids))
+        out = self.backbone(ids, self.items(ids, table))
         if self.fusion is not None and r is not None:
             out = self.fusion(out, r, present)
         return out

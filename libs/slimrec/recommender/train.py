@@ -112,17 +112,21 @@ class SeqLoss(nn.Module):
 
     def forward(self, inp, tgt, neg=None, r=None, pres=None, full=None):
         m = self.model
-        out = m.user(inp, r, pres)  # (B, L, d) or (B, d)
+        # With text fusion, items are cheaper to encode once per step than per looked-up id when the
+        # catalogue is smaller than the ids the step touches (inputs, targets, negatives).
+        n_ids = inp.numel() + tgt.numel() + (neg.numel() if neg is not None else 0)
+        table = m.items.all_items() if self.loss == "ce" or (m.items.use_text and m.items.n_rows <= n_ids) else None
+        out = m.user(inp, r, pres, table)  # (B, L, d) or (B, d)
         mask = tgt > 0
         w = m.prior_weight
         if self.loss == "ce":
-            logits = out @ m.items.all_items().T  # (B, L, N) or (B, N)
+            logits = out @ table.T  # (B, L, N) or (B, N)
             if w is not None and self.cooc is not None:
                 logits = logits + w * self.cooc.full(full)
             logits[..., 0] = float("-inf")
             return F.cross_entropy(logits[mask], tgt[mask])
-        pos = (out * m.items(tgt)).sum(-1)  # (B, L) or (B,)
-        negl = (out.unsqueeze(-2) * m.items(neg)).sum(-1)  # (B, L, K) or (B, K)
+        pos = (out * m.items(tgt, table)).sum(-1)  # (B, L) or (B,)
+        negl = (out.unsqueeze(-2) * m.items(neg, table)).sum(-1)  # (B, L, K) or (B, K)
         if w is not None and self.cooc is not None:
             pos = pos + w * self.cooc.at(full, tgt.unsqueeze(-1)).squeeze(-1)
             negl = negl + w * self.cooc.at(full, neg)
