@@ -31,6 +31,18 @@ PYSPARK_HOME = Path(__import__("pyspark").__file__).parent
 RUN_DATE = date(2024, 1, 15)
 
 
+def cut_dataset(dst: Path, n_users: int, src: Path = REPO / "data" / "amazon_office_2014") -> Path:
+    """The first ``n_users`` users of the bundled LC-Rec data and only their items, as an LC-Rec folder."""
+    inter = json.loads((src / "Office.inter.json").read_text())
+    items = json.loads((src / "Office.item.json").read_text())
+    users = dict(list(inter.items())[:n_users])
+    keep = {str(i) for seq in users.values() for i in seq}
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "Tiny.inter.json").write_text(json.dumps(users))
+    (dst / "Tiny.item.json").write_text(json.dumps({k: v for k, v in items.items() if k in keep}))
+    return dst
+
+
 def run_stages_here(spark, lake_dir: Path, names: list[str], dataset: Path | None = None,
                     overrides: tuple[str, ...] = ()) -> None:
     """Run stages in this process on the session's local Spark (no quality gate), like ``slim stage``."""

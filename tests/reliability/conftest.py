@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
 
-from killkit import FIGURES, UNDER_TEST, Pipeline, Procs  # noqa: E402
+from clusterkit import cut_dataset  # noqa: E402
+from killkit import FIGURES, REL_USERS, UNDER_TEST, Pipeline, Procs  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,11 +27,17 @@ def rel_tmp():
 
 
 @pytest.fixture(scope="session")
-def clean_run(tiny_dataset, rel_tmp):
+def rel_dataset(rel_tmp):
+    """80 real users of the bundled data (fewer texts to embed: every run here is repeated)."""
+    return cut_dataset(rel_tmp[0] / "dataset", REL_USERS)
+
+
+@pytest.fixture(scope="session")
+def clean_run(rel_dataset, rel_tmp):
     """A clean ``slim run`` of the stages under test: (lake dir, result)."""
     d, procs = rel_tmp
     (d / "clean").mkdir()
-    pipe = Pipeline(tiny_dataset, d / "clean" / "lake", d / "clean", procs)
+    pipe = Pipeline(rel_dataset, d / "clean" / "lake", d / "clean", procs)
     res = pipe.run()
     assert res.rc == 0, f"clean run failed (log {pipe.log}):\n{res.output[-4000:]}"
     assert res.stages_done == UNDER_TEST, res.stages_done

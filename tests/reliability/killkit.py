@@ -34,6 +34,7 @@ UNDER_TEST = EXISTING if os.environ.get("SLIMREC_RELIABILITY_ALL") else [s for s
 # Same config for every run (the config hash is part of each commit): teacher answers in 5 commits of 10.
 SETTINGS = ["teacher.commit_batch_size=10", "teacher.commit_interval_s=60"]
 
+REL_USERS = 80  # users of the bundled data in the reliability runs
 FIGURES: list[tuple[str, dict]] = []
 
 

@@ -23,7 +23,7 @@ from slimrec.schemas.tables import TABLES
 pytestmark = [pytest.mark.slow]
 
 
-def test_a_second_run_for_the_same_date_fails_clearly_and_corrupts_nothing(clean_run, tiny_dataset, rel_tmp):
+def test_a_second_run_for_the_same_date_fails_clearly_and_corrupts_nothing(clean_run, rel_dataset, rel_tmp):
     clean_dir, _ = clean_run
     d, procs = rel_tmp
     work = d / "concurrent"
@@ -31,7 +31,7 @@ def test_a_second_run_for_the_same_date_fails_clearly_and_corrupts_nothing(clean
     shutil.copytree(clean_dir, work / "lake")
     lake = Lake(work / "lake")
     before = {t: lake.version(t) for t in TABLES if lake.exists(t)}
-    pipe = Pipeline(tiny_dataset, work / "lake", work, procs)
+    pipe = Pipeline(rel_dataset, work / "lake", work, procs)
 
     a = subprocess.Popen([str(VENV_BIN / "slim"), "stage", "build_prompts", "--lake", str(lake.root), "--profile",
                           "tiny", "--run-date", RUN_DATE.isoformat(), *[x for s in SETTINGS for x in ("--set", s)]],

@@ -64,28 +64,30 @@ def check_visible(lake: Lake, clean: dict[str, dict]) -> list[str]:
     return problems
 
 
-def test_sigkill_in_each_stage_then_rerun_equals_clean_run(clean_run, tiny_dataset, rel_tmp):
+def test_sigkill_in_each_stage_then_rerun_equals_clean_run(clean_run, rel_dataset, rel_tmp):
     clean_lake_dir, clean_res = clean_run
     d, procs = rel_tmp
     clean_lake = Lake(clean_lake_dir)
     clean_state = visible_state(clean_lake)
     work = d / "killed"
     work.mkdir()
-    pipe = Pipeline(tiny_dataset, work / "lake", work, procs)
+    pipe = Pipeline(rel_dataset, work / "lake", work, procs)
 
-    kills, landed, survivors, orphans, visible_problems = [], 0, [], 0, []
+    kills, landed, survivors, orphans, visible_problems, late_gates = [], 0, [], 0, [], 0
     for k in kill_plan(clean_res.stage_seconds):
         res = pipe.run(kill=k)
         assert res.killed, f"the run ended (rc {res.rc}) before the kill in {k.stage}; log {pipe.log}:\n" \
                            f"{res.output[-4000:]}"
         landed += not res.stage_done_before_kill
         survivors += [f"{k.stage}:{n}" for n in res.survivors]
+        late_gates += res.output.count("was committed but never validated")
         kills.append(f"{k.stage}@{res.kill_after_stage_start_s}s")
         state = visible_state(Lake(pipe.lake))
         orphans += sum(v["orphan_files"] for v in state.values())
         visible_problems += [f"after kill in {k.stage}: {p}" for p in check_visible(Lake(pipe.lake), clean_state)]
 
     final = pipe.run()
+    late_gates += final.output.count("was committed but never validated")
     assert final.rc == 0, f"the rerun after the last kill failed; log {pipe.log}:\n{final.output[-4000:]}"
     lake = Lake(pipe.lake)
     compared, diffs = compare_lakes(clean_lake, lake)
@@ -95,6 +97,7 @@ def test_sigkill_in_each_stage_then_rerun_equals_clean_run(clean_run, tiny_datas
         "runs killed": len(kills), "kills inside their stage": landed, "where": " ".join(kills),
         "tables compared": len(compared), "differences found": len(diffs),
         "half-written states visible": len(visible_problems), "tables read unvalidated": len(unvalidated),
+        "commits validated late by a rerun": late_gates,
         "orphan files left (invisible)": orphans,
         "processes outliving the driver 5 s": f"{len(survivors)} {sorted(set(survivors))}",
     }))
