@@ -23,7 +23,6 @@ chosen on the validation split only (:meth:`Evaluator.choose_weights`).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 from collections.abc import Callable
 
@@ -114,15 +113,19 @@ class Evaluator:
         for i in range(0, len(users), bs):
             yield users[i : i + bs]
 
-    def _counts(self, scores: np.ndarray, split: str, users: np.ndarray, protocol: str):
+    def _excluded(self, split: str, users: np.ndarray) -> np.ndarray:
+        """(B, N) True where an item is not a full-ranking candidate: padding and the input's items."""
+        excl = excluded_mask_rows(*self.data.split_sequences(split), users, self.n_cols)
+        excl[:, 0] = True
+        excl[np.arange(len(users)), self.data.targets(split)[users]] = False  # a repeated target stays a candidate
+        return excl
+
+    def _counts(self, scores: np.ndarray, split: str, users: np.ndarray, protocol: str, excl=None):
         targets = self.data.targets(split)[users]
         rows = np.arange(len(users))
         if protocol == "full":
             s = scores.astype(np.float32, copy=True)
-            excl = excluded_mask_rows(*self.data.split_sequences(split), users, self.n_cols)
-            excl[:, 0] = True
-            excl[rows, targets] = False  # a repeated target stays a candidate
-            s[excl] = -np.inf
+            s[self._excluded(split, users) if excl is None else excl] = -np.inf
             return counts_from_scores(s, targets)
         cand = np.concatenate([targets[:, None], self.negatives[users]], axis=1)
         s = scores[rows[:, None], cand].astype(np.float32)
@@ -166,28 +169,46 @@ class Evaluator:
         return float(res[(split, self.cfg.early_stop_protocol)]["ndcg_10"].mean())
 
     def choose_weights(
-        self, model_fn: ScoreFn, priors: list[ScoreFn], users: np.ndarray | None = None
+        self, model_fn: ScoreFn, priors: list[ScoreFn], users: np.ndarray | None = None, rounds: int = 2
     ) -> tuple[tuple[float, ...], float]:
-        """Grid-search prior weights on the VALIDATION split (never test): best mean NDCG@10 under the
-        early-stopping protocol. Returns (weights, valid NDCG@10)."""
+        """Choose prior weights on the VALIDATION split (never test): best mean NDCG@10 under the
+        early-stopping protocol over ``prior_weight_grid``. One prior: the whole grid; several: coordinate
+        ascent from all zeros (each weight over the grid with the others fixed, ``rounds`` times).
+        Ties keep the smaller weight (the grid is sorted, 0 first). Returns (weights, valid NDCG@10)."""
         if not priors:
             return (), self.ndcg10(model_fn, users)
         users = np.arange(self.data.n_users) if users is None else users
-        grid = list(itertools.product(self.cfg.prior_weight_grid, repeat=len(priors)))
+        grid = sorted(set(self.cfg.prior_weight_grid) | {0.0})
+        weights = [0.0] * len(priors)
+        best_v = -1.0
+        for _ in range(rounds if len(priors) > 1 else 1):
+            changed = False
+            for k in range(len(priors)):
+                cands = [tuple(weights[:k] + [w] + weights[k + 1 :]) for w in grid]
+                sums = self._grid_sums(model_fn, priors, cands, users)
+                i = int(np.argmax(sums))
+                if sums[i] / len(users) > best_v + 1e-12 or cands[i] == tuple(weights):
+                    changed |= cands[i] != tuple(weights)
+                    weights, best_v = list(cands[i]), float(sums[i] / len(users))
+            if not changed:
+                break
+        return tuple(weights), best_v
+
+    def _grid_sums(self, model_fn, priors, cands, users) -> np.ndarray:
         proto = self.cfg.early_stop_protocol
-        sums = np.zeros(len(grid))
+        sums = np.zeros(len(cands))
         for b in self._batches(users):
             base = np.array(model_fn("valid", b), dtype=np.float32, copy=True)
             comps = [fn("valid", b) for fn in priors]
-            for gi, ws in enumerate(grid):
-                s = base.copy()
+            excl = self._excluded("valid", b) if proto == "full" else None
+            for gi, ws in enumerate(cands):
+                sc = base.copy()
                 for w, c in zip(ws, comps, strict=True):
                     if w:
-                        s += np.float32(w) * c
-                g, e = self._counts(s, "valid", b, proto)
+                        sc += np.float32(w) * c
+                g, e = self._counts(sc, "valid", b, proto, excl)
                 sums[gi] += rank_metrics(g, e, ks=(10,))["ndcg_10"].sum()
-        best = int(np.argmax(sums))  # first best: ties keep the smaller weights (grid starts at 0)
-        return tuple(grid[best]), float(sums[best] / len(users))
+        return sums
 
     def top_k(self, model_fn: ScoreFn, priors=(), weights=(), k: int = 20, split: str = "serve"):
         """(U, k) internal item indices and scores, best first, excluding every item of the ``split`` input."""
