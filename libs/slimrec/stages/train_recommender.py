@@ -17,6 +17,7 @@ run_id), ``recommendations`` (replace this run date's slice).
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -103,7 +104,7 @@ def run(ctx: StageContext) -> StageResult:
     runs = pd.DataFrame([{
         "run_id": ctx.run_id, "dataset": ctx.cfg.dataset_name, "config": cfg.model_dump_json(),
         "best_backbone": res.best[0] if res.best else None, "best_variant": res.best[1] if res.best else None,
-        "n_users": data.n_users, "n_items": data.n_items, "notes": pd.Series([notes]).to_json(orient="records")[1:-1],
+        "n_users": data.n_users, "n_items": data.n_items, "notes": json.dumps(notes, sort_keys=True, default=str),
         "started_ts": started, "finished_ts": finished,
     }])
     versions["recommender_runs"] = ctx.lake.write_arrow("recommender_runs", runs, "append", info)
@@ -116,7 +117,7 @@ def run(ctx: StageContext) -> StageResult:
 
     table = res.table("test")
     log.info("%s: results (test target)\n%s", STAGE, table)
-    extra.update(best=list(res.best) if res.best else None, run_id=ctx.run_id, results_table=table)
+    extra.update(best=list(res.best) if res.best else None, run_id=ctx.run_id)
     if res.best:
         b = res.metrics[(res.metrics.backbone == res.best[0]) & (res.metrics.variant == res.best[1])
                         & (res.metrics.split == "test")]
