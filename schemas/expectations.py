@@ -46,7 +46,7 @@ class Thresholds:
     min_three_step_share: float = 0.9
     rationale_statuses: tuple[str, ...] = ("ok", "parse_error", "empty", "truncated", "failed", "skipped_budget")
     rationale_sources: tuple[str, ...] = ("teacher", "student")
-    embedding_dims: tuple[tuple[str, int], ...] = (("builtin:all-MiniLM-L6-v2", 384),)
+    embedding_dims: tuple[tuple[str, int], ...] = (("all-MiniLM-L6-v2", 384),)
     metric_protocol_pattern: str = r"^(full|sampled[0-9]+)$"
     non_empty_tables: tuple[str, ...] = ("raw_interactions", "items", "interactions", "user_sequences")
 
@@ -55,8 +55,9 @@ class Thresholds:
 class Missing:
     """Ids of ``column`` (a string or an array of strings) absent from ``table.key``.
 
-    The derived value is the array of the row's unknown ids, or null when all
-    are known (a null id is not "unknown": the not-null checks catch it).
+    The derived value is the row's unknown ids (an array for an array column,
+    the id itself for a string column), or null when all are known (a null id
+    is not "unknown": the not-null checks catch it).
     """
 
     column: str

@@ -264,6 +264,19 @@ def test_unconfigured_encoder_must_keep_one_dimension(spark, tmp_lake):
     ]
 
 
+def test_default_config_knows_the_bundled_encoder_by_its_name(spark, tmp_lake):
+    from slimrec.quality.config import QualityConfig
+
+    w = world()
+    enc = "all-MiniLM-L6-v2:st:norm:256"  # the encoder column value the embed stage writes
+    for r in w["rationale_embeddings"]:
+        r["encoder"] = enc  # dim 4 everywhere: consistent, but MiniLM vectors have 384 values
+    write_world(tmp_lake, w, "rationale_embeddings")
+    report = validate_table(tmp_lake, "rationale_embeddings", cfg=QualityConfig(), spark=spark)
+    assert _failed(report) == [f"{PAIR_EQ}:dim,dq_expected_dim"]
+    assert report.outcome(f"{PAIR_EQ}:dim,dq_expected_dim").offending_rows[0]["dq_expected_dim"] == 384
+
+
 def test_three_step_share_threshold_comes_from_config(spark, tmp_lake):
     from slimrec.quality.config import QualityConfig
 

@@ -43,9 +43,10 @@ class QualityConfig(BaseModel):
         ("teacher", "student"), description="allowed values of rationale_embeddings.source"
     )
     embedding_dims: dict[str, int] = Field(
-        default_factory=lambda: {"builtin:all-MiniLM-L6-v2": 384},
-        description="expected vector dimension per encoder name; an encoder not listed must use one "
-        "dimension throughout the slice (its most common one)",
+        default_factory=lambda: {"all-MiniLM-L6-v2": 384},
+        description="expected vector dimension per encoder, keyed by the encoder column's full value "
+        "(all-MiniLM-L6-v2:st:norm:256) or its name before the first ':' (all-MiniLM-L6-v2); an encoder "
+        "not listed must use one dimension throughout the slice (its most common one)",
     )
     metric_protocol_pattern: str = Field(
         r"^(full|sampled[0-9]+)$", description="regex the metrics.protocol values must match"

@@ -94,7 +94,7 @@ def _lookup(df, d: Derived, refs: RefReader):
 
 
 def _expected_dim(df, d: Derived, th: Thresholds):
-    """Configured dimension of the row's encoder, else that encoder's most common dim in the slice."""
+    """Configured dimension of the row's encoder (by full id or by name), else its most common dim in the slice."""
     from pyspark.sql import functions as F
 
     counts = df.groupBy("encoder", "dim").count().collect()  # encoders x dims: a handful of rows
@@ -102,7 +102,11 @@ def _expected_dim(df, d: Derived, th: Thresholds):
     for r in counts:
         if r["encoder"] is not None and r["dim"] is not None:
             mode[r["encoder"]] = max(mode.get(r["encoder"], (-1, -1)), (r["count"], r["dim"]))
-    expected = {enc: dim for enc, (_, dim) in mode.items()} | dict(th.embedding_dims)
+    configured = dict(th.embedding_dims)
+    expected = {}
+    for enc, (_, dim) in mode.items():
+        # "all-MiniLM-L6-v2:st:norm:256" (name:pooling:norm:max_len, see slimrec.embed) matches its name too.
+        expected[enc] = configured.get(enc, configured.get(enc.split(":")[0], dim))
     if not expected:
         return df.withColumn(d.name, F.col("dim").cast("int"))
     lit_map = F.create_map(*[x for k, v in sorted(expected.items()) for x in (F.lit(k), F.lit(v))])
