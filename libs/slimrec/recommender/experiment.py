@@ -81,6 +81,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    if not logging.getLogger().handlers:  # a fresh worker process: per-epoch progress to its log file
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     cfg = RecommenderConfig.model_validate(config["cfg"])
     data: RecData = ray.get(config["data_ref"])
     ctx = ray.train.get_context()
