@@ -104,3 +104,9 @@ def test_baselines_random_and_popular(tiny_data):
     assert 0.7 < full[("test", "sampled100")]["hr_10"].mean() <= 1.0
     pop = ev.popularity
     assert pop[0] == 0 and pop.sum() == len(tiny_data.hist_items)
+
+
+def test_two_priors_coordinate_ascent_keeps_the_useless_one_at_zero(tiny_data):
+    ev = Evaluator(tiny_data, tiny_cfg(prior_weight_grid=[0.0, 0.5, 3.0]))
+    w, v = ev.choose_weights(ev.random_fn(3), [ev.random_fn(4), _planted(tiny_data, "target")])
+    assert w[0] == 0.0 and w[1] > 0 and v == pytest.approx(1.0)
