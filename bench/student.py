@@ -60,7 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--users", type=int, default=1500, help="users answered by the offline teacher (dev: 1500)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--models-dir", default="bench/results/_models", help="where the builtin base is built / reused")
-    ap.add_argument("--gen-prompts", type=int, default=64, help="prompts for the batched vs single generation check")
+    ap.add_argument("--gen-prompts", type=int, default=32, help="prompts for the batched vs single generation check")
+    ap.add_argument("--infer-users", type=int, default=500,
+                    help="users (any, seeded) generated batched like the stage does, timed and extrapolated to all")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the stage: cores / actors)")
     ap.add_argument("--profile", default="dev")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override, e.g. student.train.epochs=2")
     ap.add_argument("--out", default="bench/results/student.json")
@@ -68,15 +71,25 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    import torch
     from slimrec.config import load_config
-    from slimrec.stages.distill_student import _eval_subset
-    from slimrec.student.data import encode_pair, fit_prompt_ids, split_by_user, training_pairs, trim_items
+    from slimrec.rationale import parse_rationale
+    from slimrec.student.data import (
+        encode_pair,
+        eval_subset,
+        fit_prompt_ids,
+        split_by_user,
+        training_pairs,
+        trim_items,
+    )
     from slimrec.student.generate import generate_ids
     from slimrec.student.models import load_tokenizer
     from slimrec.student.tiny_model import build_corpus, ensure_tiny_model
     from slimrec.student.train import core_train, peak_rss_mb
 
     cfg = load_config(args.profile, overrides=args.sets).student
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"torch_threads": args.threads})})
+    torch.set_num_threads(args.threads)
     report: dict = {"load_avg_start": os.getloadavg(), "cpus": os.cpu_count(), "student_config": cfg.model_dump(mode="json")}
     t0 = time.perf_counter()
     items, prompts, teacher = offline_pairs(args.dataset, args.users, args.seed)
@@ -86,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["data_seconds"] = round(time.perf_counter() - t0, 1)
 
     t0, c0 = time.perf_counter(), time.process_time()
-    corpus = build_corpus(items, prompts["student_prompt"].tolist(), pairs["rationale"].tolist(), cfg.tiny)
+    corpus = build_corpus(items, pairs["student_prompt"].tolist(), pairs["rationale"].tolist(), cfg.tiny)
     base_path, base_info = ensure_tiny_model(args.models_dir, corpus, cfg.tiny)
     report["base"] = {"path": base_path, "seconds_this_run": round(time.perf_counter() - t0, 1),
                       "cpu_seconds_this_run": round(time.process_time() - c0, 1), **base_info}
@@ -96,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
            for p, t in zip(train_df["student_prompt"], train_df["target"], strict=True)]
     val = [encode_pair(tok, p, t, cfg.max_prompt_tokens, cfg.max_target_tokens)
            for p, t in zip(held["student_prompt"], held["target"], strict=True)]
-    eval_df = _eval_subset(held, cfg.eval_max_users, cfg.split_seed)
+    eval_df = eval_subset(held, cfg.eval_max_users, cfg.split_seed)
     eval_set = {"prompt_ids": [fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in eval_df["student_prompt"]],
                 "targets": eval_df["target"].tolist(), "full": eval_df["rationale"].tolist()}
     target_tokens = [sum(x != -100 for x in e["labels"]) for e in enc]
@@ -130,6 +143,23 @@ def main(argv: list[str] | None = None) -> dict:
     gen["identical_outputs"] = f"{same}/{len(ids)}"
     gen["speedup_batched_vs_single"] = round(gen["batched"]["tokens_per_s"] / gen["single"]["tokens_per_s"], 2)
     report["generation"] = gen
+
+    if args.infer_users:
+        users = prompts.sample(n=min(args.infer_users, len(prompts)), random_state=args.seed + 1)
+        ids = sorted((fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in users["student_prompt"]), key=len)
+        t0, c0 = time.perf_counter(), time.process_time()
+        outs = generate_ids(merged, tok, ids, cfg.infer.max_new_tokens, cfg.infer.batch_size)
+        wall = time.perf_counter() - t0
+        n_tok = sum(o[2] for o in outs)
+        statuses = pd.Series([(parse_rationale(t, f)[1] or "ok").split(":")[0] for t, f, _ in outs]).value_counts()
+        report["inference"] = {
+            "users": len(ids), "batch_size": cfg.infer.batch_size, "threads": args.threads,
+            "prompt_tokens_mean": round(float(np.mean([len(x) for x in ids])), 1),
+            "output_tokens": n_tok, "output_tokens_mean": round(n_tok / len(ids), 1), "seconds": round(wall, 1),
+            "cpu_seconds": round(time.process_time() - c0, 1), "tokens_per_s": round(n_tok / wall, 1),
+            "statuses": statuses.to_dict(),
+            "est_seconds_all_users": round(wall * len(prompts) / len(ids), 1), "all_users": len(prompts),
+        }
     report["peak_rss_mb"] = round(peak_rss_mb(), 1)
     report["load_avg_end"] = os.getloadavg()
 
@@ -142,6 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"val loss {d['history']['val_loss']}, peak RSS {report['peak_rss_mb']} MiB")
     print(f"generation: batched {gen['batched']['tokens_per_s']} tok/s vs single {gen['single']['tokens_per_s']} tok/s "
           f"(x{gen['speedup_batched_vs_single']}), identical {gen['identical_outputs']}")
+    if "inference" in report:
+        inf = report["inference"]
+        print(f"inference: {inf['users']} users in {inf['seconds']} s ({inf['tokens_per_s']} tok/s, {inf['threads']} threads), "
+              f"statuses {inf['statuses']}; all {inf['all_users']} users: about {inf['est_seconds_all_users']} s")
     print(f"load average start {report['load_avg_start']} end {report['load_avg_end']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))

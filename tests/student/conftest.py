@@ -17,6 +17,8 @@ def tiny_base(tmp_path_factory):
     prompts = prompts_frame(hists, items)
     teacher = teacher_frame(prompts, hists, items)
     cfg = small_tiny_config()
-    corpus = build_corpus(items, prompts["student_prompt"].tolist(), teacher["rationale"].tolist(), cfg)
+    pairs = training_pairs(teacher, prompts)
+    # The same corpus distill_student builds from such a lake: catalogue + the pairs' prompts and answers.
+    corpus = build_corpus(items, pairs["student_prompt"].tolist(), pairs["rationale"].tolist(), cfg)
     path, _ = ensure_tiny_model(tmp_path_factory.mktemp("models"), corpus, cfg)
-    return path, corpus, training_pairs(teacher, prompts)
+    return path, corpus, pairs

@@ -13,8 +13,6 @@ from datetime import UTC, datetime
 
 import pandas as pd
 from slimrec.config import PipelineConfig
-from slimrec.lake import CommitInfo
-from slimrec.stages.base import StageContext
 from slimrec.student.config import StudentConfig, TinyModelConfig
 from slimrec.teacher.fixtures import prompt_rows
 
@@ -123,13 +121,18 @@ def small_student_config(models_dir: str | None = None, **kw) -> StudentConfig:
     return StudentConfig.model_validate(base)
 
 
-def make_ctx(lake, run_date, student: StudentConfig, dry_run: bool = False, force: bool = False) -> StageContext:
+def make_ctx(lake, run_date, student: StudentConfig, dry_run: bool = False, force: bool = False):
+    # Imported here, not at the top: the GPU tests use these helpers where deltalake is not installed.
+    from slimrec.stages.base import StageContext
+
     cfg = PipelineConfig(profile="tiny", student=student)
     return StageContext(cfg=cfg, lake=lake, run_date=run_date, dry_run=dry_run, force=force)
 
 
 def write_lake(lake, run_date, hists, items=None, teacher_users: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """items, prompts (dated run_date) and teacher_rationales for the first ``teacher_users`` users."""
+    from slimrec.lake import CommitInfo
+
     items = items_frame() if items is None else items
     prompts = prompts_frame(hists, items)
     info = CommitInfo("fixture", run_date)

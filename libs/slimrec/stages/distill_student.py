@@ -39,7 +39,14 @@ import pandas as pd
 from slimrec.pipeline import StageError
 from slimrec.stages.base import StageContext, StageResult
 from slimrec.student.config import StudentConfig
-from slimrec.student.data import encode_pair, fit_prompt_ids, split_by_user, training_pairs, trim_items
+from slimrec.student.data import (
+    encode_pair,
+    eval_subset,
+    fit_prompt_ids,
+    split_by_user,
+    training_pairs,
+    trim_items,
+)
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +94,6 @@ def resolve_base(cfg: StudentConfig, root: Path, items: pd.DataFrame | None, pro
     return cfg.base_model, cfg.base_model, {"source": "HF name from the local cache"}
 
 
-def _eval_subset(held: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
-    one = held.drop_duplicates("user_id")
-    return one.sample(n=min(k, len(one)), random_state=seed).sort_values("user_id") if len(one) else one
-
-
 def _registered(ctx: StageContext, model_version: str) -> bool:
     if not ctx.lake.exists("student_models"):
         return False
@@ -119,7 +121,7 @@ def run(ctx: StageContext) -> StageResult:
     train_df, held = split_by_user(pairs, cfg.heldout_fraction, cfg.split_seed)
     if cfg.max_train_pairs is not None and len(train_df) > cfg.max_train_pairs:
         train_df = train_df.sample(n=cfg.max_train_pairs, random_state=cfg.split_seed).sort_values("user_id")
-    eval_df = _eval_subset(held, cfg.eval_max_users, cfg.split_seed)
+    eval_df = eval_subset(held, cfg.eval_max_users, cfg.split_seed)
     extra: dict = {"train_pairs": len(train_df), "heldout_pairs": len(held), "eval_users": len(eval_df)}
     if ctx.dry_run:
         chars = (train_df["student_prompt"].str.len() + train_df["target"].str.len()).sum()
@@ -129,7 +131,9 @@ def run(ctx: StageContext) -> StageResult:
 
     root = models_dir(cfg, lake.root)
     items = lake.read_pandas("items", version=inputs["items"]) if inputs["items"] is not None else None
-    base_path, base_fp, base_info = resolve_base(cfg, root, items, prompts["student_prompt"].tolist(),
+    # The base's corpus is the catalogue plus the pairs' own prompts and answers, not every prompt: prompts of
+    # users without a teacher answer change daily and would rebuild the base (and retrain) for nothing.
+    base_path, base_fp, base_info = resolve_base(cfg, root, items, pairs["student_prompt"].tolist(),
                                                  pairs["rationale"].tolist())
     version = model_version_of(cfg, base_fp, pd.concat([train_df, held]))
     extra["model_version"] = version

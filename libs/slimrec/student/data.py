@@ -74,6 +74,12 @@ def split_by_user(pairs: pd.DataFrame, heldout_fraction: float, seed: int) -> tu
     return pairs[~mask].reset_index(drop=True), pairs[mask].reset_index(drop=True)
 
 
+def eval_subset(held: pd.DataFrame, k: int, seed: int) -> pd.DataFrame:
+    """At most ``k`` held-out users (one pair each), a seeded sample in user_id order: the quality check's set."""
+    one = held.drop_duplicates("user_id")
+    return one.sample(n=min(k, len(one)), random_state=seed).sort_values("user_id") if len(one) else one
+
+
 def trim_items(rationale: str, max_items: int | None) -> str:
     """Cut step 3 after its first ``max_items`` quoted titles (the teacher ranks best first).
 

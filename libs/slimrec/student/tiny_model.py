@@ -6,13 +6,16 @@ builds one, once, and saves it as a normal Hugging Face model directory
 ``AutoModelForCausalLM`` / ``AutoTokenizer`` / PEFT / vLLM code loads as any
 other local model:
 
-1. a byte-level BPE tokenizer trained with ``tokenizers`` on catalogue text,
-   a seeded sample of student prompts and of ok teacher rationales (so the
-   teacher's template words are single tokens);
+1. a byte-level BPE tokenizer trained with ``tokenizers`` on catalogue text
+   (item lines and descriptions), a seeded sample of the training pairs'
+   student prompts and of their teacher rationales (so the teacher's
+   template words are single tokens);
 2. a ``LlamaConfig`` of ``tiny.*`` sizes, randomly initialised (seeded);
 3. a short causal-LM warm-up on catalogue text and student prompts only,
    never on teacher rationales: the un-adapted base is the baseline the
-   adapter must beat, so it must not have seen the answers.
+   adapter must beat, so it must not have seen the answers. Documents are
+   packed without EOS between them, so after a prompt the base writes
+   catalogue-like text rather than stopping at once.
 
 The directory is ``<models_dir>/tiny-llama-<version>-<hash>`` where the
 hash covers the build config and the corpus, so the same inputs reuse the
