@@ -57,15 +57,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from slimrec.ingest import IngestError
     from slimrec.lake import LakeError
     from slimrec.pipeline import StageError
+    from slimrec.quality import QualityError
 
-    errs: list[type[BaseException]] = [ConfigError, IngestError, LakeError, StageError]
-    try:
-        from slimrec.quality import QualityGateError
-
-        errs.append(QualityGateError)
-    except ImportError:  # the quality package is optional only while it is being built
-        pass
-    return tuple(errs)
+    return (ConfigError, IngestError, LakeError, StageError, QualityError)
 
 
 def _fail(exc: BaseException, lake: str | None) -> None:
@@ -99,6 +93,22 @@ def _close(ctx) -> None:
         ctx._spark.stop()
 
 
+class _Command:
+    """Around a command's body: any failure becomes one line (:func:`_fail`), and Spark is stopped."""
+
+    def __init__(self, lake: str | None):
+        self.lake, self.ctx = lake, None
+
+    def __enter__(self) -> _Command:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        _close(self.ctx)
+        if isinstance(exc, Exception) and not isinstance(exc, (typer.Exit, typer.BadParameter)):
+            _fail(exc, self.lake)  # raises typer.Exit with the one-line message
+        return False
+
+
 @app.command()
 def ingest(
     dataset: Annotated[str, typer.Option("--dataset", help="folder with the source files")],
@@ -112,21 +122,14 @@ def ingest(
 ):
     """Read a dataset folder into raw_*, items, interactions (bad rows to quarantine)."""
     _setup_logging(verbose)
-    ctx = None
-    try:
-        ctx = _context(lake, profile, config, [*(set_ or []), f"ingest.format={format}"], run_date, dataset=dataset)
+    with _Command(lake) as cmd:
+        ctx = cmd.ctx = _context(lake, profile, config, [*(set_ or []), f"ingest.format={format}"], run_date, dataset=dataset)
         from slimrec.pipeline import run_stage
 
         with ctx.lake.lock():
             r = run_stage("ingest", ctx)
         typer.echo(f"ingest: {r.rows_in} rows read, {r.rows_out} interactions, {r.extra.get('items')} items, "
                    f"{r.extra.get('quarantined')} quarantined -> {ctx.lake.root}")
-    except (typer.Exit, typer.BadParameter):
-        raise
-    except Exception as e:  # noqa: BLE001 - every failure becomes one line for the user
-        _fail(e, lake)
-    finally:
-        _close(ctx)
 
 
 @app.command()
@@ -145,20 +148,13 @@ def stage(
 ):
     """Run one stage, then its quality gate."""
     _setup_logging(verbose)
-    ctx = None
-    try:
-        ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, dry_run=dry_run)
+    with _Command(lake) as cmd:
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, dry_run=dry_run)
         from slimrec.pipeline import run_stage
 
         with ctx.lake.lock():
             r = run_stage(name, ctx, check=not no_check)
         typer.echo(f"{name}: rows in {r.rows_in}, rows out {r.rows_out}, tables {r.tables}, {r.extra}")
-    except (typer.Exit, typer.BadParameter):
-        raise
-    except Exception as e:  # noqa: BLE001
-        _fail(e, lake)
-    finally:
-        _close(ctx)
 
 
 @app.command()
@@ -177,9 +173,8 @@ def run(
 ):
     """Run every stage in order with the quality gate after each; print and write the run report."""
     _setup_logging(verbose)
-    ctx = None
-    try:
-        ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, force=force)
+    with _Command(lake) as cmd:
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, force=force)
         from slimrec.pipeline import run_pipeline
         from slimrec.report import (
             format_metrics,
@@ -201,12 +196,6 @@ def run(
         typer.echo(format_metrics(metrics_summary(latest_metrics(ctx.lake))))
         paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date)
         typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
-    except (typer.Exit, typer.BadParameter):
-        raise
-    except Exception as e:  # noqa: BLE001
-        _fail(e, lake)
-    finally:
-        _close(ctx)
 
 
 @app.command()
@@ -223,9 +212,8 @@ def refresh(
 ):
     """Daily refresh: merge the day's events, redo only what they change, rescore affected users."""
     _setup_logging(verbose)
-    ctx = None
-    try:
-        ctx = _context(lake, profile, config, set_, run_date)
+    with _Command(lake) as cmd:
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date)
         from slimrec.refresh import refresh as do_refresh
         from slimrec.report import format_stages, stage_table, write_report
 
@@ -235,12 +223,6 @@ def refresh(
         typer.echo("\n" + format_stages(stage_table(results)))
         paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date)
         typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
-    except (typer.Exit, typer.BadParameter):
-        raise
-    except Exception as e:  # noqa: BLE001
-        _fail(e, lake)
-    finally:
-        _close(ctx)
 
 
 @app.command()
@@ -254,17 +236,13 @@ def replay(
 ):
     """Cut an ingested lake into a base data set plus daily event files, to demo and test `slim refresh`."""
     _setup_logging()
-    try:
+    with _Command(lake):
         from slimrec.lake import Lake
         from slimrec.replay import write_replay
 
         counts = write_replay(Lake(lake), out, days, share, seed, _parse_date(start_date))
         typer.echo(f"replay: base {counts['base_events']:,} events for {counts['users']:,} users -> {out}/base; "
                    + "; ".join(f"{d}: {v['events']} events, {v['users']} users" for d, v in counts["days"].items()))
-    except (typer.Exit, typer.BadParameter):
-        raise
-    except Exception as e:  # noqa: BLE001
-        _fail(e, lake)
 
 
 @app.command()
@@ -280,9 +258,8 @@ def validate(
 ):
     """Validate a table (the slice its last, or the given, version wrote). Exit 0 on pass, 1 on failure."""
     _setup_logging(verbose)
-    ctx = None
-    try:
-        ctx = _context(lake, profile, config, set_, None)
+    with _Command(lake) as cmd:
+        ctx = cmd.ctx = _context(lake, profile, config, set_, None)
         from slimrec.quality import validate_table, write_dq_results
 
         report = validate_table(ctx.lake, table, cfg=ctx.cfg, spark=ctx.spark(), version=version, docs_dir=docs,
@@ -292,12 +269,6 @@ def validate(
             write_dq_results(ctx.lake, report)
         if not report.success:
             raise typer.Exit(1)
-    except (typer.Exit, typer.BadParameter):
-        raise
-    except Exception as e:  # noqa: BLE001
-        _fail(e, lake)
-    finally:
-        _close(ctx)
 
 
 @app.command()
@@ -309,10 +280,8 @@ def tables(lake: LakeOpt = "lake"):
 
     from slimrec.lake import Lake
 
-    try:
+    with _Command(lake):
         rows = Lake(lake).tables()
-    except Exception as e:  # noqa: BLE001
-        _fail(e, lake)
     if not rows:
         typer.echo(f"no tables under {lake}")
         raise typer.Exit(0)
