@@ -4,7 +4,9 @@ Sentences per second of the embed stage's Ray Data path
 (:func:`slimrec.embed.ray_encode.encode_texts`: actor pool start, model load
 in the actor, length sort, batches, collection on the driver) against plain
 ``SentenceTransformer.encode`` in this process, on the same texts, with the
-same model, batch size and torch threads:
+same model and batch size; the plain run uses every core of the machine
+(torch threads = cores, or ``--plain-threads``), the Ray path its actors'
+threads (``embed.num_actors`` x ``embed.torch_threads``):
 
 * the item texts of ``data/amazon_office_2014`` (title | category path | brand,
   built by the ingest code), short;
@@ -69,6 +71,8 @@ def synthetic_rationale(items, rng: random.Random) -> str:
 class ActorCpu:
     """CPU seconds of the encoder actors while a block runs (they exit with the pass, so they are polled).
 
+    Sees the actors of a local Ray started by this process only (with ``ray_address`` set it sees none).
+
     Counted per process from its start, so a reused idle Ray worker's own start is included (overstates
     the Ray path slightly). With this process's own CPU time it gives a figure that load from other
     processes does not bend the way it bends wall time on a shared machine.
@@ -82,10 +86,12 @@ class ActorCpu:
     def _poll(self) -> None:
         import psutil
 
+        me = psutil.Process()
         while not self._stop.is_set():
-            for p in psutil.process_iter(["cmdline"]):
+            # Only this process's descendants: the local Ray it started (raylet -> workers), not other sessions'.
+            for p in me.children(recursive=True):
                 try:
-                    if self.MARK in " ".join(p.info["cmdline"] or []):
+                    if self.MARK in " ".join(p.cmdline()):
                         t = p.cpu_times()
                         self.seen[p.pid] = t.user + t.system
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--profile", default="dev", help="config profile")
     p.add_argument("--set", dest="sets", action="append", default=[], help="config override key.path=value")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plain-threads", type=int, default=0, help="torch threads of the plain run; 0: all cores")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -167,7 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     ensure_ray(cfg.ray_address)
     ray_start_s = time.perf_counter() - t0
-    torch.set_num_threads(threads)
+    plain_threads = args.plain_threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(plain_threads)
     t0 = time.perf_counter()
     st = SentenceTransformer(spec.path, device=spec.device, local_files_only=True,
                              model_kwargs={"dtype": getattr(torch, spec.dtype)})
@@ -179,8 +187,8 @@ def main(argv: list[str] | None = None) -> None:
 
     fixed = [_timed(lambda: encode_texts(item_texts[:1], spec, ecfg), actors=True) for _ in range(args.repeats)]
     fixed_cpu = min(f[1] for f in fixed)
-    print(f"encoder {spec.encoder_id}; {ecfg.num_actors} actor(s) x {ecfg.actor_num_cpus} CPU, {threads} torch "
-          f"threads, batch {ecfg.batch_size}, encode batch {ecfg.encode_batch_size}, sort {ecfg.sort_by_length}; "
+    print(f"encoder {spec.encoder_id}; plain: {plain_threads} torch threads; Ray: {ecfg.num_actors} actor(s) x "
+          f"{ecfg.actor_num_cpus} CPU x {threads} torch threads, batch {ecfg.batch_size}, encode batch {ecfg.encode_batch_size}, sort {ecfg.sort_by_length}; "
           f"{os.cpu_count()} cores, load avg {os.getloadavg()[0]:.1f}")
     print(f"ray start {ray_start_s:.1f} s (once per pipeline, not counted); plain model load {load_s:.1f} s "
           f"(not counted); Ray path fixed cost per run (1 text): {min(f[0] for f in fixed):.1f} s wall, "

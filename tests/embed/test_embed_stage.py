@@ -82,7 +82,9 @@ def minilm():
 
 
 def test_embed_incremental(ray_local, tmp_lake, run_date, caplog, minilm):
-    ctx = _ctx(tmp_lake, run_date)
+    # Two actors and blocks of two texts: rows travel through several blocks and both actors.
+    ctx = _ctx(tmp_lake, run_date, num_actors=2, block_rows=2, batch_size=2)
+    one_actor = _ctx(tmp_lake, run_date, num_actors=1)  # same encoder id: only speed knobs differ
     tmp_lake.write_arrow("items", _items(ITEMS), "overwrite", ctx.commit_info("ingest", {}))
     tmp_lake.write_arrow("student_rationales", _frame("student_rationales", STUDENT), "overwrite",
                          ctx.commit_info("student_rationales", {}))
@@ -121,7 +123,7 @@ def test_embed_incremental(ray_local, tmp_lake, run_date, caplog, minilm):
     tmp_lake.write_arrow("items", _items(changed), "overwrite", ctx.commit_info("ingest", {}))
     tmp_lake.write_arrow("teacher_rationales", _frame("teacher_rationales", TEACHER), "overwrite",
                          ctx.commit_info("teacher_rationales", {}))
-    r3 = embed.run(ctx)
+    r3 = embed.run(one_actor)
     assert r3.extra["items_encoded"] == 1
     assert r3.extra["rationales_encoded"] == {"student": 0, "teacher": 1}
     iv3 = _vectors(tmp_lake, "item_embeddings", ["item_id"])
@@ -131,7 +133,7 @@ def test_embed_incremental(ray_local, tmp_lake, run_date, caplog, minilm):
     assert tmp_lake.count("item_embeddings") == 4 and tmp_lake.count("rationale_embeddings") == 3
 
     # 4) steps mode: every rationale re-encoded (its text_hash includes the mode), items untouched.
-    r4 = embed.run(_ctx(tmp_lake, run_date, rationale_text="steps"))
+    r4 = embed.run(_ctx(tmp_lake, run_date, rationale_text="steps", num_actors=1))
     assert r4.extra["items_encoded"] == 0
     assert r4.extra["rationales_encoded"] == {"student": 2, "teacher": 1}
     steps = minilm.encode(["The user buys cordless phones from VTech.", "Cordless Telephones; VTech.",

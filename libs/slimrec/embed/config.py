@@ -60,7 +60,12 @@ class EmbedConfig(BaseModel):
         None, description="only teacher rationales of this teacher_model; None: each user's latest ok row"
     )
     # ---------------------------------------------------------------- Ray Data (changes speed only)
-    num_actors: int = Field(1, ge=1, description="encoder actors in the Ray Data actor pool (one model each)")
+    num_actors: int = Field(
+        2,
+        ge=1,
+        description="encoder actors in the Ray Data actor pool (one model each, about 1 GiB resident); on "
+        "2 cores two 1-thread actors beat one 2-thread actor, whose OpenMP threads spin when the box is busy",
+    )
     actor_num_cpus: float = Field(
         0.5,
         gt=0,
