@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     gen_df = held.drop_duplicates("user_id").head(args.gen_prompts)
     ids = sorted((fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in gen_df["student_prompt"]), key=len)
     merged = model.merge_and_unload().eval() if cfg.infer.merge_adapter else model.eval()
+    generate_ids(merged, tok, ids[:2], 8, 2)  # warm-up: thread pools and allocator, outside the timings
     gen = {}
     for name, bs in (("batched", cfg.infer.batch_size), ("single", 1)):
         t0, c0 = time.perf_counter(), time.process_time()

@@ -72,7 +72,9 @@ class TrainSettings(_Frozen):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="share of optimizer steps with linear LR warm-up; then linear decay to 0")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 autocast on GPUs that support it, else fp16 (with loss scaling); fp32 on CPU"
+        "auto",
+        description="auto: bf16 on GPUs that support it, else fp16 (loss scaling); the frozen base is held in that "
+        "dtype under autocast, the adapter in fp32. fp32 (always on CPU) keeps everything in fp32",
     )
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP when > 1)")
     use_gpu: bool = Field(False, description="one GPU per Ray Train worker")

@@ -116,14 +116,16 @@ def core_train(config: dict, rank: int = 0, world: int = 1, device: str = "cpu",
     if device == "cpu":
         torch.set_num_threads(tc.get("torch_threads") or max(1, (os.cpu_count() or 1) // world))
     tokenizer = load_tokenizer(config["base_path"], padding_side="left")
-    base = load_base(config["base_path"], torch.float32, device)
+    autocast, amp_dtype = _autocast(device, tc["precision"])
+    # On GPUs the frozen base is held in the autocast dtype (a 7B base: 14 GB instead of 28 GB);
+    # PEFT keeps the adapter weights in fp32. On CPUs everything is fp32.
+    base = load_base(config["base_path"], amp_dtype or torch.float32, device)
     lora = LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
                       target_modules=list(lc["target_modules"]), task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(base, lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     ddp = wrap(model) if wrap else model
-    autocast, amp_dtype = _autocast(device, tc["precision"])
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=tc["learning_rate"], weight_decay=tc["weight_decay"])
