@@ -44,7 +44,8 @@ def gpu_adapter(tmp_path_factory):
     hists = histories(60, seed=1)
     prompts = prompts_frame(hists, items)
     teacher = teacher_frame(prompts, hists, items)
-    cfg = small_student_config(train={"epochs": 10, "batch_size": 4, "learning_rate": 1e-2, "precision": "bf16"})
+    cfg = small_student_config(train={"epochs": 10, "min_steps": 0, "batch_size": 4, "learning_rate": 1e-2,
+                                      "precision": "bf16"})
     root = tmp_path_factory.mktemp("gpu_models")
     corpus = build_corpus(items, prompts["student_prompt"].tolist(), teacher["rationale"].tolist(), cfg.tiny)
     base, _ = ensure_tiny_model(root, corpus, cfg.tiny)

@@ -65,6 +65,12 @@ class LoraSettings(_Frozen):
 
 class TrainSettings(_Frozen):
     epochs: int = Field(2, ge=1, description="passes over the training pairs")
+    min_steps: int = Field(
+        150,
+        ge=0,
+        description="optimizer steps at least: a small pair set (tiny profiles) gets more epochs than `epochs` so "
+        "the adapter still learns; 0: exactly `epochs`",
+    )
     batch_size: int = Field(16, ge=1, description="pairs per micro-batch per worker")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     learning_rate: float = Field(5e-3, gt=0, description="AdamW peak learning rate (LoRA weights only)")

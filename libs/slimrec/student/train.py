@@ -135,7 +135,10 @@ def core_train(config: dict, rank: int = 0, world: int = 1, device: str = "cpu",
     bs, accum = tc["batch_size"], tc["grad_accum_steps"]
     per_rank = (math.ceil(len(train) / bs) // world) or 1
     steps_per_epoch = math.ceil(per_rank / accum)
-    total_steps = steps_per_epoch * tc["epochs"]
+    epochs = max(tc["epochs"], math.ceil(tc.get("min_steps", 0) / steps_per_epoch))
+    if epochs > tc["epochs"]:
+        log.info("student: %d epochs instead of %d to reach %d optimizer steps", epochs, tc["epochs"], tc["min_steps"])
+    total_steps = steps_per_epoch * epochs
     warm = max(1, int(tc["warmup_ratio"] * total_steps))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else max(0.0, (total_steps - s) / max(1, total_steps - warm))
@@ -153,7 +156,7 @@ def core_train(config: dict, rank: int = 0, world: int = 1, device: str = "cpu",
         n = int((batch["labels"][:, 1:] != -100).sum())
         return out.loss, n
 
-    for epoch in range(tc["epochs"]):
+    for epoch in range(epochs):
         t0 = time.perf_counter()
         batches = length_grouped_batches(lengths, bs, tc["length_group_size"], config["seed"] + epoch)
         batches = batches[: max(world, len(batches) // world * world)]  # every rank the same number of steps
@@ -194,6 +197,8 @@ def core_train(config: dict, rank: int = 0, world: int = 1, device: str = "cpu",
         history["train_tokens"].append(sum(lengths[j] for b in batches for j in b))
         metrics = {
             "epoch": epoch + 1,
+            "epochs": epochs,
+            "optimizer_steps": steps_per_epoch * (epoch + 1),
             "train_loss": train_loss,
             "val_loss": val_loss,
             "history": history,
@@ -206,9 +211,9 @@ def core_train(config: dict, rank: int = 0, world: int = 1, device: str = "cpu",
         }
         if device.startswith("cuda"):
             metrics["peak_gpu_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        log.info("student epoch %d/%d: train loss %.4f, val loss %s, %.1fs", epoch + 1, tc["epochs"], train_loss,
+        log.info("student epoch %d/%d: train loss %.4f, val loss %s, %.1fs", epoch + 1, epochs, train_loss,
                  f"{val_loss:.4f}" if val_loss is not None else "-", history["epoch_seconds"][-1])
-        last = epoch == tc["epochs"] - 1
+        last = epoch == epochs - 1
         if last and rank == 0:
             metrics.update(overlap_report(model, tokenizer, config["eval_set"], config, device))
         if report is not None:
