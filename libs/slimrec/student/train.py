@@ -170,6 +170,9 @@ def core_train(config: dict, rank: int = 0, world: int = 1, device: str = "cpu",
             (scaler.scale(scaled) if scaler else scaled).backward()
             loss_sum += loss.item() * n
             tok_sum += n
+            if rank == 0 and (i + 1) % max(1, len(mine) // 5) == 0:
+                log.info("student epoch %d/%d: batch %d/%d, loss %.4f, %.1fs", epoch + 1, epochs, i + 1, len(mine),
+                         loss_sum / max(tok_sum, 1), time.perf_counter() - t0)
             if (i + 1) % accum == 0 or i == len(mine) - 1:
                 if scaler:
                     scaler.unscale_(opt)
