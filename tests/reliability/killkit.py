@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from slimrec.pipeline import STAGES  # noqa: E402
 DEFAULT_STAGES = ["ingest", "build_sequences", "build_prompts", "teacher_rationales", "embed"]
 EXISTING = [s for s in STAGES if importlib.util.find_spec(f"slimrec.stages.{s}") is not None]
 UNDER_TEST = EXISTING if os.environ.get("SLIMREC_RELIABILITY_ALL") else [s for s in EXISTING if s in DEFAULT_STAGES]
-# Same config for every run (the config hash is part of each commit): teacher answers in 5 commits of 10.
-SETTINGS = ["teacher.commit_batch_size=10", "teacher.commit_interval_s=60"]
+# Same config for every run (the config hash is part of each commit): teacher answers in 10 commits of 5.
+SETTINGS = ["teacher.commit_batch_size=5", "teacher.commit_interval_s=60"]
 
 REL_USERS = 80  # users of the bundled data in the reliability runs
 FIGURES: list[tuple[str, dict]] = []
@@ -51,11 +52,44 @@ def segments(stages: list[str]) -> list[tuple[str, str]]:
 
 @dataclass
 class Kill:
-    """SIGKILL the run ``delay_s`` after the first stderr line matching ``trigger`` while in ``stage``."""
+    """SIGKILL the run once ``stage`` has started and a stderr line matched ``trigger``.
+
+    With ``until`` (a check polled every 50 ms: ``until(driver_process, pipeline) -> bool``) the kill
+    comes when it holds, or ``delay_s`` after the trigger at the latest; without, ``delay_s`` after it.
+    """
 
     stage: str
     trigger: str
     delay_s: float = 0.0
+    until: Callable[[psutil.Process, Pipeline], bool] | None = None
+    what: str = ""  # where the kill lands, in words (for the figures)
+
+
+def files_appear(table: str) -> Callable[[psutil.Process, Pipeline], bool]:
+    """True once a new Parquet file shows up in ``table``'s folder: executors are writing, nothing committed."""
+    seen: dict[str, int] = {}
+
+    def check(_proc, pipe) -> bool:
+        n = len(list((pipe.lake / table).rglob("*.parquet"))) if (pipe.lake / table).exists() else 0
+        first = seen.setdefault("n", n)
+        return n > first
+
+    return check
+
+
+def process_appears(needle: str) -> Callable[[psutil.Process, Pipeline], bool]:
+    """True once a process of the run has ``needle`` in its command line (a Ray actor, say)."""
+
+    def check(proc, _pipe) -> bool:
+        for c in proc.children(recursive=True):
+            try:
+                if needle in " ".join(c.cmdline()):
+                    return True
+            except psutil.Error:
+                continue
+        return False
+
+    return check
 
 
 @dataclass
@@ -99,6 +133,21 @@ class Pipeline:
         res.output = "".join(lines)
         return res
 
+    def _kill_when(self, kill: Kill, p: subprocess.Popen, do_kill) -> None:
+        end = time.monotonic() + kill.delay_s
+        try:
+            proc = psutil.Process(p.pid)
+        except psutil.Error:
+            return
+        while p.poll() is None and time.monotonic() < end:
+            try:
+                if kill.until is not None and kill.until(proc, self):
+                    break
+            except psutil.Error:
+                pass
+            time.sleep(0.05)
+        do_kill()
+
     def _one(self, cmd: list[str], kill: Kill | None, res: RunResult, lines: list[str], timeout_s: float) -> int:
         with open(self.log, "a") as f:
             f.write(f"\n$ {' '.join(cmd)}\n")
@@ -106,7 +155,7 @@ class Pipeline:
                              cwd=REPO, stdin=subprocess.DEVNULL, start_new_session=True)
         self.procs.add(p.pid)
         started: dict[str, float] = {}
-        timer: threading.Timer | None = None
+        timer: threading.Thread | None = None
         deadline = time.monotonic() + timeout_s
 
         def do_kill():
@@ -120,7 +169,6 @@ class Pipeline:
             self.procs.add(*tree)
             res.killed = True
             res.kill_after_stage_start_s = round(time.monotonic() - started.get(kill.stage, time.monotonic()), 1)
-            res.stage_done_before_kill = kill.stage in res.stages_done
             os.kill(p.pid, signal.SIGKILL)
             _, alive = psutil.wait_procs(tree, timeout=5)
             for a in alive:
@@ -141,7 +189,7 @@ class Pipeline:
                     res.stages_done.append(m.group(1))
                     res.stage_seconds[m.group(1)] = float(m.group(3))
                 if kill and timer is None and kill.stage in started and re.search(kill.trigger, line):
-                    timer = threading.Timer(kill.delay_s, do_kill)
+                    timer = threading.Thread(target=self._kill_when, args=(kill, p, do_kill), daemon=True)
                     timer.start()
                 if time.monotonic() > deadline:
                     p.kill()
@@ -149,6 +197,9 @@ class Pipeline:
         rc = p.wait()
         if timer is not None:
             timer.join()
+        if res.killed:
+            # Every line the driver wrote before it died has been read by now: exact, no race.
+            res.stage_done_before_kill = kill.stage in res.stages_done
         # Whatever the dead driver left (Spark JVM, local Ray daemons) goes now, by pid.
         self.procs.stop(grace_s=5, final=False)
         return rc

@@ -12,11 +12,11 @@ the clean run validated must carry a passing quality-gate result.
 
 Where a kill lands: between two of ingest's commits; after build_sequences
 committed, before its quality gate (the rerun finds nothing to change and
-commits nothing, so its gate must still validate that commit); half-way
-through build_prompts' clean-run duration (executors at work); after the
-teacher's first batch of five; half-way through embed (Ray actors encoding);
-other stages (SLIMREC_RELIABILITY_ALL=1) half-way through their clean-run
-duration.
+commits nothing, so its gate must still validate that commit); in
+build_prompts once executors have written Parquet files and before the
+driver commits them; after the teacher's first batch of ten; in embed once
+the Ray Data encoder actor is up; other stages (SLIMREC_RELIABILITY_ALL=1)
+half-way through their clean-run duration.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import shutil
 
 import pytest
 from clusterkit import compare_lakes, validated_tables, visible_state
-from killkit import FIGURES, UNDER_TEST, Kill, Pipeline
+from killkit import FIGURES, UNDER_TEST, Kill, Pipeline, files_appear, process_appears
 from slimrec.lake import Lake
 
 pytestmark = [pytest.mark.slow]
@@ -36,15 +36,23 @@ ONE_COMMIT = {"raw_interactions", "raw_items", "items", "interactions", "user_se
 
 
 def kill_plan(clean_seconds: dict[str, float]) -> list[Kill]:
+    """One kill per stage under test; the mid-stage ones fire on what the run is doing, not on a clock."""
+    half = {s: 0.5 * clean_seconds.get(s, 10) for s in UNDER_TEST}
     plan = {
-        "ingest": Kill("ingest", r"lake: raw_interactions overwrite"),
-        "build_sequences": Kill("build_sequences", r"lake: user_sequences (overwrite|merge)"),
-        "build_prompts": Kill("build_prompts", r"stage build_prompts: start",
-                              0.5 * clean_seconds.get("build_prompts", 10)),
-        "teacher_rationales": Kill("teacher_rationales", r"teacher: committed \d+ rows \(batch 1,"),
-        "embed": Kill("embed", r"stage embed: start", 0.5 * clean_seconds.get("embed", 10)),
+        "ingest": Kill("ingest", r"lake: raw_interactions overwrite", what="between two of its commits"),
+        "build_sequences": Kill("build_sequences", r"lake: user_sequences (overwrite|merge)",
+                                what="committed, before its gate"),
+        # Executors have written Parquet files, the driver has not committed them.
+        "build_prompts": Kill("build_prompts", r"stage build_prompts: start", 4 * half["build_prompts"] + 60,
+                              until=files_appear("prompts"), what="files written, not committed"),
+        "teacher_rationales": Kill("teacher_rationales", r"teacher: committed \d+ rows \(batch 1,",
+                                   what="after batch 1 of 10"),
+        # Ray Data's encoder actor is up (loading the model or encoding).
+        "embed": Kill("embed", r"stage embed: start", 4 * half["embed"] + 60,
+                      until=process_appears("MapWorker(MapBatches(EncodeBatch))"), what="Ray actor pool up"),
     }
-    return [plan.get(s) or Kill(s, rf"stage {s}: start", 0.5 * clean_seconds.get(s, 10)) for s in UNDER_TEST]
+    return [plan.get(s) or Kill(s, rf"stage {s}: start", half[s], what="half its clean duration")
+            for s in UNDER_TEST]
 
 
 def check_visible(lake: Lake, clean: dict[str, dict]) -> list[str]:
@@ -81,7 +89,7 @@ def test_sigkill_in_each_stage_then_rerun_equals_clean_run(clean_run, rel_datase
         landed += not res.stage_done_before_kill
         survivors += [f"{k.stage}:{n}" for n in res.survivors]
         late_gates += res.output.count("was committed but never validated")
-        kills.append(f"{k.stage}@{res.kill_after_stage_start_s}s")
+        kills.append(f"{k.stage}@{res.kill_after_stage_start_s}s ({k.what})")
         state = visible_state(Lake(pipe.lake))
         orphans += sum(v["orphan_files"] for v in state.values())
         visible_problems += [f"after kill in {k.stage}: {p}" for p in check_visible(Lake(pipe.lake), clean_state)]
