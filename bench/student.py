@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
                       "target_tokens_p50_p90_max": np.percentile(target_tokens, [50, 90, 100]).tolist()}
     config = {"base_path": base_path, "train": enc, "val": val, "eval_set": eval_set,
               "lora": cfg.lora.model_dump(mode="json"), "train_cfg": cfg.train.model_dump(mode="json"),
-              "seed": cfg.split_seed, "max_new_tokens": cfg.infer.max_new_tokens, "eval_batch_size": cfg.eval_batch_size}
+              "seed": cfg.split_seed, "max_new_tokens": cfg.infer.max_new_tokens, "eval_batch_size": cfg.eval_batch_size,
+              "repetition_penalty": cfg.infer.repetition_penalty}
     t0, c0 = time.perf_counter(), time.process_time()
     model, m = core_train(config)
     report["distill"] = {k: v for k, v in m.items() if k != "samples"}
@@ -134,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
     gen = {}
     for name, bs in (("batched", cfg.infer.batch_size), ("single", 1)):
         t0, c0 = time.perf_counter(), time.process_time()
-        outs = generate_ids(merged, tok, ids, cfg.infer.max_new_tokens, bs)
+        outs = generate_ids(merged, tok, ids, cfg.infer.max_new_tokens, bs,
+                            repetition_penalty=cfg.infer.repetition_penalty)
         wall = time.perf_counter() - t0
         n_tok = sum(o[2] for o in outs)
         gen[name] = {"batch_size": bs, "prompts": len(ids), "output_tokens": n_tok, "seconds": round(wall, 2),
@@ -149,7 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
         users = prompts.sample(n=min(args.infer_users, len(prompts)), random_state=args.seed + 1)
         ids = sorted((fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in users["student_prompt"]), key=len)
         t0, c0 = time.perf_counter(), time.process_time()
-        outs = generate_ids(merged, tok, ids, cfg.infer.max_new_tokens, cfg.infer.batch_size)
+        outs = generate_ids(merged, tok, ids, cfg.infer.max_new_tokens, cfg.infer.batch_size,
+                            repetition_penalty=cfg.infer.repetition_penalty)
         wall = time.perf_counter() - t0
         n_tok = sum(o[2] for o in outs)
         statuses = pd.Series([(parse_rationale(t, f)[1] or "ok").split(":")[0] for t, f, _ in outs]).value_counts()

@@ -103,6 +103,9 @@ class InferSettings(_Frozen):
     temperature: float = Field(1.0, gt=0, description="sampling temperature when do_sample")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling when do_sample")
     seed: int = Field(0, description="sampling seed when do_sample")
+    repetition_penalty: float = Field(
+        1.0, gt=0, description="HF/vLLM repetition penalty (1.0: none); >1 curbs the loops small students fall into"
+    )
     batch_size: int = Field(128, ge=1, description="prompts per generate call (padded left, sorted by length)")
     num_actors: int = Field(2, ge=1, description="model actors in the Ray Data actor pool (one model each)")
     cpus_per_actor: float = Field(

@@ -32,7 +32,7 @@ RAW_COLUMNS = ["user_id", "prompt_hash", "rationale", "finish_reason", "output_t
 
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                 device: str = "cpu") -> list[tuple[str, str, int]]:
+                 device: str = "cpu", repetition_penalty: float = 1.0) -> list[tuple[str, str, int]]:
     """(text, finish_reason, n_tokens) per prompt, generated ``batch_size`` at a time, left padded.
 
     ``finish_reason`` is ``stop`` when the model wrote EOS, else ``length``. The
@@ -47,6 +47,8 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
         chunk = prompt_ids[s : s + batch_size]
         batch = {k: v.to(device) for k, v in collate_left(chunk, pad).items()}
         kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad)
+        if repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = repetition_penalty
         if do_sample:
             torch.manual_seed(seed + s)
             kwargs.update(temperature=temperature, top_p=top_p)
@@ -97,7 +99,7 @@ class TransformersGenerator:
             order = sorted(range(n), key=lambda i: len(ids[i]))  # similar lengths share a generate call
             res = generate_ids(self.model, self.tokenizer, [ids[i] for i in order], self.infer.max_new_tokens,
                                self.infer.batch_size, self.infer.do_sample, self.infer.temperature,
-                               self.infer.top_p, self.infer.seed, self.device)
+                               self.infer.top_p, self.infer.seed, self.device, self.infer.repetition_penalty)
             outs: list = [None] * n
             for i, r in zip(order, res, strict=True):
                 outs[i] = r
@@ -147,6 +149,7 @@ class VllmGenerator:
             temperature=self.infer.temperature if self.infer.do_sample else 0.0,
             top_p=self.infer.top_p if self.infer.do_sample else 1.0,
             max_tokens=self.infer.max_new_tokens,
+            repetition_penalty=self.infer.repetition_penalty,
             seed=self.infer.seed if self.infer.do_sample else None,
         )
         self.lora = LoRARequest("student", 1, adapter_path) if adapter_path else None

@@ -69,7 +69,8 @@ def overlap_report(model, tokenizer, eval_set: dict, cfg: dict, device: str) -> 
     ids = [eval_set["prompt_ids"][i] for i in order]
     targets = [eval_set["targets"][i] for i in order]
     full = [eval_set["full"][i] for i in order]
-    kw = dict(max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["eval_batch_size"], device=device)
+    kw = dict(max_new_tokens=cfg["max_new_tokens"], batch_size=cfg["eval_batch_size"], device=device,
+              repetition_penalty=cfg.get("repetition_penalty", 1.0))
     model.eval()
     t0 = time.perf_counter()
     student = generate_ids(model, tokenizer, ids, **kw)
