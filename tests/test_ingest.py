@@ -398,6 +398,7 @@ def test_cli_unreadable_lcrec_document(no_spark, tmp_path, content, fragment):
     _assert_one_line_error(_ingest_cli(d, tmp_path / "lake"), "x.inter.json", fragment)
 
 
+@pytest.mark.slow  # starts its own JVM
 def test_cli_ingest_error_after_spark_started(tmp_path):
     """Through the installed ``slim`` script: no valid interactions is one line, exit 2, no traceback."""
     import subprocess

@@ -32,44 +32,50 @@ def build_sequences(interactions, cfg):
     Example: ``u1: (i1, t=1), (i2, t=2), (i1, t=3), (i3, t=3, seq=5), (i4, t=4)`` ->
     ``item_ids [i1, i2, i3, i4], history [i1, i2], valid i3, test i4``.
     """
-    from pyspark.sql import Window
+    return split_sequences(user_item_sequences(interactions, cfg), cfg)
+
+
+def user_item_sequences(interactions, cfg):
+    """interactions -> every user's ordered, deduplicated, truncated sequence (short ones too).
+
+    Output: user_id, item_ids, last_event_ts, seq_len. :func:`split_sequences` turns it into
+    (user_sequences, quarantine); a caller that wants both from one computation caches this frame.
+    """
     from pyspark.sql import functions as F
 
     df = interactions.select("user_id", "item_id", "event_ts", "event_seq")
     order = ["event_ts", "event_seq", "item_id"]
-    if cfg.dedup_consecutive_only:
-        w = Window.partitionBy("user_id").orderBy(*order)
-        df = df.withColumn("_prev", F.lag("item_id").over(w)).where(
-            F.col("_prev").isNull() | (F.col("_prev") != F.col("item_id"))
-        ).drop("_prev")
-    else:
-        w = Window.partitionBy("user_id", "item_id").orderBy(*order)
-        df = df.withColumn("_rn", F.row_number().over(w)).where("_rn = 1").drop("_rn")
     if cfg.k_core > 0:
-        first = before = df.count()
-        rounds = 0
-        while rounds < 20:  # k-core converges in a few rounds on real data; 20 is a safety cap
-            rounds += 1
-            ucnt = df.groupBy("user_id").count().where(F.col("count") >= cfg.k_core).select("user_id")
-            icnt = df.groupBy("item_id").count().where(F.col("count") >= cfg.k_core).select("item_id")
-            df = df.join(ucnt, "user_id", "left_semi").join(icnt, "item_id", "left_semi").cache()
-            after = df.count()
-            if after == before:
-                break
-            before = after
-        log.info("build_sequences: %d-core kept %d of %d deduplicated events (%d rounds)", cfg.k_core, after, first, rounds)
-    # collect_list does not keep order: sort structs (ts, seq, item) and project the item.
-    seq = df.groupBy("user_id").agg(
-        F.sort_array(F.collect_list(F.struct(*order))).alias("_evs"),
-    )
-    items = F.transform(F.col("_evs"), lambda e: e["item_id"])
+        df = _k_core(df, cfg.k_core)
+    # One shuffle: each user's events as one array sorted by (ts, seq, item) (collect_list alone does
+    # not keep order), deduplicated inside the array. A window per (user, item) for the dedup would
+    # cost a second shuffle and sort of every event.
+    seq = df.groupBy("user_id").agg(F.sort_array(F.collect_list(F.struct(*order))).alias("_evs"))
+    evs = F.col("_evs")
+    if cfg.dedup_consecutive_only:
+        # keep an event unless the one just before it is the same item (ANSI-safe: get() is null at -1)
+        evs = F.filter(evs, lambda e, i: F.when(i == 0, F.lit(True)).otherwise(
+            e["item_id"] != F.get(F.col("_evs"), i - 1)["item_id"]))
+        items = F.transform(evs, lambda e: e["item_id"])
+        last_ts = F.element_at(evs, -1)["event_ts"]
+    else:
+        # array_distinct keeps first occurrences in order; the last item's time is its first time
+        all_items = F.transform(evs, lambda e: e["item_id"])
+        items = F.array_distinct(all_items)
+        last_ts = F.element_at(evs, F.array_position(all_items, F.element_at(items, -1)).cast("int"))["event_ts"]
+    seq = seq.select("user_id", items.alias("_items"), last_ts.alias("last_event_ts"))
+    items = F.col("_items")
     n = F.size(items)
     items = F.when(n > cfg.max_seq_len, F.slice(items, -cfg.max_seq_len, cfg.max_seq_len)).otherwise(items)
-    seq = seq.select(
-        "user_id",
-        items.alias("item_ids"),
-        F.element_at(F.col("_evs"), -1)["event_ts"].alias("last_event_ts"),
-    ).withColumn("seq_len", F.size("item_ids").cast("int"))
+    seq = seq.select("user_id", items.alias("item_ids"), "last_event_ts").withColumn(
+        "seq_len", F.size("item_ids").cast("int"))
+    return seq
+
+
+def split_sequences(seq, cfg):
+    """:func:`user_item_sequences` output -> (leave-one-out user_sequences, quarantine of short users)."""
+    from pyspark.sql import functions as F
+
     short = seq.where(F.col("seq_len") < cfg.min_seq_len)
     quarantine = short.select(
         F.lit("build_sequences").alias("stage"),
@@ -91,6 +97,32 @@ def build_sequences(interactions, cfg):
         F.sha1(F.array_join("item_ids", "\u001f")).alias("seq_hash"),
     )
     return seq, quarantine
+
+
+def _k_core(df, k: int):
+    """Events of the iterative k-core: every kept user has >= k distinct items, every item >= k users.
+
+    Counted on distinct (user, item) pairs, as after first-occurrence dedup; rounds until nothing
+    changes (at most 20).
+    """
+    from pyspark.sql import functions as F
+
+    pairs = df.select("user_id", "item_id").distinct().cache()
+    first = before = pairs.count()
+    rounds, after = 0, before
+    while rounds < 20:  # k-core converges in a few rounds on real data; 20 is a safety cap
+        rounds += 1
+        ucnt = pairs.groupBy("user_id").count().where(F.col("count") >= k).select("user_id")
+        icnt = pairs.groupBy("item_id").count().where(F.col("count") >= k).select("item_id")
+        kept = pairs.join(ucnt, "user_id", "left_semi").join(icnt, "item_id", "left_semi").cache()
+        after = kept.count()
+        pairs.unpersist()
+        pairs = kept
+        if after == before:
+            break
+        before = after
+    log.info("build_sequences: %d-core kept %d of %d (user, item) pairs (%d rounds)", k, after, first, rounds)
+    return df.join(pairs, ["user_id", "item_id"], "left_semi")
 
 
 def _render_batch(pdf: pd.DataFrame, version: str, max_items: int, max_chars: int, max_title: int,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from slimrec.sequences import build_sequences
+from slimrec.sequences import split_sequences, user_item_sequences
 from slimrec.spark import shuffle_partitions_for
 from slimrec.stages.base import StageContext, StageResult
 
@@ -21,8 +21,10 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.cfg.spark.shuffle_partitions is None:
         spark.conf.set("spark.sql.shuffle.partitions", str(shuffle_partitions_for(n_in)))
     interactions = lake.read_spark(spark, "interactions")
-    seqs, quarantine = build_sequences(interactions, ctx.cfg.sequences)
-    seqs = seqs.cache()
+    # build_sequences in two steps, so that the sequences and the quarantine come from one cached
+    # computation (the shuffle and sort of every event) instead of two
+    all_users = user_item_sequences(interactions, ctx.cfg.sequences).cache()
+    seqs, quarantine = split_sequences(all_users, ctx.cfg.sequences)
     n_users = seqs.count()
     info = ctx.commit_info("build_sequences", inputs)
     versions = {}
@@ -45,7 +47,7 @@ def run(ctx: StageContext) -> StageResult:
         q["source_row"] = q["source_row"].astype("Int64")
         versions["quarantine"] = lake.write_arrow("quarantine", q, "merge", info)
         log.warning("build_sequences: quarantined %d users: %s", len(q), q["reason"].iloc[0])
-    seqs.unpersist()
+    all_users.unpersist()
     log.info("build_sequences: %d interactions -> %d users (%d written as changed)", n_in, n_users, n_changed)
     return StageResult("build_sequences", versions, rows_in=n_in, rows_out=n_users,
                        extra={"changed_users": n_changed, "quarantined_users": int(len(q))})
