@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,7 +26,8 @@ from slimrec.recommender.config import RecommenderConfig
 from slimrec.student.config import StudentConfig
 from slimrec.teacher.config import TeacherConfig
 
-PROFILES_DIR = Path(__file__).parent / "profiles"
+# importlib.resources, not __file__: the package may be imported from a zip (spark-submit --py-files)
+PROFILES = resources.files("slimrec") / "profiles"
 
 
 class _Frozen(BaseModel):
@@ -140,9 +142,9 @@ def load_config(
     profile: str = "dev", config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> PipelineConfig:
     """Profile YAML, then the user's YAML file, then ``key=value`` overrides."""
-    path = PROFILES_DIR / f"{profile}.yaml"
-    if not path.exists():
-        known = ", ".join(sorted(p.stem for p in PROFILES_DIR.glob("*.yaml")))
+    path = PROFILES / f"{profile}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.name[:-5] for p in PROFILES.iterdir() if p.name.endswith(".yaml")))
         raise ConfigError(f"unknown profile {profile!r}; known: {known}")
     data: dict[str, Any] = yaml.safe_load(path.read_text()) or {}
     data["profile"] = profile

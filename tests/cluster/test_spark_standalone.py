@@ -10,7 +10,7 @@ write on ``local[2]``.
 
 Shipping the package as ``--py-files slimrec.zip`` instead is checked apart
 (``test_package_as_py_files_zip_loads_its_profiles``): the config reads its
-profiles through filesystem paths, which do not exist inside a zip.
+profiles through importlib.resources, so they load from inside the zip.
 """
 
 from __future__ import annotations
@@ -119,8 +119,6 @@ def test_spark_stages_run_unchanged_under_spark_submit(spark_cluster, ingested_l
     assert compared == ["user_sequences", "prompts"] and diffs == []
 
 
-@pytest.mark.xfail(strict=True, reason="config.load_config finds profiles with Path(__file__).parent, which does not "
-                   "exist when slimrec is imported from a --py-files zip (importlib.resources would)")
 def test_package_as_py_files_zip_loads_its_profiles(tmp_path):
     z = _py_files(tmp_path)
     code = ("import sys; sys.path.insert(0, sys.argv[1]); import slimrec.config as c; "
