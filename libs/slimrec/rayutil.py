@@ -19,10 +19,12 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(ignore_reinit_error=True, log_to_driver=False, include_dashboard=False)
+    # worker output (training epochs, generation progress) reaches the terminal unless SLIMREC_RAY_QUIET=1
+    to_driver = os.environ.get("SLIMREC_RAY_QUIET", "0") != "1"
+    kwargs = dict(ignore_reinit_error=True, log_to_driver=to_driver, include_dashboard=False)
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=to_driver)
     else:
         log.info("starting local Ray")
         ray.init(num_cpus=num_cpus, **kwargs)

@@ -9,9 +9,10 @@
    teacher calls for new sampled prompts within budget, student rationales for
    changed prompts, embeddings of changed texts.
 3. ``--retrain`` fits a new recommender (and rewrites recommendations).
-   Without it, rescoring the affected users with the current model is NOT
-   implemented yet: the step reports itself as skipped with that reason, and
-   those users' recommendations stay as they were until the next retrain.
+   Without it, the users whose sequence or rationale changed are rescored
+   with the current recommender's saved model and merged into
+   ``recommendations`` under the refresh's run date
+   (slimrec.recommender.serving).
 
 Running the same date twice changes nothing the second time: step 1 finds no
 new event, so every later stage is skipped.
@@ -24,7 +25,7 @@ import time
 from pathlib import Path
 
 from slimrec.ingest import IngestError, build_interactions, read_events_spark
-from slimrec.pipeline import STAGES, run_stage
+from slimrec.pipeline import STAGES, StageError, run_stage
 from slimrec.stages.base import StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -85,8 +86,21 @@ def refresh(ctx: StageContext, events_path: str | Path, retrain: bool = False, p
 
 
 def rescore(ctx: StageContext) -> StageResult:
-    """Not implemented yet: say so in the run report instead of pretending to rescore."""
-    why = ("rescoring with the current recommender is not implemented yet; "
-           "run `slim refresh --retrain` to refresh recommendations")
-    log.warning("refresh: %s", why)
-    return StageResult("rescore_recommendations", skipped=True, extra={"reason": why})
+    """Rescore users whose inputs changed with the current recommender (see slimrec.recommender.serving)."""
+    from slimrec.recommender.serving import STEP, ServingError
+    from slimrec.recommender.serving import rescore as rescore_users
+
+    cfg = ctx.cfg.recommender
+    root = Path(cfg.artifacts_dir) if Path(cfg.artifacts_dir).is_absolute() else Path(ctx.lake.root) / cfg.artifacts_dir
+    if ctx.dry_run:
+        return StageResult(STEP, skipped=True, extra={"reason": "dry run"})
+    try:
+        facts = rescore_users(ctx, root)
+    except ServingError as e:
+        raise StageError(f"{STEP}: {e}") from None
+    if "skipped_reason" in facts:
+        log.info("refresh: %s skipped: %s", STEP, facts["skipped_reason"])
+        return StageResult(STEP, skipped=True, extra={"reason": facts.pop("skipped_reason"), **facts})
+    version = facts.pop("version")
+    return StageResult(STEP, {"recommendations": version}, rows_in=facts["users_changed"],
+                       rows_out=facts["users_rescored"], extra=facts)

@@ -64,6 +64,34 @@ def latest_metrics(lake) -> pd.DataFrame:
     return m[m["run_id"] == run_id]
 
 
+def latest_paired(lake) -> pd.DataFrame:
+    """Paired per-user comparisons against cooc_prior stored by the latest train_recommender run."""
+    if not lake.exists("recommender_runs"):
+        return pd.DataFrame()
+    runs = lake.read_pandas("recommender_runs", columns=["run_id", "notes", "finished_ts"])
+    if runs.empty:
+        return pd.DataFrame()
+    notes = json.loads(runs.sort_values("finished_ts").iloc[-1]["notes"] or "{}")
+    rows = pd.DataFrame(notes.get("paired_vs_cooc_prior") or [])
+    if rows.empty:
+        return rows
+    rows["_p"] = rows["protocol"].map({"full": 0, "sampled100": 1}).fillna(9)
+    return rows.sort_values(["_p", "backbone", "mean_diff"], ascending=[True, True, False]).drop(columns="_p")
+
+
+def format_paired(paired: pd.DataFrame) -> str:
+    if paired.empty:
+        return "(no paired comparison: cooc_prior or per-user results missing)"
+    lines = [f"{'protocol':<11} {'backbone':<9} {'variant':<16} {'users':>6} {'seeds':>5}  {'NDCG@10':>8} "
+             f"{'cooc_prior':>10} {'diff':>8} {'paired SE':>9} {'diff/SE':>7}  better/worse users"]
+    for r in paired.itertuples(index=False):
+        z = r.mean_diff / r.se if r.se and r.se == r.se else float("nan")
+        lines.append(f"{r.protocol:<11} {r.backbone:<9} {r.variant:<16} {r.n_users:>6} {r.n_seeds:>5}  "
+                     f"{r.variant_ndcg_10:>8.4f} {r.reference_ndcg_10:>10.4f} {r.mean_diff:>+8.4f} {r.se:>9.4f} "
+                     f"{z:>+7.2f}  {r.users_better}/{r.users_worse}")
+    return "\n".join(lines)
+
+
 def format_metrics(summary: pd.DataFrame) -> str:
     if summary.empty:
         return "(no metrics: train_recommender has not run)"
@@ -95,6 +123,7 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
         "written_at": datetime.now(tz=UTC).isoformat(timespec="seconds"),
         "stages": stages.to_dict(orient="records"),
         "metrics": summary.to_dict(orient="records"),
+        "paired_vs_cooc_prior": latest_paired(lake).to_dict(orient="records"),
     }
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
     paths["json"].write_text(json.dumps(payload, indent=2, default=str))
@@ -105,5 +134,7 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
     paths["md"].write_text(
         f"# slimrec run {run_id} ({run_date})\n\n## Stages\n\n```\n{format_stages(stages)}\n```\n\n"
         f"## Metrics (test target; mean±std over seeds; full ranking first)\n\n```\n{format_metrics(summary)}\n```\n"
+        f"\n## Against the strongest no-LLM baseline (cooc_prior), paired per user (test NDCG@10, seed-averaged)"
+        f"\n\n```\n{format_paired(latest_paired(lake))}\n```\n"
     )
     return paths

@@ -210,10 +210,14 @@ class Evaluator:
                 sums[gi] += rank_metrics(g, e, ks=(10,))["ndcg_10"].sum()
         return sums
 
-    def top_k(self, model_fn: ScoreFn, priors=(), weights=(), k: int = 20, split: str = "serve"):
-        """(U, k) internal item indices and scores, best first, excluding every item of the ``split`` input."""
+    def top_k(self, model_fn: ScoreFn, priors=(), weights=(), k: int = 20, split: str = "serve",
+              users: np.ndarray | None = None):
+        """(U, k) internal item indices and scores, best first, excluding every item of the ``split`` input.
+
+        ``users``: rows of :attr:`RecData.user_ids` to score (default: all), in that order.
+        """
         items, scores = [], []
-        users = np.arange(self.data.n_users)
+        users = np.arange(self.data.n_users) if users is None else np.asarray(users, dtype=np.int64)
         ptr, seq = self.data.split_sequences(split)
         for b in self._batches(users):
             s = self._combined(model_fn, priors, weights, split, b)

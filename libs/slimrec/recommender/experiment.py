@@ -35,6 +35,7 @@ from slimrec.recommender.runner import (
     build_model,
     metrics_frame,
     model_key,
+    paired_comparisons,
     plan_groups,
     priors_for,
     results_table,
@@ -58,6 +59,10 @@ class ExperimentResult:
 
     def table(self, split: str = "test") -> str:
         return results_table(self.metrics, split)
+
+
+SERVING_FILE = "serving.json"
+SERVING_ITEMS = "serving_items.json"
 
 
 def _threads(cfg: RecommenderConfig) -> int:
@@ -168,6 +173,8 @@ def run_experiment(
     metrics = metrics_frame(results)
     best = best_variant(metrics, cfg) if len(metrics) else None
     recs = recommend(data, cfg, ev, payloads, checkpoints, best) if best else None
+    if recs is not None:
+        write_serving(root / run_id, data, cfg, recs, payloads, checkpoints)
     notes = run_notes(data, cfg, payloads, missing, best)
     return ExperimentResult(metrics, payloads, checkpoints, missing, best, recs, notes)
 
@@ -199,6 +206,22 @@ def recommend(data, cfg, ev, payloads, checkpoints, best) -> pd.DataFrame:
     })
 
 
+def write_serving(folder: Path, data: RecData, cfg, recs: pd.DataFrame, payloads, checkpoints) -> None:
+    """What rescoring needs without retraining: the served model's checkpoint, prior weights and item index."""
+    backbone, variant, seed = recs["backbone"].iloc[0], recs["variant"].iloc[0], int(recs["seed"].iloc[0])
+    res = next(r for p in payloads if p["backbone"] == backbone and p["seed"] == seed
+               for r in p["results"] if r["variant"] == variant)
+    key = model_key(variant, cfg, backbone)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / SERVING_ITEMS).write_text(json.dumps([str(i) for i in data.item_ids]))
+    (folder / SERVING_FILE).write_text(json.dumps({
+        "backbone": backbone, "variant": variant, "seed": seed, "model_key": key,
+        "checkpoint": str(Path(checkpoints[f"{backbone}/{seed}"]) / f"{key}.pt"),
+        "weights": res["weights"], "encoder": data.encoder, "items_file": SERVING_ITEMS,
+        "config": cfg.model_dump(mode="json"),
+    }, indent=1, default=float))
+
+
 def run_notes(data: RecData, cfg, payloads, missing, best) -> dict:
     """JSON-able facts of the run: missing variants, rationale coverage, chosen weights, time and memory."""
     perf: dict[str, dict] = {}
@@ -227,4 +250,5 @@ def run_notes(data: RecData, cfg, payloads, missing, best) -> dict:
         "prior_weights": weights,
         "performance": perf_summary,
         "best": list(best) if best else None,
+        "paired_vs_cooc_prior": paired_comparisons(payloads, data.n_users),
     }

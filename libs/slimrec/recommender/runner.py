@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from slimrec.recommender.data import RecData
-from slimrec.recommender.evaluation import Evaluator, summarise
+from slimrec.recommender.evaluation import PROTOCOLS, Evaluator, summarise
 from slimrec.recommender.metrics import METRIC_NAMES
 from slimrec.recommender.models import SeqRecModel, TextMatching
 from slimrec.recommender.train import (
@@ -176,8 +176,48 @@ def evaluate_variant(variant: str, score_fn, data: RecData, ev: Evaluator, cfg) 
         rows = _rows(per_user, None, "all")
         if tmask is not None and tmask.sum() < data.n_users and "teacher" in cfg.variants:
             rows += _rows(per_user, tmask, TEACHER_SUBSET)
+    # per-user test NDCG@10 (rounded), for paired comparisons between variants (paired_comparisons)
+    per_user_test = {p: np.round(per_user[("test", p)]["ndcg_10"], 5).tolist() for p in PROTOCOLS}
     return {"variant": variant, "weights": dict(zip(names, weights, strict=True)), "valid_selected": v_sel,
-            "rows": rows, "teacher_users_only": users is not None}
+            "rows": rows, "teacher_users_only": users is not None, "per_user_test_ndcg_10": per_user_test,
+            "per_user_rows": None if users is None else users.tolist()}
+
+
+def paired_comparisons(payloads: list[dict], n_users: int, reference: str = "cooc_prior") -> list[dict]:
+    """Each variant against ``reference`` on the same users: test NDCG@10, per protocol.
+
+    Per user, NDCG@10 is averaged over seeds for each variant; ``mean_diff`` is the mean over users of
+    (variant - reference) and ``se`` its paired standard error, std(diff) / sqrt(users). It measures how
+    sure the difference is across users (seed-to-seed spread is in the metrics table's std). Variants
+    measured on a subset (teacher users) are paired on that subset; text_matching (no backbone) with the
+    first backbone's reference.
+    """
+    by: dict[tuple[str, str, str], list[np.ndarray]] = {}
+    for p in payloads:
+        for r in p["results"]:
+            for proto, vals in (r.get("per_user_test_ndcg_10") or {}).items():
+                a = np.full(n_users, np.nan)
+                rows = r.get("per_user_rows")
+                a[np.arange(n_users) if rows is None else np.asarray(rows, dtype=np.int64)] = vals
+                by.setdefault((p["backbone"], r["variant"], proto), []).append(a)
+    backbones = [b for b, v, _ in by if v == reference]
+    out = []
+    for (b, v, proto), arrs in by.items():
+        ref_b = b if b != NO_BACKBONE else (backbones[0] if backbones else None)
+        if v == reference or (ref_b, reference, proto) not in by:
+            continue
+        x = np.nanmean(np.stack(arrs), axis=0)
+        y = np.nanmean(np.stack(by[(ref_b, reference, proto)]), axis=0)
+        ok = ~np.isnan(x) & ~np.isnan(y)
+        d = x[ok] - y[ok]
+        n = int(ok.sum())
+        out.append({
+            "backbone": b, "variant": v, "reference": reference, "protocol": proto, "n_users": n,
+            "n_seeds": len(arrs), "variant_ndcg_10": float(x[ok].mean()), "reference_ndcg_10": float(y[ok].mean()),
+            "mean_diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+            "users_better": int((d > 0).sum()), "users_worse": int((d < 0).sum()),
+        })
+    return out
 
 
 def run_group(
