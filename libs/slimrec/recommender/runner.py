@@ -26,6 +26,7 @@ subset as ``<variant>@teacher_users`` so the comparison is like for like.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -206,8 +207,10 @@ def paired_comparisons(payloads: list[dict], n_users: int, reference: str = "coo
         ref_b = b if b != NO_BACKBONE else (backbones[0] if backbones else None)
         if v == reference or (ref_b, reference, proto) not in by:
             continue
-        x = np.nanmean(np.stack(arrs), axis=0)
-        y = np.nanmean(np.stack(by[(ref_b, reference, proto)]), axis=0)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # users outside a subset: all-NaN columns
+            x = np.nanmean(np.stack(arrs), axis=0)
+            y = np.nanmean(np.stack(by[(ref_b, reference, proto)]), axis=0)
         ok = ~np.isnan(x) & ~np.isnan(y)
         d = x[ok] - y[ok]
         n = int(ok.sum())
