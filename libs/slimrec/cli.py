@@ -41,6 +41,13 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("py4j", "urllib3", "httpx", "filelock", "great_expectations", "ray", "asyncio", "openai"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    for h in logging.getLogger().handlers:
+        h.addFilter(_quiet_py4j_retry)
+
+
+def _quiet_py4j_retry(record: logging.LogRecord) -> bool:
+    """py4j logs a retried (and then successful) JVM call on the root logger at INFO, with a traceback."""
+    return not (record.levelno < logging.WARNING and "py4j" in record.pathname)
 
 
 def _parse_date(value: str | None) -> date:
