@@ -26,7 +26,6 @@ def spark():
 @pytest.fixture(scope="session")
 def ray_local():
     import ray
-
     from slimrec.rayutil import ensure_ray
 
     ensure_ray(None, num_cpus=2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from slimrec.config import ConfigError, PipelineConfig, load_config, parse_override
 
 

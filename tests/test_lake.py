@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 
 import pyarrow as pa
 import pytest
-
 from slimrec.lake import CommitInfo, LakeError, duckdb_connection
 
-UTC = timezone.utc
 
 
 def _interactions(spark, rows):

@@ -8,7 +8,6 @@ from datetime import UTC, date, datetime
 
 import pandas as pd
 import pytest
-
 from slimrec.lake import CommitInfo
 from slimrec.report import metrics_summary, write_report
 from slimrec.stages.base import StageResult

@@ -69,8 +69,14 @@ class CommitInfo:
             md[f"slimrec.{k}"] = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
         return md
 
-    def properties(self) -> CommitProperties:
-        return CommitProperties(custom_metadata=self.metadata())
+    def properties(self, mode: str | None = None) -> CommitProperties:
+        """Commit properties; ``mode`` (the lake's write mode) is recorded as ``slimrec.write_mode``, because
+        a Delta log entry alone does not always say it (a ``replace_date`` written through
+        ``create_write_transaction`` shows as a plain WRITE Overwrite)."""
+        md = self.metadata()
+        if mode is not None:
+            md["slimrec.write_mode"] = mode
+        return CommitProperties(custom_metadata=md)
 
 
 def _is_remote(uri: str) -> bool:
@@ -177,7 +183,7 @@ class Lake:
             data = pa.Table.from_pandas(data, preserve_index=False)
         data = self._fill_lineage(data, s, info)
         uri = self.path(table)
-        props = info.properties()
+        props = info.properties(mode)
         if mode == "merge" and self.exists(table):
             dt = self._dt(table)
             merger = dt.merge(
@@ -241,7 +247,7 @@ class Lake:
             bad = {a.partition_values.get("run_date") for a in actions} - {info.run_date.isoformat()}
             if bad:
                 raise LakeError(f"replace_date into {table}: rows carry run_date {sorted(bad)}, not {info.run_date}")
-        props = info.properties()
+        props = info.properties(mode)
         schema = s.arrow_schema()
         if not self.exists(table):
             create_table_with_add_actions(

@@ -6,6 +6,7 @@ import types
 from datetime import date
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from conftest import RUN_DATE, STALE, world, write_table
 from slimrec.quality import QualityError, QualityGateError, gate, validate_table
@@ -76,6 +77,31 @@ def test_replace_date_validates_that_date_only(spark, tmp_lake, qcfg):
     assert report.success, report.summary()
     assert (report.rows, report.run_date) == (1, RUN_DATE)
     assert report.slice.startswith(f"1 file(s) added by version {version} (WRITE Overwrite)")
+
+
+def test_replace_date_from_spark_validates_that_date_only(spark, tmp_lake, qcfg):
+    """The Spark path commits through create_write_transaction, whose log entry shows a plain WRITE
+    Overwrite (no predicate): the lake's own slimrec.write_mode says it replaced one date only."""
+    from conftest import commit_info
+    from slimrec.schemas.tables import spec
+
+    w = world()
+    for t in ("items", "user_sequences"):
+        write_table(tmp_lake, t, w[t])
+    cols = spec("prompts").spark_schema().fieldNames()
+
+    def frame(rows, day):
+        pdf = pd.DataFrame(rows).assign(run_date=day, input_versions="{}")
+        return spark.createDataFrame(pdf[cols], schema=spec("prompts").spark_schema())
+
+    tmp_lake.write_spark(frame(w["prompts"], DAY1), "prompts", "replace_date", commit_info(run_date=DAY1))
+    version = tmp_lake.write_spark(frame(w["prompts"][:1], RUN_DATE), "prompts", "replace_date",
+                                   commit_info(run_date=RUN_DATE))
+    assert tmp_lake.last_commit("prompts")["slimrec.write_mode"] == "replace_date"
+    report = validate_table(tmp_lake, "prompts", cfg=qcfg, spark=spark)
+    assert report.success, report.summary()
+    assert (report.rows, report.run_date, report.version) == (1, RUN_DATE, version)
+    assert tmp_lake.count("prompts") == len(w["prompts"]) + 1
 
 
 def test_gate_records_dq_results_and_returns_the_report(spark, tmp_lake, qcfg):

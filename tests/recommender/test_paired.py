@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from slimrec.recommender.runner import NO_BACKBONE, paired_comparisons
 
 

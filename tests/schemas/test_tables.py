@@ -6,7 +6,6 @@ from datetime import date
 
 import pyarrow as pa
 import pytest
-
 from slimrec.schemas.tables import TABLES, arrow_type, spec
 
 

@@ -16,6 +16,9 @@ MERGE and anything else                   ``run_date``: rows of version N dated 
                                           they are history, not this run's output.
 ========================================  ==================================================
 
+When the commit carries ``slimrec.write_mode`` (every lake write records it),
+that decides instead: append and replace_date -> ``added``, merge -> ``run_date``.
+
 The run's date is the ``slimrec.run_date`` the stage stored in the commit
 metadata unless the caller names one.
 """
@@ -73,6 +76,11 @@ def _kind(commit: dict[str, Any], version: int) -> SliceKind:
     partial = any(params.get(k) for k in ("predicate", "partitionFilters", "replaceWhere"))
     if version == 0:
         return "table"
+    written = commit.get("slimrec.write_mode")  # the lake's own record of how it wrote this version
+    if written in ("append", "replace_date"):
+        return "added"
+    if written == "merge":
+        return "run_date"
     if (op == "WRITE" or op.startswith("CREATE") or op.startswith("REPLACE")) and mode == "overwrite" and not partial:
         return "table"
     if op == "WRITE" and (mode == "append" or (mode == "overwrite" and partial)):
