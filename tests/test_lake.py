@@ -10,7 +10,6 @@ import pytest
 from slimrec.lake import CommitInfo, LakeError, duckdb_connection
 
 
-
 def _interactions(spark, rows):
     return spark.createDataFrame(
         rows, "user_id string, item_id string, event_ts timestamp, event_seq long, ts_derived boolean, source_file string"
