@@ -8,7 +8,9 @@
    what changed: sequences of users with new events, prompts for those users,
    teacher calls for new sampled prompts within budget, student rationales for
    changed prompts, embeddings of changed texts.
-3. ``--retrain`` fits a new recommender (and rewrites recommendations).
+3. ``--retrain`` distils a new student (when the teacher answered new prompts)
+   and fits a new recommender (and rewrites recommendations); without it the
+   current student and recommender are kept.
    Without it, the users whose sequence or rationale changed are rescored
    with the current recommender's saved model and merged into
    ``recommendations`` under the refresh's run date
@@ -80,6 +82,11 @@ def refresh(ctx: StageContext, events_path: str | Path, retrain: bool = False, p
             progress(i, len(later), name)
         if name == "train_recommender" and not retrain:
             results.append(rescore(ctx))
+            continue
+        if name == "distill_student" and not retrain and ctx.lake.exists("student_models"):
+            why = "the current student is kept; `slim refresh --retrain` distils a new one"
+            log.info("refresh: distill_student skipped: %s", why)
+            results.append(StageResult(name, skipped=True, extra={"reason": why}))
             continue
         results.append(run_stage(name, ctx, allow_skip=True))
     return results

@@ -6,6 +6,7 @@ Everything goes through the CLI in this process (session Spark and Ray) on the t
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -54,6 +55,7 @@ def test_refresh_rescores_exactly_the_changed_users_with_the_current_model(refre
 
 def test_rescoring_unchanged_inputs_reproduces_the_trained_recommendations(refreshed, tmp_path):
     """The serving path (saved model, item index, prior weights) gives what train_recommender gave."""
+    from deltalake import DeltaTable
     from slimrec.config import load_config
     from slimrec.recommender.serving import rescore
     from slimrec.stages.base import StageContext
@@ -61,15 +63,11 @@ def test_rescoring_unchanged_inputs_reproduces_the_trained_recommendations(refre
     lake = refreshed["lake"]
     base_lake = Lake(tmp_path / "lake")
     # a copy of the lake at the base run's versions is what the model was trained on
-    import shutil
-
     shutil.copytree(lake.root, base_lake.root)
     v0 = refreshed["v0"]
     for t in ("user_sequences", "item_embeddings", "rationale_embeddings", "teacher_rationales",
               "student_rationales", "items"):
-        if t in v0:
-            from deltalake import DeltaTable
-
+        if t in v0 and base_lake.version(t) != v0[t]:
             DeltaTable(base_lake.path(t)).restore(v0[t])
     ctx = StageContext(lake=base_lake, cfg=load_config("tiny"), run_date=pd.Timestamp(BASE_DATE).date())
     users = set(refreshed["recs0"]["user_id"])
@@ -84,5 +82,10 @@ def test_second_refresh_of_the_same_day_changes_nothing(refreshed):
     assert refreshed["v2"] == refreshed["v1"]
     changed = {t for t, v in refreshed["v1"].items() if refreshed["v0"].get(t) != v}
     assert {"interactions", "user_sequences", "prompts", "recommendations"} <= changed
+    assert "student_models" not in changed  # the daily refresh keeps the student unless --retrain
     FIGURES["tables written by the refresh"] = sorted(changed)
     print("\nrefresh figures:", FIGURES)
+    for name in ("log0", "log1", "log2"):  # the stage tables: the full run, the refresh, the rerun
+        lines = refreshed[name].splitlines()
+        start = next(i for i, x in enumerate(lines) if x.startswith("stage "))
+        print(f"\n{name}:\n" + "\n".join(lines[start:start + 11]))
