@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from datetime import UTC, date, datetime
@@ -58,9 +59,13 @@ def _tiny_lake(lake):
     lake.write_arrow("metrics", m, "append", INFO)
     lake.write_arrow("recommender_runs", pd.DataFrame({
         "run_id": ["run1"], "dataset": ["d"], "config": ["{}"], "best_backbone": ["sasrec"], "best_variant": ["slim"],
-        "n_users": [1], "n_items": [3], "notes": ["{}"], "started_ts": [now], "finished_ts": [now]}), "append", INFO)
+        "n_users": [1], "n_items": [3], "notes": [json.dumps({"paired_vs_cooc_prior": [PAIRED]})],
+        "started_ts": [now], "finished_ts": [now]}), "append", INFO)
 
 
+PAIRED = {"backbone": "sasrec", "variant": "slim", "reference": "cooc_prior", "protocol": "full", "n_users": 4905,
+          "n_seeds": 3, "variant_ndcg_10": 0.0555, "reference_ndcg_10": 0.0552, "mean_diff": 0.0003, "se": 0.0004,
+          "users_better": 193, "users_worse": 164}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -76,7 +81,8 @@ def test_html_report_renders_table_and_charts(tmp_lake, tmp_path):
     dom = subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={prof}", "--dump-dom", page],
                          capture_output=True, text=True, timeout=120).stdout
     assert '<table id="metrics">' in dom
-    assert dom.count("<tr") >= 1 + 8 + 2  # header + 4 variants x 2 protocols + stage table
+    assert '<table id="paired">' in dom and "+0.0003" in dom and "193 / 164" in dom
+    assert dom.count("<tr") >= 1 + 8 + 2 + 2  # header + 4 variants x 2 protocols + stage table + paired
     assert "slim" in dom and "popular" in dom
     assert dom.count("data:image/png;base64,") == 3  # NDCG@10, HR@10, stages (no rationale tables here)
     assert "Stapler (test target)" in dom  # the example user's top-1 is the target, marked

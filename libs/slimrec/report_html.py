@@ -14,7 +14,7 @@ import logging
 
 import pandas as pd
 
-from slimrec.report import METRIC_COLS, latest_metrics, metrics_summary, stage_table
+from slimrec.report import METRIC_COLS, latest_metrics, latest_paired, metrics_summary, stage_table
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,20 @@ def _metrics_html(summary: pd.DataFrame) -> str:
             f"<th>seeds</th>{head}</tr>{''.join(rows)}</table>")
 
 
+def _paired_html(paired: pd.DataFrame) -> str:
+    if paired.empty:
+        return "<p>No paired comparison (cooc_prior or per-user results missing).</p>"
+    rows = []
+    for r in paired.itertuples(index=False):
+        rows.append(f"<tr><td class=l>{r.protocol}</td><td class=l>{r.backbone}</td>"
+                    f"<td class=l>{html.escape(r.variant)}</td><td>{r.n_users:,}</td><td>{r.n_seeds}</td>"
+                    f"<td>{r.variant_ndcg_10:.4f}</td><td>{r.reference_ndcg_10:.4f}</td><td>{r.mean_diff:+.4f}</td>"
+                    f"<td>{r.se:.4f}</td><td>{r.users_better:,} / {r.users_worse:,}</td></tr>")
+    return ('<table id="paired"><tr><th class=l>protocol</th><th class=l>backbone</th><th class=l>variant</th>'
+            "<th>users</th><th>seeds</th><th>NDCG@10</th><th>cooc_prior</th><th>diff</th><th>paired SE</th>"
+            f"<th>better / worse users</th></tr>{''.join(rows)}</table>")
+
+
 def _latest(lake, table: str, columns: list[str]) -> pd.DataFrame:
     return lake.read_pandas(table, columns=columns) if lake.exists(table) else pd.DataFrame(columns=columns)
 
@@ -152,6 +166,9 @@ def render_html(lake, results, run_id: str, run_date, n_examples: int = 3) -> st
                  "included); sampled100 ranks it among 100 random items the user never had. Random and popular "
                  "rows are the baselines.</p>")
     parts.append(_metrics_html(summary))
+    parts.append("<h2>Against cooc_prior, the strongest baseline without an LLM</h2><p>Test NDCG@10 per user, "
+                 "averaged over seeds, paired with cooc_prior on the same users; SE = std(diff) / sqrt(users).</p>"
+                 + _paired_html(latest_paired(lake)))
     if not summary.empty:
         parts.append('<h2>NDCG@10 and HR@10 by variant</h2><div id="charts">')
         parts.append(_metric_chart(summary, "ndcg_10") + _metric_chart(summary, "hr_10") + "</div>")
