@@ -96,7 +96,9 @@ def _context(lake: str, profile: str, config: Path | None, sets: list[str] | Non
 
 
 def _close(ctx) -> None:
-    if ctx is not None and ctx._spark is not None:
+    """Stop the command's Spark session, unless it joined one that was already running in this process
+    (an embedding application or a test session keeps its own)."""
+    if ctx is not None and ctx._spark is not None and ctx._spark_owned:
         ctx._spark.stop()
 
 

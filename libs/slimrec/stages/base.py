@@ -40,12 +40,16 @@ class StageContext:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     dataset_dir: str | None = None
     _spark: Any = None
+    _spark_owned: bool = False  # this context started the session (rather than joining a running one)
 
     def spark(self):
         """The stage's SparkSession, started on first use from ``cfg.spark``."""
         if self._spark is None:
+            from pyspark.sql import SparkSession
+
             from slimrec.spark import get_spark
 
+            self._spark_owned = SparkSession.getActiveSession() is None
             self._spark = get_spark(self.cfg.spark)
         return self._spark
 
