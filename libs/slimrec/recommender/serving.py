@@ -146,7 +146,8 @@ def rescore(ctx, artifacts_root: str | Path, users: set[str] | None = None, writ
     model.eval()
     ev = Evaluator(data, cfg)
     names, fns = priors_for(manifest["variant"], data, ev, cfg)
-    weights = tuple(float(manifest["weights"][n]) for n in names)
+    # a prior the served model was not fitted with (no grounded items at training time) gets weight 0
+    weights = tuple(float(manifest["weights"].get(n, 0.0)) for n in names)
     index = {u: i for i, u in enumerate(data.user_ids)}
     rows = np.array(sorted(index[u] for u in users if u in index), dtype=np.int64)
     not_scored = len(users) - len(rows)
