@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import RUN_DATE, STALE, world, write_table
+from conftest import RUN_DATE, STALE, commit_info, world, write_table
 from slimrec.quality import QualityError, QualityGateError, gate, validate_table
 
 DAY1 = date(2024, 1, 14)
@@ -82,7 +82,6 @@ def test_replace_date_validates_that_date_only(spark, tmp_lake, qcfg):
 def test_replace_date_from_spark_validates_that_date_only(spark, tmp_lake, qcfg):
     """The Spark path commits through create_write_transaction, whose log entry shows a plain WRITE
     Overwrite (no predicate): the lake's own slimrec.write_mode says it replaced one date only."""
-    from conftest import commit_info
     from slimrec.schemas.tables import spec
 
     w = world()
