@@ -52,26 +52,29 @@ def metrics_summary(metrics: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     return out.sort_values(["_p", "backbone", "ndcg_10_mean"], ascending=[True, True, False]).drop(columns="_p")
 
 
+def latest_run(lake) -> pd.Series | None:
+    """The most recent ``recommender_runs`` row (run_id, notes, finished_ts), or None."""
+    if not lake.exists("recommender_runs"):
+        return None
+    runs = lake.read_pandas("recommender_runs", columns=["run_id", "notes", "finished_ts"])
+    return None if runs.empty else runs.sort_values("finished_ts").iloc[-1]
+
+
 def latest_metrics(lake) -> pd.DataFrame:
     """Metrics rows of the most recent train_recommender run, or an empty frame."""
-    if not lake.exists("metrics") or not lake.exists("recommender_runs"):
+    run = latest_run(lake)
+    if run is None or not lake.exists("metrics"):
         return pd.DataFrame()
-    runs = lake.read_pandas("recommender_runs", columns=["run_id", "finished_ts"])
-    if runs.empty:
-        return pd.DataFrame()
-    run_id = runs.sort_values("finished_ts").iloc[-1]["run_id"]
     m = lake.read_pandas("metrics")
-    return m[m["run_id"] == run_id]
+    return m[m["run_id"] == run["run_id"]]
 
 
 def latest_paired(lake) -> pd.DataFrame:
     """Paired per-user comparisons against cooc_prior stored by the latest train_recommender run."""
-    if not lake.exists("recommender_runs"):
+    run = latest_run(lake)
+    if run is None:
         return pd.DataFrame()
-    runs = lake.read_pandas("recommender_runs", columns=["run_id", "notes", "finished_ts"])
-    if runs.empty:
-        return pd.DataFrame()
-    notes = json.loads(runs.sort_values("finished_ts").iloc[-1]["notes"] or "{}")
+    notes = json.loads(run["notes"] or "{}")
     rows = pd.DataFrame(notes.get("paired_vs_cooc_prior") or [])
     if rows.empty:
         return rows

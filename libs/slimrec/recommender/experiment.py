@@ -195,14 +195,16 @@ def recommend(data, cfg, ev, payloads, checkpoints, best) -> pd.DataFrame:
     names, fns = priors_for(variant, data, ev, cfg)
     weights = tuple(res["weights"][n] for n in names)
     items, scores = ev.top_k(score_fn_for(key, model, data, ev, torch.device("cpu")), fns, weights, cfg.top_k)
-    item_ids = data.item_ids
+    return top_k_frame(data, np.arange(data.n_users), items, scores, backbone=backbone, variant=variant, seed=seed)
+
+
+def top_k_frame(data: RecData, rows: np.ndarray, items: np.ndarray, scores: np.ndarray, **const) -> pd.DataFrame:
+    """Recommendation rows of users ``rows`` from :meth:`Evaluator.top_k` output, plus constant columns."""
     return pd.DataFrame({
-        "user_id": data.user_ids,
-        "item_ids": [list(item_ids[row - 1]) for row in items],
+        "user_id": data.user_ids[rows],
+        "item_ids": [list(data.item_ids[r - 1]) for r in items],
         "scores": [list(map(float, s)) for s in scores],
-        "backbone": backbone,
-        "variant": f"{variant}",
-        "seed": seed,
+        **const,
     })
 
 

@@ -34,12 +34,15 @@ import torch
 from slimrec.recommender.config import RecommenderConfig
 from slimrec.recommender.data import build_rec_data
 from slimrec.recommender.evaluation import Evaluator
-from slimrec.recommender.experiment import SERVING_FILE
+from slimrec.recommender.experiment import SERVING_FILE, top_k_frame
 from slimrec.recommender.runner import build_model, priors_for, score_fn_for, variant_spec
+from slimrec.report import latest_run
 
 log = logging.getLogger(__name__)
 
 STEP = "rescore_recommendations"
+READS = ["user_sequences", "items", "item_embeddings", "rationale_embeddings", "teacher_rationales",
+         "student_rationales"]
 MIN_ITEMS = 3  # history + valid + test: the shape every recommender input has
 
 
@@ -104,10 +107,9 @@ def rescore(ctx, artifacts_root: str | Path, users: set[str] | None = None, writ
     """
     lake = ctx.lake
     t0 = time.perf_counter()
-    if not lake.exists("recommender_runs") or not lake.exists("recommendations"):
+    last = latest_run(lake)
+    if last is None or not lake.exists("recommendations"):
         return {"skipped_reason": "no recommender has been trained yet (run `slim run` or `slim refresh --retrain`)"}
-    runs = lake.read_pandas("recommender_runs", columns=["run_id", "notes", "finished_ts"])
-    last = runs.sort_values("finished_ts").iloc[-1]
     folder = json.loads(last["notes"]).get("artifacts") or str(Path(artifacts_root) / last["run_id"])
     manifest = load_serving(folder)
     cfg = RecommenderConfig.model_validate(manifest["config"])
@@ -121,13 +123,12 @@ def rescore(ctx, artifacts_root: str | Path, users: set[str] | None = None, writ
     if source and lake.exists("rationale_embeddings") and not forced:
         users |= _changed(lake, "rationale_embeddings", mark.get("rationale_embeddings"), ["user_id", "source"],
                           "text_hash", where=lambda d: d["source"] == source)
-    inputs = ctx.input_versions(["user_sequences", "items", "item_embeddings", "rationale_embeddings",
-                                 "teacher_rationales", "student_rationales", "recommender_runs"])
+    inputs = ctx.input_versions(READS + ["recommender_runs"])
     if not users:
         return {"skipped_reason": "no user's sequence or rationale changed since recommendations were last written",
                 "model_run_id": last["run_id"]}
 
-    read = {t: (lake.read_pandas(t) if v is not None else None) for t, v in inputs.items()}
+    read = {t: (lake.read_pandas(t, version=inputs[t]) if inputs[t] is not None else None) for t in READS}
     seqs, dropped_items, too_short = _serving_frame(read["user_sequences"], set(manifest["item_ids"]))
     vocab = pd.DataFrame({"item_id": manifest["item_ids"]})
     data, _ = build_rec_data(
@@ -156,14 +157,8 @@ def rescore(ctx, artifacts_root: str | Path, users: set[str] | None = None, writ
         score = score_fn_for(manifest["model_key"], model, data, ev, torch.device("cpu"))
         with torch.no_grad():
             items, scores = ev.top_k(score, fns, weights, cfg.top_k, users=rows)
-        recs = pd.DataFrame({
-            "user_id": data.user_ids[rows],
-            "item_ids": [list(data.item_ids[r - 1]) for r in items],
-            "scores": [list(map(float, s)) for s in scores],
-            "run_id": last["run_id"],
-            "backbone": manifest["backbone"],
-            "variant": manifest["variant"],
-        })
+        recs = top_k_frame(data, rows, items, scores, run_id=last["run_id"], backbone=manifest["backbone"],
+                           variant=manifest["variant"])
         if not write:
             return {"recommendations": recs, "users_rescored": int(len(rows)), "users_not_scorable": not_scored}
         info = ctx.commit_info(STEP, inputs, model_run_id=last["run_id"], users_rescored=len(rows))
