@@ -6,6 +6,7 @@ import json
 from datetime import UTC, date, datetime
 
 import pyarrow as pa
+import pyarrow.parquet  # noqa: F401  (pa.parquet)
 import pytest
 from slimrec.lake import CommitInfo, LakeError, duckdb_connection
 
@@ -135,3 +136,29 @@ def test_arrow_write_enforces_not_null(tmp_lake):
     with pytest.raises(Exception, match="(?i)null"):
         tmp_lake.write_arrow("student_models", data, "overwrite", info())
     assert not tmp_lake.exists("student_models")
+
+
+def test_target_file_rows_bounds_rows_per_file(spark, tmp_path):
+    from slimrec.lake import Lake
+
+    lake = Lake(tmp_path / "lake", target_file_rows=2)
+    t = datetime(2024, 1, 1, tzinfo=UTC)
+    rows = [(f"u{i}", "a", t, i, False, "f") for i in range(5)]
+    lake.write_spark(_interactions(spark, rows).coalesce(1), "interactions", "overwrite", info())
+    sizes = sorted(pa.parquet.read_table(u.removeprefix("file://")).num_rows for u in lake.file_uris("interactions"))
+    assert sizes == [1, 2, 2]
+    assert lake.count("interactions") == 5
+
+
+def test_session_conf_sets_and_restores(spark):
+    from slimrec.spark import session_conf
+
+    key, unset_key = "spark.sql.shuffle.partitions", "spark.sql.execution.useObjectHashAggregateExec"
+    before = spark.conf.get(key)
+    spark.conf.unset(unset_key)
+    default = spark.conf.get(unset_key)
+    with session_conf(spark, {key: "7", unset_key: "false"}):
+        assert spark.conf.get(key) == "7"
+        assert spark.conf.get(unset_key) == "false"
+    assert spark.conf.get(key) == before
+    assert spark.conf.get(unset_key) == default

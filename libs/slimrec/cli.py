@@ -89,7 +89,8 @@ def _context(lake: str, profile: str, config: Path | None, sets: list[str] | Non
 
     overrides = list(sets or [])
     cfg = load_config(profile, config, overrides)
-    ctx = StageContext(cfg=cfg, lake=Lake(lake), run_date=_parse_date(run_date), dry_run=dry_run, force=force,
+    ctx = StageContext(cfg=cfg, lake=Lake(lake, target_file_rows=cfg.lake.target_file_rows),
+                       run_date=_parse_date(run_date), dry_run=dry_run, force=force,
                        dataset_dir=dataset)
     log.info("config (profile %s, hash %s): %s", profile, cfg.config_hash(), cfg.as_json())
     return ctx

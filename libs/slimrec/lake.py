@@ -84,7 +84,9 @@ def _is_remote(uri: str) -> bool:
 
 
 class Lake:
-    def __init__(self, root: str | os.PathLike, storage_options: dict[str, str] | None = None):
+    def __init__(self, root: str | os.PathLike, storage_options: dict[str, str] | None = None,
+                 target_file_rows: int = 500_000):
+        self.target_file_rows = target_file_rows  # rows per Parquet file an executor writes, at most
         root = str(root)
         self.root = root if _is_remote(root) else str(Path(root).expanduser().resolve())
         self.storage_options = storage_options
@@ -242,7 +244,7 @@ class Lake:
 
         uri = self.path(table)
         Path(uri).mkdir(parents=True, exist_ok=True) if not _is_remote(uri) else None
-        actions = collect_add_actions(df, uri, s)
+        actions = collect_add_actions(df, uri, s, self.target_file_rows)
         if mode == "replace_date":
             bad = {a.partition_values.get("run_date") for a in actions} - {info.run_date.isoformat()}
             if bad:

@@ -56,11 +56,13 @@ def user_item_sequences(interactions, cfg):
         # keep an event unless the one just before it is the same item (ANSI-safe: get() is null at -1)
         evs = F.filter(evs, lambda e, i: F.when(i == 0, F.lit(True)).otherwise(
             e["item_id"] != F.get(F.col("_evs"), i - 1)["item_id"]))
-        items = F.transform(evs, lambda e: e["item_id"])
+        items = evs.getField("item_id")
         last_ts = F.element_at(evs, -1)["event_ts"]
     else:
-        # array_distinct keeps first occurrences in order; the last item's time is its first time
-        all_items = F.transform(evs, lambda e: e["item_id"])
+        # array_distinct keeps first occurrences in order; the last item's time is its first time.
+        # evs.item_id (a field of every struct, code-generated) rather than transform(), whose lambda
+        # is interpreted per element: about 15% of the stage at 5M events.
+        all_items = evs.getField("item_id")
         items = F.array_distinct(all_items)
         last_ts = F.element_at(evs, F.array_position(all_items, F.element_at(items, -1)).cast("int"))["event_ts"]
     seq = seq.select("user_id", items.alias("_items"), last_ts.alias("last_event_ts"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -40,6 +41,8 @@ def get_spark(cfg):
         .config("spark.driver.memory", cfg.driver_memory)
         .config("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
     )
+    if cfg.driver_java_options:
+        b = b.config("spark.driver.extraJavaOptions", cfg.driver_java_options)
     if not submitted and cfg.master.startswith("local"):
         b = b.config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1")
     for k, v in cfg.extra_conf.items():
@@ -52,3 +55,19 @@ def get_spark(cfg):
     log.info("spark: master=%s version=%s%s", spark.sparkContext.master, spark.version,
              " (from spark-submit)" if submitted else "")
     return spark
+
+
+@contextlib.contextmanager
+def session_conf(spark, settings: dict[str, str]):
+    """Set runtime SQL settings for the queries planned inside the block; restore them after."""
+    before = {k: spark.conf.get(k, None) for k in settings}
+    for k, v in settings.items():
+        spark.conf.set(k, v)
+    try:
+        yield spark
+    finally:
+        for k, v in before.items():
+            if v is None:
+                spark.conf.unset(k)
+            else:
+                spark.conf.set(k, v)

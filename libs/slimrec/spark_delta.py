@@ -120,7 +120,7 @@ class DeltaFilesDataSource(DataSource):
         return _Writer(self.options)
 
 
-def collect_add_actions(df, table_uri: str, spec) -> list:
+def collect_add_actions(df, table_uri: str, spec, target_file_rows: int = 500_000) -> list:
     """Let the executors write ``df`` (already in ``spec`` column order) as files; return the add-actions."""
     from slimrec.lake import make_add_action
 
@@ -134,6 +134,7 @@ def collect_add_actions(df, table_uri: str, spec) -> list:
             .option("manifest", manifest)
             .option("partition_by", ",".join(spec.partition_by))
             .option("arrow_schema", schema_hex)
+            .option("target_file_rows", str(target_file_rows))
             .save()
         )
         with open(manifest) as f:
