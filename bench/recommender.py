@@ -23,7 +23,10 @@ random, most-popular and transition-count baselines computed the same way, and
 each variant's NDCG@10 as a ratio to the ids-only model of the same run.
 ``--quick``: SASRec, one seed, 5 epochs (a smoke run). ``--full``: the full
 benchmark (``FULL_BENCHMARK_OVERRIDES``: every backbone, 5 seeds, 200 epochs); ``--paper``:
-SASRec.pytorch's learning rate and one negative per positive.
+SASRec.pytorch's settings (``PAPER_SETTINGS_OVERRIDES``: learning rate, one negative per positive, 200
+epochs, model chosen on sampled-100 validation), e.g. the comparison with that implementation::
+
+    python -m bench.recommender --paper --backbones sasrec --seeds 0,1,2 --set "recommender.variants=[base]"
 Runs in this process unless ``--ray`` (then through Ray Train, as the stage).
 Nothing is asserted; the machine is shared, so quote times from a quiet run.
 """

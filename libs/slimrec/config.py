@@ -43,9 +43,9 @@ class SparkConfig(_Frozen):
     driver_memory: str = Field("2g", description="spark.driver.memory (only honoured when Spark starts here)")
     driver_java_options: str = Field(
         "-XX:+UseParallelGC",
-        description="spark.driver.extraJavaOptions (only honoured when Spark starts here). In local mode the "
-        "driver JVM runs the tasks too; the throughput collector leaves both cores of a small machine to the "
-        "tasks (bench.foundation: about 10% faster build_sequences than the default G1). Empty: JVM default",
+        description="spark.driver.extraJavaOptions for a local[N] master started here (a cluster's own "
+        "settings are left alone). In local mode the driver JVM runs the tasks too, and the throughput "
+        "collector leaves more of a small machine's cores to them than the default G1. Empty: JVM default",
     )
     delta_engine: Literal["delta-rs", "delta-spark"] = Field(
         "delta-rs",

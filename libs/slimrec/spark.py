@@ -41,10 +41,10 @@ def get_spark(cfg):
         .config("spark.driver.memory", cfg.driver_memory)
         .config("spark.sql.sources.partitionColumnTypeInference.enabled", "false")
     )
-    if cfg.driver_java_options:
-        b = b.config("spark.driver.extraJavaOptions", cfg.driver_java_options)
     if not submitted and cfg.master.startswith("local"):
         b = b.config("spark.ui.enabled", "false").config("spark.driver.host", "127.0.0.1")
+        if cfg.driver_java_options:
+            b = b.config("spark.driver.extraJavaOptions", cfg.driver_java_options)
     for k, v in cfg.extra_conf.items():
         b = b.config(k, v)
     spark = b.getOrCreate()

@@ -35,8 +35,17 @@ FULL_BENCHMARK_OVERRIDES: tuple[str, ...] = (
     "recommender.finetune_epochs=20",
     "recommender.text_matching_epochs=10",
 )
-# SASRec.pytorch's optimisation (Adam lr 0.001, one sampled negative per positive), for like-for-like figures.
-PAPER_SETTINGS_OVERRIDES: tuple[str, ...] = ("recommender.lr=0.001", "recommender.num_negatives=1")
+# SASRec.pytorch's optimisation (Adam lr 0.001, one sampled negative per positive, a 200-epoch budget), for
+# like-for-like figures. That implementation knows only the sampled-100 protocol, so the model is chosen on
+# validation in that protocol too. On the bundled data, 3 seeds: chosen on full-ranking validation, SASRec
+# base reached test sampled NDCG@10 0.3247; chosen on sampled validation (best epochs 86 to 115), 0.3298.
+PAPER_SETTINGS_OVERRIDES: tuple[str, ...] = (
+    "recommender.lr=0.001",
+    "recommender.num_negatives=1",
+    "recommender.epochs=200",
+    "recommender.patience=20",
+    "recommender.early_stop_protocol=sampled100",
+)
 
 
 class RecommenderConfig(BaseModel):
