@@ -73,26 +73,46 @@ class _Writer(DataSourceArrowWriter):
         pq.write_table(t, full, compression="snappy", coerce_timestamps="us")
         return {"path": rel, "size": os.path.getsize(full), "partition_values": pvals, "stats": _stats(t)}
 
-    def write(self, iterator):
-        batches = [b for b in iterator if b.num_rows]
-        actions: list[dict] = []
-        if not batches:
-            return FilesWritten(actions)
-        t = pa.Table.from_batches(batches).select(self.schema.names).cast(self.schema, safe=False)
+    def _split(self, t: pa.Table) -> list[tuple[dict, pa.Table]]:
+        """``t`` -> (partition values, rows without the partition columns) per partition value present."""
         if not self.partition_by:
-            groups = [({}, t)]
-        else:
-            keys = t.select(self.partition_by).group_by(self.partition_by).aggregate([]).to_pylist()
-            groups = []
-            for key in keys:
-                mask = None
-                for k, v in key.items():
-                    m = pc.is_null(t[k]) if v is None else pc.equal(t[k], pa.scalar(v, t.schema.field(k).type))
-                    mask = m if mask is None else pc.and_(mask, m)
-                groups.append(({k: _partition_value(v) for k, v in key.items()}, t.filter(mask).drop(self.partition_by)))
-        for pvals, part in groups:
-            for off in range(0, len(part), self.max_rows):
-                actions.append(self._write_file(part.slice(off, self.max_rows), pvals))
+            return [({}, t)]
+        keys = t.select(self.partition_by).group_by(self.partition_by).aggregate([]).to_pylist()
+        groups = []
+        for key in keys:
+            mask = None
+            for k, v in key.items():
+                m = pc.is_null(t[k]) if v is None else pc.equal(t[k], pa.scalar(v, t.schema.field(k).type))
+                mask = m if mask is None else pc.and_(mask, m)
+            groups.append(({k: _partition_value(v) for k, v in key.items()}, t.filter(mask).drop(self.partition_by)))
+        return groups
+
+    def write(self, iterator):
+        """Stream the task's batches into files of at most ``max_rows`` rows per partition value.
+
+        At most one unfinished file's rows per partition value are held in memory, whatever the
+        size of the task's partition.
+        """
+        actions: list[dict] = []
+        pending: dict[tuple, list] = {}  # partition key -> [partition values, tables, rows]
+        for b in iterator:
+            if not b.num_rows:
+                continue
+            t = pa.Table.from_batches([b]).select(self.schema.names).cast(self.schema, safe=False)
+            for pvals, part in self._split(t):
+                entry = pending.setdefault(tuple(sorted(pvals.items())), [pvals, [], 0])
+                entry[1].append(part)
+                entry[2] += len(part)
+                if entry[2] >= self.max_rows:
+                    whole = pa.concat_tables(entry[1])
+                    full = len(whole) // self.max_rows * self.max_rows
+                    for off in range(0, full, self.max_rows):
+                        actions.append(self._write_file(whole.slice(off, self.max_rows), pvals))
+                    rest = whole.slice(full)
+                    entry[1], entry[2] = ([rest] if len(rest) else []), len(rest)
+        for pvals, parts, n in pending.values():
+            if n:
+                actions.append(self._write_file(pa.concat_tables(parts), pvals))
         return FilesWritten(actions)
 
     def commit(self, messages):
