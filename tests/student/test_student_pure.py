@@ -153,3 +153,18 @@ def test_model_version_depends_on_data_and_training_config_only():
     assert v != model_version_of(small_student_config(lora={"r": 4}), "base-1", pairs)
     assert v != model_version_of(cfg, "base-2", pairs)
     assert v != model_version_of(cfg, "base-1", pairs.assign(rationale=["Step 1: b"]))
+
+
+def test_base_dtype_keeps_small_bases_in_fp32(tmp_path):
+    import torch
+    from slimrec.student.models import HALF_PRECISION_BASE_BYTES, base_dtype
+
+    small, large = tmp_path / "small", tmp_path / "large"
+    small.mkdir()
+    large.mkdir()
+    (small / "model.safetensors").write_bytes(b"\0" * 1024)
+    with open(large / "model-00001-of-00002.safetensors", "wb") as f:
+        f.truncate(HALF_PRECISION_BASE_BYTES)  # sparse: the size on record, no disk used
+    assert base_dtype(str(small), torch.bfloat16) == torch.float32
+    assert base_dtype(str(large), torch.bfloat16) == torch.bfloat16
+    assert base_dtype(str(large), None) == torch.float32  # no autocast (CPU): fp32 whatever the size

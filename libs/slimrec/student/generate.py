@@ -80,13 +80,13 @@ class TransformersGenerator:
         import torch
 
         from slimrec.student.config import InferSettings
-        from slimrec.student.models import load_student, load_tokenizer, pick_device
+        from slimrec.student.models import base_dtype, load_student, load_tokenizer, pick_device
 
         self.infer = infer if isinstance(infer, InferSettings) else InferSettings.model_validate(infer)
         self.device = pick_device(self.infer.device)
         if self.device == "cpu":
             torch.set_num_threads(_threads(self.infer.torch_threads, self.infer.num_actors))
-        dtype = torch.bfloat16 if self.device.startswith("cuda") else torch.float32
+        dtype = base_dtype(base_path, torch.bfloat16 if self.device.startswith("cuda") else None)
         self.tokenizer = load_tokenizer(base_path, padding_side="left")
         self.model = load_student(base_path, adapter_path, dtype, self.device, merge=self.infer.merge_adapter)
         self.max_prompt_tokens = max_prompt_tokens

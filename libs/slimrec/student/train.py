@@ -110,7 +110,7 @@ def core_train(config: dict, rank: int = 0, world: int = 1, device: str = "cpu",
     from peft import LoraConfig, get_peft_model
 
     from slimrec.student.data import collate_right, length_grouped_batches
-    from slimrec.student.models import load_base, load_tokenizer
+    from slimrec.student.models import base_dtype, load_base, load_tokenizer
 
     tc, lc = config["train_cfg"], config["lora"]
     torch.manual_seed(config["seed"])
@@ -118,9 +118,9 @@ def core_train(config: dict, rank: int = 0, world: int = 1, device: str = "cpu",
         torch.set_num_threads(tc.get("torch_threads") or max(1, (os.cpu_count() or 1) // world))
     tokenizer = load_tokenizer(config["base_path"], padding_side="left")
     autocast, amp_dtype = _autocast(device, tc["precision"])
-    # On GPUs the frozen base is held in the autocast dtype (a 7B base: 14 GB instead of 28 GB);
-    # PEFT keeps the adapter weights in fp32. On CPUs everything is fp32.
-    base = load_base(config["base_path"], amp_dtype or torch.float32, device)
+    # On GPUs a large frozen base is held in the autocast dtype (a 7B base: 14 GB instead of 28 GB);
+    # PEFT keeps the adapter weights in fp32. On CPUs, and for small bases, everything is fp32.
+    base = load_base(config["base_path"], base_dtype(config["base_path"], amp_dtype), device)
     lora = LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
                       target_modules=list(lc["target_modules"]), task_type="CAUSAL_LM", bias="none")
     model = get_peft_model(base, lora)
