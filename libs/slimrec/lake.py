@@ -37,6 +37,7 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
+from slimrec.config import LakeConfig
 from slimrec.schemas.tables import TableSpec, spec
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def _is_remote(uri: str) -> bool:
 
 class Lake:
     def __init__(self, root: str | os.PathLike, storage_options: dict[str, str] | None = None,
-                 target_file_rows: int = 500_000):
+                 target_file_rows: int = LakeConfig.model_fields["target_file_rows"].default):
         self.target_file_rows = target_file_rows  # rows per Parquet file an executor writes, at most
         root = str(root)
         self.root = root if _is_remote(root) else str(Path(root).expanduser().resolve())

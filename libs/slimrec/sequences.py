@@ -61,7 +61,7 @@ def user_item_sequences(interactions, cfg):
     else:
         # array_distinct keeps first occurrences in order; the last item's time is its first time.
         # evs.item_id (a field of every struct, code-generated) rather than transform(), whose lambda
-        # is interpreted per element: about 15% of the stage at 5M events.
+        # is interpreted per element (5M events, warm: 3.5 s against 4.0 s).
         all_items = evs.getField("item_id")
         items = F.array_distinct(all_items)
         last_ts = F.element_at(evs, F.array_position(all_items, F.element_at(items, -1)).cast("int"))["event_ts"]

@@ -63,7 +63,7 @@ class _Writer(DataSourceArrowWriter):
         self.manifest = options["manifest"]
         self.partition_by = [p for p in options.get("partition_by", "").split(",") if p]
         self.schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(options["arrow_schema"])))
-        self.max_rows = int(options.get("target_file_rows", "500000"))
+        self.max_rows = int(options["target_file_rows"])
 
     def _write_file(self, t: pa.Table, pvals: dict) -> dict:
         sub = "/".join(f"{k}={pvals[k] if pvals[k] is not None else '__HIVE_DEFAULT_PARTITION__'}" for k in self.partition_by)
@@ -140,7 +140,7 @@ class DeltaFilesDataSource(DataSource):
         return _Writer(self.options)
 
 
-def collect_add_actions(df, table_uri: str, spec, target_file_rows: int = 500_000) -> list:
+def collect_add_actions(df, table_uri: str, spec, target_file_rows: int) -> list:
     """Let the executors write ``df`` (already in ``spec`` column order) as files; return the add-actions."""
     from slimrec.lake import make_add_action
 

@@ -48,7 +48,8 @@ def _run(ctx: StageContext) -> StageResult:
     seqs = seqs.coalesce(max(spark.sparkContext.defaultParallelism, -(-max_users // lake.target_file_rows)))
     info = ctx.commit_info("build_sequences", inputs)
     versions = {}
-    if lake.exists("user_sequences"):
+    first_write = not lake.exists("user_sequences")
+    if not first_write:
         # Write only users whose sequence changed; MERGE on user_id keeps the rest as they are.
         old = lake.read_spark(spark, "user_sequences").select("user_id", "seq_hash")
         changed = seqs.join(old, ["user_id", "seq_hash"], "left_anti").cache()
@@ -59,12 +60,11 @@ def _run(ctx: StageContext) -> StageResult:
             versions["user_sequences"] = None
         changed.unpersist()
     else:
-        # the write is the first pass and fills the cache; the counts below read the cache
         versions["user_sequences"] = lake.write_spark(seqs, "user_sequences", "overwrite", info,
                                                       engine=ctx.cfg.spark.delta_engine)
-        n_changed = None
-    n_users = seqs.count()
-    n_changed = n_users if n_changed is None else n_changed
+    n_users = seqs.count()  # reads the cache that the first pass (anti-join or write) filled
+    if first_write:
+        n_changed = n_users
     q = quarantine.toPandas()
     if len(q):
         q["source_row"] = q["source_row"].astype("Int64")
