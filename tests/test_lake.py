@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, date, datetime
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet  # noqa: F401  (pa.parquet)
@@ -194,3 +195,60 @@ def test_executor_writer_streams_files_of_bounded_rows(tmp_path):
         seen += t.column("n").to_pylist()
     assert {k: sorted(v) for k, v in by_date.items()} == {"2024-01-01": [4, 5, 5], "2024-01-02": [2, 5]}
     assert sorted(seen) == list(range(21))  # every row once
+
+
+def test_executor_writer_diverts_rows_whose_struct_is_set(tmp_path):
+    """divert_column: rows with a record there go to side files (its fields only), the rest to the table."""
+    from slimrec.spark_delta import _Writer
+
+    schema = pa.schema([("user_id", pa.string()), ("n", pa.int64())])
+    rec = pa.struct([("reason", pa.string()), ("row", pa.int64())])
+    side = tmp_path / "side"
+    writer = _Writer({"path": str(tmp_path / "t"), "manifest": str(tmp_path / "m.json"),
+                      "arrow_schema": schema.serialize().to_pybytes().hex(), "target_file_rows": "3",
+                      "divert_column": "_q", "divert_dir": str(side)})
+    full = pa.schema([*schema, ("_q", rec)])
+    batches = [pa.RecordBatch.from_pylist(
+        [{"user_id": f"u{i}{j}", "n": i * 4 + j, "_q": {"reason": "short", "row": i * 4 + j} if j % 2 else None}
+         for j in range(4)], schema=full) for i in range(3)]
+    msg = writer.write(iter(batches))
+    kept = pa.concat_tables([pa.parquet.read_table(tmp_path / "t" / a["path"]) for a in msg.actions])
+    assert kept.column_names == ["user_id", "n"]
+    assert sorted(kept.column("n").to_pylist()) == [0, 2, 4, 6, 8, 10]
+    assert sum(a["stats"]["numRecords"] for a in msg.actions) == 6
+    diverted = pa.concat_tables([pa.parquet.read_table(side / p) for p in msg.diverted])
+    assert diverted.column_names == ["reason", "row"]
+    assert sorted(diverted.column("row").to_pylist()) == [1, 3, 5, 7, 9, 11]
+    assert len(msg.diverted) == 2  # side files are bounded by target_file_rows too (3 + 3)
+    writer.abort([msg])  # a failed job leaves neither kind of file behind
+    assert not list(tmp_path.rglob("*.parquet"))
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "merge"])
+def test_write_spark_diverting_routes_each_row_once(spark, tmp_lake, mode):
+    """Both paths (executor files; driver-side MERGE) write the kept rows and return the diverted ones."""
+    from pyspark.sql import functions as F
+
+    info = CommitInfo("test", date(2024, 1, 15))
+    rows = [(f"u{i}", [f"i{i}"] * 3, i) for i in range(6)]
+    df = spark.createDataFrame(rows, "user_id string, item_ids array<string>, seq_len int").select(
+        "user_id", "item_ids",
+        F.slice("item_ids", 1, 1).alias("history"), F.lit("v").alias("valid_target"), F.lit("t").alias("test_target"),
+        "seq_len", F.lit(None).cast("timestamp").alias("last_event_ts"), F.col("user_id").alias("seq_hash"),
+        F.when(F.col("seq_len") >= 4, F.struct(F.lit("too long").alias("reason"), "user_id")).alias("_q"))
+    if mode == "merge":  # an existing table, one user already in it with another hash
+        tmp_lake.write_spark(df.where("seq_len = 0").drop("_q").withColumn("seq_hash", F.lit("old")),
+                             "user_sequences", "overwrite", info)
+    done = tmp_lake.write_spark_diverting(df, "user_sequences", mode, info, "_q")
+    assert done.rows == 4
+    got = tmp_lake.read_arrow("user_sequences").to_pydict()
+    assert sorted(zip(got["user_id"], got["seq_hash"], strict=True)) == [(f"u{i}", f"u{i}") for i in range(4)]
+    assert sorted(done.diverted.to_pylist(), key=lambda r: r["user_id"]) == [
+        {"reason": "too long", "user_id": "u4"}, {"reason": "too long", "user_id": "u5"}]
+    assert not list(Path(tmp_lake.path("user_sequences")).glob("_diverted/**/*.parquet"))  # staging removed
+
+
+def test_write_spark_diverting_needs_the_column(spark, tmp_lake):
+    df = spark.createDataFrame([("u1",)], "user_id string")
+    with pytest.raises(LakeError, match="diverted column '_q'"):
+        tmp_lake.write_spark_diverting(df, "user_sequences", "overwrite", CommitInfo("t", date(2024, 1, 15)), "_q")

@@ -26,6 +26,8 @@ import fcntl
 import json
 import logging
 import os
+import shutil
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -34,6 +36,8 @@ from typing import Any, Literal
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
@@ -43,6 +47,31 @@ from slimrec.schemas.tables import TableSpec, spec
 log = logging.getLogger(__name__)
 
 WriteMode = Literal["append", "overwrite", "replace_date", "merge"]
+
+
+@dataclass(frozen=True)
+class SplitWrite:
+    """What :meth:`Lake.write_spark_diverting` did: the new version (None: nothing written), the rows
+    written, and the diverted rows' fields."""
+
+    version: int | None
+    rows: int
+    diverted: pa.Table
+
+
+def _split_diverted(data: pa.Table, column: str) -> tuple[pa.Table, pa.Table]:
+    """Arrow rows -> (rows whose struct ``column`` is null, without it; the others' ``column`` fields)."""
+    hit = pc.is_valid(data[column])
+    diverted = pa.Table.from_struct_array(data[column].filter(hit).combine_chunks())
+    return data.filter(pc.invert(hit)).drop_columns([column]), diverted
+
+
+def _nullable_fields(dt):
+    from pyspark.sql import types as T
+
+    if not isinstance(dt, T.StructType):
+        return dt
+    return T.StructType([T.StructField(f.name, f.dataType, True) for f in dt.fields])
 
 
 class LakeError(RuntimeError):
@@ -218,19 +247,9 @@ class Lake:
         self, df, table: str, mode: WriteMode, info: CommitInfo, engine: str = "delta-rs", update: bool = True
     ) -> int:
         """Write a Spark DataFrame: executors write files in parallel, one Delta commit."""
-        from pyspark.sql import functions as F
-
         s = spec(table)
         self._check_mode(s, mode)
-        if s.lineage:
-            if "run_date" not in df.columns:
-                df = df.withColumn("run_date", F.lit(info.run_date))
-            if "input_versions" not in df.columns:
-                df = df.withColumn("input_versions", F.lit(json.dumps(info.input_versions, sort_keys=True)))
-        missing = [c for c in s.column_names if c not in df.columns]
-        if missing:
-            raise LakeError(f"{table}: DataFrame lacks columns {missing}")
-        df = df.select(*[F.col(c).cast(s.spark_schema()[c].dataType) for c in s.column_names])
+        df = self._conform_spark(df, s, info)
         if mode == "merge":
             # MERGE runs in delta-rs on the driver; on clusters use delta_engine=delta-spark for a distributed MERGE.
             if engine == "delta-spark":
@@ -238,14 +257,67 @@ class Lake:
             return self.write_arrow(table, df.toArrow(), "merge", info, update=update)
         if engine == "delta-spark":
             return self._write_delta_spark(df, table, s, mode, info)
-        return self._write_files_then_commit(df, table, s, mode, info)
+        return self._write_files_then_commit(df, table, s, mode, info)[0]
 
-    def _write_files_then_commit(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo) -> int:
+    def write_spark_diverting(
+        self, df, table: str, mode: WriteMode, info: CommitInfo, column: str, engine: str = "delta-rs"
+    ) -> SplitWrite:
+        """:meth:`write_spark` for the rows whose struct ``column`` is null; the others come back.
+
+        The other rows are not written: the fields of their ``column`` come back as an Arrow table
+        (a stage's quarantine records, say). On the default engine both come out of one pass over
+        ``df``, so nothing needs caching (the executors put the diverted rows in Parquet files under
+        the table's ``_diverted/`` folder, which is read here and removed).
+        """
+        from pyspark.sql import functions as F
+
+        s = spec(table)
+        self._check_mode(s, mode)
+        if column not in df.columns:
+            raise LakeError(f"{table}: DataFrame lacks the diverted column {column!r}")
+        df = self._conform_spark(df, s, info, keep=[column])
+        if mode == "merge" and engine != "delta-spark":
+            data = df.toArrow()
+            data, diverted = _split_diverted(data, column)
+            version = self.write_arrow(table, data, "merge", info) if len(data) else None
+            return SplitWrite(version, len(data), diverted)
+        if engine == "delta-spark":  # pragma: no cover - needs Delta jars; two passes over df
+            diverted = df.where(F.col(column).isNotNull()).select(f"{column}.*").toArrow()
+            rows = df.where(F.col(column).isNull()).drop(column)
+            version = (self._merge_delta_spark(rows, table, s, info, True) if mode == "merge"
+                       else self._write_delta_spark(rows, table, s, mode, info))
+            return SplitWrite(version, self.count(table), diverted)
+        staging = os.path.join(self.path(table), "_diverted", uuid.uuid4().hex)
+        try:
+            version, written, files = self._write_files_then_commit(df, table, s, mode, info, divert=(column, staging))
+            diverted = pq.read_table(files) if files else pa.table({})
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return SplitWrite(version, written, diverted)
+
+    def _conform_spark(self, df, s: TableSpec, info: CommitInfo, keep: list[str] = ()):
+        """``df`` with the lineage columns filled, in ``s``'s column order and types (and ``keep`` after)."""
+        from pyspark.sql import functions as F
+
+        if s.lineage:
+            if "run_date" not in df.columns:
+                df = df.withColumn("run_date", F.lit(info.run_date))
+            if "input_versions" not in df.columns:
+                df = df.withColumn("input_versions", F.lit(json.dumps(info.input_versions, sort_keys=True)))
+        missing = [c for c in s.column_names if c not in df.columns]
+        if missing:
+            raise LakeError(f"{s.name}: DataFrame lacks columns {missing}")
+        # a kept struct's fields all nullable: Arrow cannot hold a null struct whose fields are
+        # declared non-null (PySpark's toArrow fails on F.lit fields under F.when)
+        kept = [F.col(c).cast(_nullable_fields(df.schema[c].dataType)).alias(c) for c in keep]
+        return df.select(*[F.col(c).cast(s.spark_schema()[c].dataType) for c in s.column_names], *kept)
+
+    def _write_files_then_commit(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo, divert=None):
         from slimrec.spark_delta import collect_add_actions
 
         uri = self.path(table)
         Path(uri).mkdir(parents=True, exist_ok=True) if not _is_remote(uri) else None
-        actions = collect_add_actions(df, uri, s, self.target_file_rows)
+        actions, diverted = collect_add_actions(df, uri, s, self.target_file_rows, *(divert or (None, None)))
         if mode == "replace_date":
             bad = {a.partition_values.get("run_date") for a in actions} - {info.run_date.isoformat()}
             if bad:
@@ -265,7 +337,7 @@ class Lake:
         else:
             if mode == "append" and not actions:
                 log.info("lake: %s append of 0 rows: no commit", table)
-                return self.version(table)
+                return self.version(table), 0, diverted
             dt = self._dt(table)
             kwargs: dict[str, Any] = {}
             if mode == "replace_date":
@@ -281,7 +353,7 @@ class Lake:
         v = self.version(table)
         n = sum(json.loads(a.stats).get("numRecords", 0) for a in actions)
         log.info("lake: %s %s %d rows in %d files -> version %s", table, mode, n, len(actions), v)
-        return v
+        return v, n, diverted
 
     # The delta-spark paths need io.delta jars (cluster images); these machines cannot fetch them.
     def _write_delta_spark(self, df, table, s, mode, info) -> int:  # pragma: no cover - needs Delta jars

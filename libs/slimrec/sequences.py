@@ -74,12 +74,25 @@ def user_item_sequences(interactions, cfg):
     return seq
 
 
-def split_sequences(seq, cfg):
-    """:func:`user_item_sequences` output -> (leave-one-out user_sequences, quarantine of short users)."""
+QUARANTINE_COLUMN = "_quarantine"
+
+
+def leave_one_out(seq, cfg):
+    """:func:`user_item_sequences` output -> user_sequences rows, short users flagged, in one frame.
+
+    Columns: user_sequences' own, and ``_quarantine`` (:data:`QUARANTINE_COLUMN`): null for a user
+    with at least ``min_seq_len`` items, and for a shorter one the quarantine record (stage, source,
+    source_row, reason, payload), whose history, targets and hash are null. One frame for both lets
+    a writer route each row in one pass (:meth:`slimrec.lake.Lake.write_spark_diverting`).
+    """
     from pyspark.sql import functions as F
 
-    short = seq.where(F.col("seq_len") < cfg.min_seq_len)
-    quarantine = short.select(
+    short = F.col("seq_len") < cfg.min_seq_len
+
+    def kept(c):  # evaluated for long-enough users only (slice and element_at fail on short arrays)
+        return F.when(~short, c)
+
+    record = F.struct(
         F.lit("build_sequences").alias("stage"),
         # one row per user: the user is part of the source, so the quarantine key stays unique
         # (a MERGE of several rows with one key fails on the next run)
@@ -88,17 +101,26 @@ def split_sequences(seq, cfg):
         F.lit(f"sequence shorter than {cfg.min_seq_len} items after dedup/filtering").alias("reason"),
         F.to_json(F.struct("user_id", "item_ids")).alias("payload"),
     )
-    seq = seq.where(F.col("seq_len") >= cfg.min_seq_len).select(
+    return seq.select(
         "user_id",
         "item_ids",
-        F.slice("item_ids", 1, F.col("seq_len") - 2).alias("history"),
-        F.element_at("item_ids", -2).alias("valid_target"),
-        F.element_at("item_ids", -1).alias("test_target"),
+        kept(F.slice("item_ids", 1, F.col("seq_len") - 2)).alias("history"),
+        kept(F.element_at("item_ids", -2)).alias("valid_target"),
+        kept(F.element_at("item_ids", -1)).alias("test_target"),
         "seq_len",
         "last_event_ts",
-        F.sha1(F.array_join("item_ids", "\u001f")).alias("seq_hash"),
+        kept(F.sha1(F.array_join("item_ids", "\u001f"))).alias("seq_hash"),
+        F.when(short, record).alias(QUARANTINE_COLUMN),
     )
-    return seq, quarantine
+
+
+def split_sequences(seq, cfg):
+    """:func:`user_item_sequences` output -> (leave-one-out user_sequences, quarantine of short users)."""
+    from pyspark.sql import functions as F
+
+    flagged = leave_one_out(seq, cfg)
+    q = F.col(QUARANTINE_COLUMN)
+    return flagged.where(q.isNull()).drop(QUARANTINE_COLUMN), flagged.where(q.isNotNull()).select(f"{QUARANTINE_COLUMN}.*")
 
 
 def _k_core(df, k: int):

@@ -9,6 +9,11 @@ add-actions (path relative to the table root, size, partition values, stats).
 :func:`collect_add_actions` reads; :class:`slimrec.lake.Lake` then commits all
 of them in one Delta transaction. Until that commit the files are invisible
 to every Delta reader; ``abort`` deletes them.
+
+With the ``divert_column`` option (a struct column), a row whose value there
+is not null is not written to the table: that struct's fields go to Parquet
+files under ``divert_dir`` instead (a stage's quarantine records, for
+example), so the table and its rejects come out of one pass over the data.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pyspark.sql.datasource import DataSource, DataSourceArrowWriter, WriterComm
 @dataclass
 class FilesWritten(WriterCommitMessage):
     actions: list[dict]
+    diverted: list[str]  # files under divert_dir
 
 
 def _stats(t: pa.Table) -> dict:
@@ -64,6 +70,25 @@ class _Writer(DataSourceArrowWriter):
         self.partition_by = [p for p in options.get("partition_by", "").split(",") if p]
         self.schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(options["arrow_schema"])))
         self.max_rows = int(options["target_file_rows"])
+        self.divert = options.get("divert_column") or None
+        self.divert_dir = options.get("divert_dir")
+        if self.divert and not self.divert_dir:
+            raise ValueError("divert_column needs divert_dir")
+
+    def _write_diverted(self, parts: list[pa.Table]) -> str:
+        os.makedirs(self.divert_dir, exist_ok=True)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        pq.write_table(pa.concat_tables(parts), os.path.join(self.divert_dir, name), coerce_timestamps="us")
+        return name
+
+    def _take_diverted(self, t: pa.Table) -> tuple[pa.Table, pa.Table | None]:
+        """``t`` -> (rows for the table, the struct fields of the diverted rows or None)."""
+        col = t[self.divert]
+        if col.null_count == len(t):
+            return t, None
+        hit = pc.is_valid(col)
+        side = pa.Table.from_struct_array(col.filter(hit).combine_chunks())
+        return t.filter(pc.invert(hit)), side
 
     def _write_file(self, t: pa.Table, pvals: dict) -> dict:
         sub = "/".join(f"{k}={pvals[k] if pvals[k] is not None else '__HIVE_DEFAULT_PARTITION__'}" for k in self.partition_by)
@@ -94,11 +119,25 @@ class _Writer(DataSourceArrowWriter):
         size of the task's partition.
         """
         actions: list[dict] = []
+        diverted: list[str] = []
+        side: list[pa.Table] = []
+        side_rows = 0
         pending: dict[tuple, list] = {}  # partition key -> [partition values, tables, rows]
         for b in iterator:
             if not b.num_rows:
                 continue
-            t = pa.Table.from_batches([b]).select(self.schema.names).cast(self.schema, safe=False)
+            t = pa.Table.from_batches([b])
+            if self.divert:
+                t, rejected = self._take_diverted(t)
+                if rejected is not None:
+                    side.append(rejected)
+                    side_rows += len(rejected)
+                    if side_rows >= self.max_rows:
+                        diverted.append(self._write_diverted(side))
+                        side, side_rows = [], 0
+                if not len(t):
+                    continue
+            t = t.select(self.schema.names).cast(self.schema, safe=False)
             for pvals, part in self._split(t):
                 entry = pending.setdefault(tuple(sorted(pvals.items())), [pvals, [], 0])
                 entry[1].append(part)
@@ -113,20 +152,25 @@ class _Writer(DataSourceArrowWriter):
         for pvals, parts, n in pending.values():
             if n:
                 actions.append(self._write_file(pa.concat_tables(parts), pvals))
-        return FilesWritten(actions)
+        if side:
+            diverted.append(self._write_diverted(side))
+        return FilesWritten(actions, diverted)
 
     def commit(self, messages):
-        actions = [a for m in messages if m is not None for a in m.actions]
+        done = [m for m in messages if m is not None]
+        manifest = {"actions": [a for m in done for a in m.actions], "diverted": [p for m in done for p in m.diverted]}
         tmp = self.manifest + ".tmp"
         with open(tmp, "w") as f:
-            json.dump(actions, f)
+            json.dump(manifest, f)
         os.replace(tmp, self.manifest)
 
     def abort(self, messages):
         for m in messages:
-            for a in getattr(m, "actions", None) or []:
+            paths = [os.path.join(self.root, a["path"]) for a in getattr(m, "actions", None) or []]
+            paths += [os.path.join(self.divert_dir, p) for p in getattr(m, "diverted", None) or []]
+            for path in paths:
                 try:
-                    os.remove(os.path.join(self.root, a["path"]))
+                    os.remove(path)
                 except FileNotFoundError:
                     pass
 
@@ -140,14 +184,19 @@ class DeltaFilesDataSource(DataSource):
         return _Writer(self.options)
 
 
-def collect_add_actions(df, table_uri: str, spec, target_file_rows: int) -> list:
-    """Let the executors write ``df`` (already in ``spec`` column order) as files; return the add-actions."""
+def collect_add_actions(df, table_uri: str, spec, target_file_rows: int, divert_column: str | None = None,
+                        divert_dir: str | None = None) -> tuple[list, list[str]]:
+    """Let the executors write ``df`` (``spec``'s columns, and ``divert_column`` if given) as files.
+
+    Returns the add-actions and the paths of the files that hold the diverted rows (see the module
+    docstring; none without ``divert_column``).
+    """
     from slimrec.lake import make_add_action
 
     with tempfile.TemporaryDirectory(prefix="slimrec-manifest-") as d:
         manifest = os.path.join(d, "actions.json")
         schema_hex = spec.arrow_schema().serialize().to_pybytes().hex()
-        (
+        w = (
             df.write.format("slimrec_delta_files")
             .mode("append")
             .option("path", table_uri)
@@ -155,8 +204,11 @@ def collect_add_actions(df, table_uri: str, spec, target_file_rows: int) -> list
             .option("partition_by", ",".join(spec.partition_by))
             .option("arrow_schema", schema_hex)
             .option("target_file_rows", str(target_file_rows))
-            .save()
         )
+        if divert_column:
+            w = w.option("divert_column", divert_column).option("divert_dir", divert_dir)
+        w.save()
         with open(manifest) as f:
             raw = json.load(f)
-    return [make_add_action(a["path"], a["size"], a["partition_values"], a["stats"]) for a in raw]
+    actions = [make_add_action(a["path"], a["size"], a["partition_values"], a["stats"]) for a in raw["actions"]]
+    return actions, [os.path.join(divert_dir, p) for p in raw["diverted"]] if divert_column else []

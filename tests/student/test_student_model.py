@@ -91,6 +91,8 @@ def test_lora_training_moves_the_loss_and_beats_the_base(trained):
     assert metrics["trainable_params"] < 0.2 * metrics["total_params"]  # only the adapter trains
     assert metrics["heldout_rouge_l_student"] > metrics["heldout_rouge_l_base"] + 0.2
     assert metrics["heldout_parse_ok_rate_student"] > 0.5
+    # it reads its prompt: its answers match their own users far better than other users'
+    assert metrics["heldout_rouge_l_student"] > metrics["heldout_rouge_l_student_other_users"] + 0.05
 
 
 def test_adapter_saves_and_reloads_to_identical_generations(trained, tmp_path):

@@ -16,7 +16,7 @@ from slimrec.student.data import (
     trim_items,
 )
 from slimrec.student.generate import parse_outputs
-from slimrec.student.metrics import lcs_len, rouge_l, token_f1
+from slimrec.student.metrics import lcs_len, prompt_dependence, rouge_l, token_f1
 from student_helpers import small_student_config
 
 # ---------------------------------------------------------------- metrics, by hand
@@ -168,3 +168,13 @@ def test_base_dtype_keeps_small_bases_in_fp32(tmp_path):
     assert base_dtype(str(small), torch.bfloat16) == torch.float32
     assert base_dtype(str(large), torch.bfloat16) == torch.bfloat16
     assert base_dtype(str(large), None) == torch.float32  # no autocast (CPU): fp32 whatever the size
+
+
+def test_prompt_dependence_tells_a_copying_student_from_a_constant_one():
+    refs = ["bought pens and ink", "likes paper clips", "wants a stapler now"]
+    reading = prompt_dependence(refs, refs)
+    assert (reading["own"], reading["other_users"], reading["distinct_share"]) == (1.0, 0.0, 1.0)
+    constant = prompt_dependence([refs[0]] * 3, refs)
+    assert constant["own"] == pytest.approx(1 / 3) and constant["other_users"] == pytest.approx(1 / 3)
+    assert constant["distinct_share"] == pytest.approx(1 / 3)
+    assert prompt_dependence([], [])["n"] == 0

@@ -183,6 +183,18 @@ def run(ctx: StageContext) -> StageResult:
     base_rl = metrics.get("heldout_rouge_l_base")
     log.info("distill_student: held-out ROUGE-L student %.4f vs base %.4f (%d users)",
              student_rl or 0.0, base_rl or 0.0, metrics.get("heldout_eval_users", 0))
+    other = metrics.get("heldout_rouge_l_student_other_users")
+    if student_rl is not None and other is not None:
+        log.info("distill_student: the student's rationales against other users' teacher rationales: ROUGE-L %.4f "
+                 "(teacher against other users: %.4f); distinct answers %.0f%% (teacher %.0f%%); parse ok %.0f%%",
+                 other, metrics.get("heldout_rouge_l_teacher_other_users") or 0.0,
+                 100 * (metrics.get("heldout_distinct_share_student") or 0.0),
+                 100 * (metrics.get("heldout_distinct_share_teacher") or 0.0),
+                 100 * (metrics.get("heldout_parse_ok_rate_student") or 0.0))
+        if student_rl - other < 0.02:
+            log.warning("distill_student: the student's rationales hardly depend on the user (ROUGE-L %.4f against "
+                        "their own teacher rationales, %.4f against other users'): train longer or use a larger "
+                        "base model", student_rl, other)
     if cfg.min_rouge_gain is not None and (student_rl is None or student_rl - (base_rl or 0.0) < cfg.min_rouge_gain):
         raise StudentQualityError(
             f"adapter {version} reaches held-out ROUGE-L {student_rl} against the base's {base_rl}: less than the "
@@ -209,6 +221,8 @@ def run(ctx: StageContext) -> StageResult:
     v = lake.write_arrow("student_models", row, "merge", info)
     extra.update({k: metrics.get(k) for k in ("train_loss", "val_loss", "heldout_rouge_l_student",
                                              "heldout_rouge_l_base", "heldout_token_f1_student",
-                                             "heldout_token_f1_base", "peak_rss_mb")})
+                                             "heldout_token_f1_base", "heldout_rouge_l_student_other_users",
+                                             "heldout_distinct_share_student", "heldout_parse_ok_rate_student",
+                                             "peak_rss_mb")})
     extra["epoch_seconds"] = (metrics.get("history") or {}).get("epoch_seconds")
     return StageResult(STAGE, tables={"student_models": v}, rows_in=len(pairs), rows_out=1, extra=extra)

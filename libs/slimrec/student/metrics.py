@@ -65,3 +65,20 @@ def mean_overlap(candidates: Sequence[str | None], references: Sequence[str | No
     rl = sum(rouge_l(c, r) for c, r in zip(candidates, references, strict=True)) / n
     tf = sum(token_f1(c, r) for c, r in zip(candidates, references, strict=True)) / n
     return {"rouge_l": rl, "token_f1": tf, "n": n}
+
+
+def prompt_dependence(candidates: Sequence[str | None], references: Sequence[str | None]) -> dict[str, float]:
+    """Does a model read its prompt? Its answers scored against their own references and against
+    another user's (each reference shifted by one), and the share of distinct answers.
+
+    A model that writes the same text whoever the user is scores about as well on both.
+    Example: references ``["a b", "c d"]``; answers equal to them -> own 1.0, other users 0.0,
+    distinct 1.0; the answer ``"a b"`` twice -> own 0.5, other users 0.5, distinct 0.5.
+    """
+    n = len(candidates)
+    if n == 0:
+        return {"own": 0.0, "other_users": 0.0, "distinct_share": 0.0, "n": 0}
+    shifted = list(references[1:]) + list(references[:1])
+    return {"own": mean_overlap(candidates, references)["rouge_l"],
+            "other_users": mean_overlap(candidates, shifted)["rouge_l"],
+            "distinct_share": len(set(candidates)) / n, "n": n}

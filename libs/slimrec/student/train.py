@@ -61,7 +61,7 @@ def overlap_report(model, tokenizer, eval_set: dict, cfg: dict, device: str) -> 
     """
     from slimrec.rationale import parse_rationale
     from slimrec.student.generate import generate_ids
-    from slimrec.student.metrics import mean_overlap
+    from slimrec.student.metrics import mean_overlap, prompt_dependence
 
     if not eval_set.get("prompt_ids"):
         return {}
@@ -81,6 +81,7 @@ def overlap_report(model, tokenizer, eval_set: dict, cfg: dict, device: str) -> 
     s_t, b_t = mean_overlap(s_txt, targets), mean_overlap(b_txt, targets)
     s_f, b_f = mean_overlap(s_txt, full), mean_overlap(b_txt, full)
     ok = sum(parse_rationale(t, f)[1] is None for t, f, _ in student)
+    dep_s, dep_t = prompt_dependence(s_txt, targets), prompt_dependence(targets, targets)
     return {
         "heldout_eval_users": len(ids),
         "heldout_rouge_l_student": s_t["rouge_l"],
@@ -89,6 +90,11 @@ def overlap_report(model, tokenizer, eval_set: dict, cfg: dict, device: str) -> 
         "heldout_token_f1_base": b_t["token_f1"],
         "heldout_rouge_l_student_vs_full_teacher": s_f["rouge_l"],
         "heldout_rouge_l_base_vs_full_teacher": b_f["rouge_l"],
+        # does the student read its prompt (slimrec.student.metrics.prompt_dependence)?
+        "heldout_rouge_l_student_other_users": dep_s["other_users"],
+        "heldout_rouge_l_teacher_other_users": dep_t["other_users"],
+        "heldout_distinct_share_student": dep_s["distinct_share"],
+        "heldout_distinct_share_teacher": dep_t["distinct_share"],
         "heldout_parse_ok_rate_student": ok / len(ids),
         "heldout_generate_seconds_student": round(t_student, 2),
         "heldout_output_tokens_mean_student": sum(x[2] for x in student) / len(ids),
