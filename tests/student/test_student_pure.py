@@ -178,3 +178,14 @@ def test_prompt_dependence_tells_a_copying_student_from_a_constant_one():
     assert constant["own"] == pytest.approx(1 / 3) and constant["other_users"] == pytest.approx(1 / 3)
     assert constant["distinct_share"] == pytest.approx(1 / 3)
     assert prompt_dependence([], [])["n"] == 0
+
+
+def test_heldout_share_is_the_configured_one_on_the_teachers_sample():
+    """The teacher keeps the users with the lowest sha1 draws; the held-out split must not reuse those
+    draws (unsalted, it held out 35% of a 30% sample instead of 10%)."""
+    from slimrec.teacher.sampling import stratified_sample
+
+    users = pd.DataFrame({"user_id": [f"u{i}" for i in range(3000)], "history_len": [3 + i % 40 for i in range(3000)]})
+    sample = stratified_sample(users, 900, seed=0)
+    train, held = split_by_user(sample.assign(prompt_hash=sample.user_id), 0.1, seed=0)
+    assert 0.06 <= len(held) / len(sample) <= 0.14
