@@ -46,9 +46,11 @@ class TinyModelConfig(_Frozen):
         description="ok teacher rationales (a seeded sample) added to the tokenizer corpus only, never to the "
         "warm-up: the un-adapted base must not have seen the teacher's answers",
     )
-    warmup_steps: int = Field(120, ge=0, description="causal-LM steps on catalogue text and student prompts")
+    warmup_steps: int = Field(
+        600, ge=0, description="causal-LM steps on catalogue text and student prompts (dev data: 120 steps of 16 left the "
+        "student at held-out val loss 3.61 and 0% parseable answers; 600 of 8, 55 s more: 2.13 and 62%)")
     warmup_seq_len: int = Field(128, ge=16, description="tokens per warm-up sequence (documents packed back to back)")
-    warmup_batch_size: int = Field(16, ge=1, description="sequences per warm-up step")
+    warmup_batch_size: int = Field(8, ge=1, description="sequences per warm-up step")
     warmup_lr: float = Field(2e-3, gt=0, description="AdamW learning rate of the warm-up (linear decay to 10%)")
     seed: int = Field(0, description="seed of the weights' init, the corpus samples and the warm-up order")
 
