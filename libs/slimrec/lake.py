@@ -286,7 +286,7 @@ class Lake:
             rows = df.where(F.col(column).isNull()).drop(column)
             version = (self._merge_delta_spark(rows, table, s, info, True) if mode == "merge"
                        else self._write_delta_spark(rows, table, s, mode, info))
-            return SplitWrite(version, self.count(table), diverted)
+            return SplitWrite(version, rows.count(), diverted)  # a third pass: this path has no manifest
         staging = os.path.join(self.path(table), "_diverted", uuid.uuid4().hex)
         try:
             version, written, files = self._write_files_then_commit(df, table, s, mode, info, divert=(column, staging))

@@ -110,7 +110,7 @@ def small_student_config(models_dir: str | None = None, **kw) -> StudentConfig:
         max_target_items=None,
         max_target_tokens=160,
         lora={"r": 16, "alpha": 32, "dropout": 0.0},
-        train={"epochs": 10, "min_steps": 0, "batch_size": 4, "learning_rate": 1e-2, "torch_threads": 1,
+        train={"epochs": 16, "min_steps": 0, "batch_size": 4, "learning_rate": 1e-2, "torch_threads": 1,
                "cpus_per_worker": 0.5},
         eval_max_users=8,
         eval_batch_size=8,
