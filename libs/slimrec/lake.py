@@ -36,7 +36,6 @@ from typing import Any, Literal
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.transaction import AddAction, create_table_with_add_actions
@@ -57,13 +56,6 @@ class SplitWrite:
     version: int | None
     rows: int
     diverted: pa.Table
-
-
-def _split_diverted(data: pa.Table, column: str) -> tuple[pa.Table, pa.Table]:
-    """Arrow rows -> (rows whose struct ``column`` is null, without it; the others' ``column`` fields)."""
-    hit = pc.is_valid(data[column])
-    diverted = pa.Table.from_struct_array(data[column].filter(hit).combine_chunks())
-    return data.filter(pc.invert(hit)).drop_columns([column]), diverted
 
 
 def _nullable_fields(dt):
@@ -277,10 +269,11 @@ class Lake:
             raise LakeError(f"{table}: DataFrame lacks the diverted column {column!r}")
         df = self._conform_spark(df, s, info, keep=[column])
         if mode == "merge" and engine != "delta-spark":
-            data = df.toArrow()
-            data, diverted = _split_diverted(data, column)
+            from slimrec.spark_delta import split_diverted
+
+            data, diverted = split_diverted(df.toArrow(), column)
             version = self.write_arrow(table, data, "merge", info) if len(data) else None
-            return SplitWrite(version, len(data), diverted)
+            return SplitWrite(version, len(data), diverted if diverted is not None else pa.table({}))
         if engine == "delta-spark":  # pragma: no cover - needs Delta jars; two passes over df
             diverted = df.where(F.col(column).isNotNull()).select(f"{column}.*").toArrow()
             rows = df.where(F.col(column).isNull()).drop(column)

@@ -57,6 +57,15 @@ def _stats(t: pa.Table) -> dict:
     return {"numRecords": len(t), "minValues": mins, "maxValues": maxs, "nullCount": nulls}
 
 
+def split_diverted(t: pa.Table, column: str) -> tuple[pa.Table, pa.Table | None]:
+    """``t`` -> (rows whose struct ``column`` is null, without it; the others' ``column`` fields, or None)."""
+    col = t[column]
+    if col.null_count == len(t):
+        return t.drop_columns([column]), None
+    hit = pc.is_valid(col)
+    return t.filter(pc.invert(hit)).drop_columns([column]), pa.Table.from_struct_array(col.filter(hit).combine_chunks())
+
+
 def _partition_value(v) -> str | None:
     if v is None:
         return None
@@ -81,14 +90,6 @@ class _Writer(DataSourceArrowWriter):
         pq.write_table(pa.concat_tables(parts), os.path.join(self.divert_dir, name), coerce_timestamps="us")
         return name
 
-    def _take_diverted(self, t: pa.Table) -> tuple[pa.Table, pa.Table | None]:
-        """``t`` -> (rows for the table, the struct fields of the diverted rows or None)."""
-        col = t[self.divert]
-        if col.null_count == len(t):
-            return t, None
-        hit = pc.is_valid(col)
-        side = pa.Table.from_struct_array(col.filter(hit).combine_chunks())
-        return t.filter(pc.invert(hit)), side
 
     def _write_file(self, t: pa.Table, pvals: dict) -> dict:
         sub = "/".join(f"{k}={pvals[k] if pvals[k] is not None else '__HIVE_DEFAULT_PARTITION__'}" for k in self.partition_by)
@@ -128,7 +129,7 @@ class _Writer(DataSourceArrowWriter):
                 continue
             t = pa.Table.from_batches([b])
             if self.divert:
-                t, rejected = self._take_diverted(t)
+                t, rejected = split_diverted(t, self.divert)
                 if rejected is not None:
                     side.append(rejected)
                     side_rows += len(rejected)
