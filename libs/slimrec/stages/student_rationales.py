@@ -107,9 +107,13 @@ def _generator(cfg: StudentConfig, model: dict):
     """(callable class, constructor kwargs, Ray resources) for the configured engine."""
     infer = cfg.infer.model_dump(mode="json")
     if cfg.infer.engine == "vllm":
-        from slimrec.student.generate import VllmGenerator
+        from slimrec.student.generate import VllmGenerator, vllm_max_lora_rank
 
         lora = json.loads(model["lora_config"])
+        try:  # checked here, on the driver: a bad rank is one clear error, not a dead actor pool
+            vllm_max_lora_rank(int(lora.get("r", 16)))
+        except ValueError as e:
+            raise StageError(f"student_rationales: {e}") from None
         kwargs = dict(base_path=model["base_model"], adapter_path=model["adapter_path"], infer=infer,
                       vllm_cfg=cfg.vllm.model_dump(mode="json"), max_prompt_tokens=cfg.max_prompt_tokens,
                       lora_rank=int(lora.get("r", 16)))

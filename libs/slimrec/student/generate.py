@@ -111,6 +111,22 @@ class TransformersGenerator:
         return _raw_frame(batch, outs, ms, err)
 
 
+# vLLM validates max_lora_rank against a fixed set (vllm/config/lora.py, ``MaxLoRARanks``).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest rank vLLM accepts as ``max_lora_rank`` that holds an adapter of rank ``rank``.
+
+    vLLM rejects any other value (a rank-12 adapter needs ``max_lora_rank=16``).
+    """
+    for r in VLLM_LORA_RANKS:
+        if r >= rank:
+            return r
+    raise ValueError(f"LoRA rank {rank} is above the largest vLLM serves ({VLLM_LORA_RANKS[-1]}); "
+                     "use a smaller student.lora.r or infer.engine=transformers")
+
+
 class VllmGenerator:
     """Ray Data actor for GPUs: ``vllm.LLM`` over the base with the adapter as a ``LoRARequest``.
 
@@ -135,7 +151,7 @@ class VllmGenerator:
             model=base_path,
             tokenizer=base_path,
             enable_lora=adapter_path is not None,
-            max_lora_rank=max(8, lora_rank),
+            max_lora_rank=vllm_max_lora_rank(lora_rank),
             max_loras=1,
             tensor_parallel_size=v.tensor_parallel_size,
             max_model_len=v.max_model_len,
