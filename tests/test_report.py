@@ -94,3 +94,13 @@ def test_html_report_renders_table_and_charts(tmp_lake, tmp_path):
     img = Image.open(shot).convert("L")
     dark = sum(1 for p in img.getdata() if p < 200)
     assert dark > 20_000, "the page rendered (nearly) blank"
+
+
+def test_paired_table_says_same_when_no_user_differs():
+    import pandas as pd
+    from slimrec.report import format_paired
+
+    same = {**PAIRED, "variant": "text", "mean_diff": 0.0, "se": 0.0, "users_better": 0, "users_worse": 0}
+    lines = format_paired(pd.DataFrame([PAIRED, same])).splitlines()
+    assert lines[1].split()[-2:] == ["+0.75", "193/164"]  # 0.0003 / 0.0004
+    assert lines[2].split()[-2:] == ["same", "0/0"] and "nan" not in lines[2]

@@ -88,10 +88,13 @@ def format_paired(paired: pd.DataFrame) -> str:
     lines = [f"{'protocol':<11} {'backbone':<9} {'variant':<16} {'users':>6} {'seeds':>5}  {'NDCG@10':>8} "
              f"{'cooc_prior':>10} {'diff':>8} {'paired SE':>9} {'diff/SE':>7}  better/worse users"]
     for r in paired.itertuples(index=False):
-        z = r.mean_diff / r.se if r.se and r.se == r.se else float("nan")
+        if r.se and r.se == r.se:
+            z = f"{r.mean_diff / r.se:>+7.2f}"
+        else:  # no spread: every user scores the same under both (e.g. a prior weight of 0 on validation)
+            z = f"{'same' if r.users_better == r.users_worse == 0 else 'n/a':>7}"
         lines.append(f"{r.protocol:<11} {r.backbone:<9} {r.variant:<16} {r.n_users:>6} {r.n_seeds:>5}  "
                      f"{r.variant_ndcg_10:>8.4f} {r.reference_ndcg_10:>10.4f} {r.mean_diff:>+8.4f} {r.se:>9.4f} "
-                     f"{z:>+7.2f}  {r.users_better}/{r.users_worse}")
+                     f"{z}  {r.users_better}/{r.users_worse}")
     return "\n".join(lines)
 
 
