@@ -29,6 +29,10 @@ build_sequences stage, each into a new lake holding a copy of the same
 interactions table; DuckDB's same query again in the same process. Both
 ratios are printed.
 
+For the first build_sequences run and each warm one, the CPU seconds of the
+Spark JVM's threads by kind (task threads, the C2 and C1 JIT compilers, GC;
+Linux /proc) show where a first run's extra time goes.
+
 Writes ``bench/results/foundation.json``. Never asserts times. The machine
 may be shared: timings move with whatever else runs there.
 """
@@ -128,6 +132,37 @@ def compare_with_spark(user_sequences: str, duck_parquet: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- Spark stages
+def jvm_thread_cpu() -> dict[str, float]:
+    """CPU seconds so far of the local Spark JVM's threads, by kind: C2 and C1 (the JIT compilers), GC,
+    task (executor task threads) and other. Linux /proc only; {} where it cannot be read."""
+    import collections
+
+    import psutil
+
+    try:
+        jvm = next(p for p in psutil.Process().children(recursive=True) if p.name() == "java")
+        tick = os.sysconf("SC_CLK_TCK")
+        tids = os.listdir(f"/proc/{jvm.pid}/task")
+    except (StopIteration, OSError, ValueError, psutil.Error):
+        return {}
+    out: collections.Counter = collections.Counter()
+    for tid in tids:
+        try:
+            name = Path(f"/proc/{jvm.pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{jvm.pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        kind = ("C2" if name.startswith("C2") else "C1" if name.startswith("C1")
+                else "GC" if "GC" in name or name.startswith("G1") else "task" if name.startswith("Executor task")
+                else "other")
+        out[kind] += (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return dict(out)
+
+
+def _cpu_delta(before: dict, after: dict) -> dict[str, float]:
+    return {k: round(after.get(k, 0.0) - before.get(k, 0.0), 2) for k in ("task", "C2", "C1", "GC")}
+
+
 def run_case(name: str, dataset: Path, spark, cfg, workdir: Path, rows: list[dict], extra: dict) -> None:
     from slimrec.lake import Lake
     from slimrec.pipeline import run_stage
@@ -138,11 +173,14 @@ def run_case(name: str, dataset: Path, spark, cfg, workdir: Path, rows: list[dic
     info: dict = {}
     for stage in STAGES:
         with PeakRSS() as mem:
+            cpu0 = jvm_thread_cpu()
             t0 = time.perf_counter()
             res = run_stage(stage, ctx, check=False)
             secs = time.perf_counter() - t0
+            cpu = _cpu_delta(cpu0, jvm_thread_cpu()) if cpu0 else {}
         rows_in = res.rows_in
-        info[stage] = {"seconds": secs, "rows_in": rows_in, "rows_out": res.rows_out, "peak_gib": mem.gib}
+        info[stage] = {"seconds": secs, "rows_in": rows_in, "rows_out": res.rows_out, "peak_gib": mem.gib,
+                       "jvm_cpu_s": cpu}
         print(f"[{name}] {stage}: {secs:.1f}s, {rows_in:,} rows in -> {res.rows_out:,} out, "
               f"peak RSS {mem.gib:.2f} GiB", flush=True)
         rows.append(row(f"{name}/{stage}", "wall", secs, "s"))
@@ -152,18 +190,27 @@ def run_case(name: str, dataset: Path, spark, cfg, workdir: Path, rows: list[dic
     # build_sequences again, warm: the same stage code into another lake holding a copy of the same
     # interactions table (in this lake a rerun would find nothing changed and write nothing), WARM_RUNS
     # times; the median is the warm figure (the JIT keeps compiling over the first runs)
-    warm_runs = []
+    warm_runs, warm_cpu = [], []
     for k in range(WARM_RUNS):
         warm_lake = Lake(workdir / f"lake-{name}-warm{k}")
         shutil.copytree(lake.path("interactions"), warm_lake.path("interactions"))
         warm_ctx = StageContext(cfg=cfg, lake=warm_lake, run_date=RUN_DATE, dataset_dir=str(dataset), _spark=spark)
+        cpu0 = jvm_thread_cpu()
         t0 = time.perf_counter()
         run_stage("build_sequences", warm_ctx, check=False)
         warm_runs.append(time.perf_counter() - t0)
+        warm_cpu.append(_cpu_delta(cpu0, jvm_thread_cpu()) if cpu0 else {})
         shutil.rmtree(warm_lake.root, ignore_errors=True)
     warm_s = statistics.median(warm_runs)
     info["build_sequences"]["warm_seconds"] = warm_s
     info["build_sequences"]["warm_runs"] = warm_runs
+    info["build_sequences"]["warm_jvm_cpu_s"] = warm_cpu
+    cold_cpu = info["build_sequences"]["jvm_cpu_s"]
+    if cold_cpu and all(warm_cpu):
+        # where a first run's extra time goes: the JIT compiling the new query's code beside the tasks
+        fmt = lambda d: ", ".join(f"{k} {v:.1f}" for k, v in d.items())  # noqa: E731
+        print(f"[{name}] build_sequences JVM CPU s, first run: {fmt(cold_cpu)}; warm runs: "
+              + " | ".join(fmt(c) for c in warm_cpu), flush=True)
     print(f"[{name}] build_sequences again (warm JVM), {WARM_RUNS} runs: "
           f"{', '.join(f'{w:.1f}' for w in warm_runs)} s, median {warm_s:.1f}s", flush=True)
     rows.append(row(f"{name}/build_sequences_warm", "wall", warm_s, "s"))
