@@ -85,5 +85,6 @@ class EmbedConfig(BaseModel):
         1024, ge=1, description="texts per Ray Data block (the unit spread over actors); smaller: better balance"
     )
     sort_by_length: bool = Field(
-        True, description="order texts by length before batching so each forward pass pads little"
+        True, description="order texts by length, longest first, before batching: each forward pass pads little "
+        "and the slowest blocks start first"
     )

@@ -56,8 +56,10 @@ def encode_texts(texts: list[str], spec: EncoderSpec, cfg: EmbedConfig) -> np.nd
         return np.zeros((0, 0), np.float32)
     rows = np.arange(n, dtype=np.int64)
     if cfg.sort_by_length:
-        # Globally by length: each batch, and each forward pass inside it, holds similar lengths (little padding).
-        rows = rows[np.argsort([len(t) for t in texts], kind="stable")]
+        # Globally by length, longest first: each batch, and each forward pass inside it, holds similar
+        # lengths (little padding), and the slowest blocks start first, so the pool does not end with
+        # one actor encoding the longest texts while the other waits (the tail of an ascending order).
+        rows = rows[np.argsort([-len(t) for t in texts], kind="stable")]
     frame = pd.DataFrame({"row": rows, "text": [texts[i] for i in rows]})
     blocks = [frame.iloc[i : i + cfg.block_rows] for i in range(0, n, cfg.block_rows)]
     threads = torch_threads(cfg)
