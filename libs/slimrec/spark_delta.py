@@ -90,7 +90,6 @@ class _Writer(DataSourceArrowWriter):
         pq.write_table(pa.concat_tables(parts), os.path.join(self.divert_dir, name), coerce_timestamps="us")
         return name
 
-
     def _write_file(self, t: pa.Table, pvals: dict) -> dict:
         sub = "/".join(f"{k}={pvals[k] if pvals[k] is not None else '__HIVE_DEFAULT_PARTITION__'}" for k in self.partition_by)
         rel = (sub + "/" if sub else "") + f"part-{uuid.uuid4().hex}.snappy.parquet"

@@ -109,14 +109,14 @@ def _generator(cfg: StudentConfig, model: dict):
     if cfg.infer.engine == "vllm":
         from slimrec.student.generate import VllmGenerator, vllm_max_lora_rank
 
-        lora = json.loads(model["lora_config"])
+        rank = int(json.loads(model["lora_config"]).get("r", 16))
         try:  # checked here, on the driver: a bad rank is one clear error, not a dead actor pool
-            vllm_max_lora_rank(int(lora.get("r", 16)))
+            vllm_max_lora_rank(rank)
         except ValueError as e:
             raise StageError(f"student_rationales: {e}") from None
         kwargs = dict(base_path=model["base_model"], adapter_path=model["adapter_path"], infer=infer,
                       vllm_cfg=cfg.vllm.model_dump(mode="json"), max_prompt_tokens=cfg.max_prompt_tokens,
-                      lora_rank=int(lora.get("r", 16)))
+                      lora_rank=rank)
         gpus = cfg.infer.gpus_per_actor or float(cfg.vllm.tensor_parallel_size)
         return VllmGenerator, kwargs, {"num_cpus": cfg.infer.cpus_per_actor, "num_gpus": gpus}
     from slimrec.student.generate import TransformersGenerator
