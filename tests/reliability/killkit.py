@@ -97,6 +97,8 @@ class RunResult:
     rc: int | None
     killed: bool = False
     kill_after_stage_start_s: float | None = None
+    # The killed stage had finished before the kill: its gate passed and its stage record was stored.
+    # ("stage X: done" is logged before the gate, so that line alone does not say the stage finished.)
     stage_done_before_kill: bool = False
     survivors: list[str] = field(default_factory=list)  # the run's processes alive 5 s after the driver was killed
     stages_done: list[str] = field(default_factory=list)
@@ -148,7 +150,13 @@ class Pipeline:
             time.sleep(0.05)
         do_kill()
 
+    def _stage_record(self, stage: str) -> str | None:
+        """The stage record the pipeline stores once ``stage`` passed its gate (it holds the run id), or None."""
+        path = self.lake / "_stages" / f"{stage}.json"
+        return path.read_text() if path.exists() else None
+
     def _one(self, cmd: list[str], kill: Kill | None, res: RunResult, lines: list[str], timeout_s: float) -> int:
+        record_before = self._stage_record(kill.stage) if kill else None
         with open(self.log, "a") as f:
             f.write(f"\n$ {' '.join(cmd)}\n")
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
@@ -198,8 +206,8 @@ class Pipeline:
         if timer is not None:
             timer.join()
         if res.killed:
-            # Every line the driver wrote before it died has been read by now: exact, no race.
-            res.stage_done_before_kill = kill.stage in res.stages_done
+            # The record is written after the stage's gate: a new one means the kill came after the stage.
+            res.stage_done_before_kill = self._stage_record(kill.stage) != record_before
         # Whatever the dead driver left (Spark JVM, local Ray daemons) goes now, by pid.
         self.procs.stop(grace_s=5, final=False)
         return rc
