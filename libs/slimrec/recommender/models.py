@@ -29,6 +29,39 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout``, with the CPU mask drawn by ``uniform_``.
+
+    torch's CPU dropout draws its mask with ``bernoulli_``, which took 3.8 ms on a (128, 50, 50) batch
+    against 1.2 ms for ``uniform_`` + compare on two threads (torch 2.13): 35% of SASRec's CPU training
+    time. Same distribution (each element kept with probability 1 - p, scaled by 1 / (1 - p)), drawn
+    from torch's default generator, so ``torch.manual_seed`` still fixes it. Other devices use ``F.dropout``.
+    """
+    if not training or p <= 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True)
+    keep = torch.empty_like(x).uniform_().ge_(p)  # 1.0 with probability 1 - p, else 0.0
+    return x * keep.mul_(1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (same parameters, same state dict) running :func:`dropout`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with an additive mask; in CPU training with dropout, the same
+    computation written out, so the weights' dropout is :func:`dropout` (torch's CPU kernels have no
+    dropout and fall back to a math path that draws it with ``bernoulli_``)."""
+    if p <= 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+    w = torch.softmax((q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5) + mask, dim=-1)
+    return dropout(w, p) @ v
+
+
 class ItemEncoder(nn.Module):
     def __init__(self, n_items: int, d: int, text: torch.Tensor | None = None):
         super().__init__()
@@ -51,7 +84,8 @@ class ItemEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
         """(...,) item indices -> (..., d); with ``table`` (N, d) from :meth:`all_items`, a plain lookup."""
         if table is not None:
-            return table[ids]
+            # index_select: its backward (index_add) ran 1.8x faster on CPU than that of table[ids] (index_put)
+            return table.index_select(0, ids.reshape(-1)).view(*ids.shape, table.shape[-1])
         e = self.id_emb(ids)
         if not self.use_text:
             return e
@@ -80,7 +114,7 @@ class SASRec(nn.Module):
         super().__init__()
         self.d, self.heads = d, num_heads
         self.pos_emb = nn.Embedding(max_len, d)
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.attn_ln = nn.ModuleList([nn.LayerNorm(d, eps=1e-8) for _ in range(num_blocks)])
         self.q_proj = nn.ModuleList([nn.Linear(d, d) for _ in range(num_blocks)])
         self.kv_proj = nn.ModuleList([nn.Linear(d, 2 * d) for _ in range(num_blocks)])
@@ -88,7 +122,7 @@ class SASRec(nn.Module):
         self.ffn_ln = nn.ModuleList([nn.LayerNorm(d, eps=1e-8) for _ in range(num_blocks)])
         self.ffn = nn.ModuleList(
             [
-                nn.Sequential(nn.Linear(d, d), nn.Dropout(dropout), nn.ReLU(), nn.Linear(d, d), nn.Dropout(dropout))
+                nn.Sequential(nn.Linear(d, d), Dropout(dropout), nn.ReLU(), nn.Linear(d, d), Dropout(dropout))
                 for _ in range(num_blocks)
             ]
         )
@@ -117,7 +151,7 @@ class SASRec(nn.Module):
             q_in = self.attn_ln[i](x)
             q = self.q_proj[i](q_in).view(B, L, h, dh).transpose(1, 2)
             k, v = self.kv_proj[i](x).view(B, L, 2, h, dh).permute(2, 0, 3, 1, 4)
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)
+            a = attention(q, k, v, attn_mask, p)
             x = q_in + self.out_proj[i](a.transpose(1, 2).reshape(B, L, self.d))
             y = self.ffn_ln[i](x)
             x = (y + self.ffn[i](y)) * mask
@@ -131,7 +165,7 @@ class GRU4Rec(nn.Module):
 
     def __init__(self, d: int, num_layers: int, dropout: float):
         super().__init__()
-        self.emb_dropout = nn.Dropout(dropout)
+        self.emb_dropout = Dropout(dropout)
         self.gru = nn.GRU(d, d, num_layers=num_layers, batch_first=True, dropout=dropout if num_layers > 1 else 0)
         self.out = nn.Linear(d, d)
 
@@ -161,7 +195,7 @@ class SRGNN(nn.Module):
         self.w2 = nn.Linear(d, d)
         self.q = nn.Linear(d, 1, bias=False)
         self.w3 = nn.Linear(2 * d, d)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         stdv = 1.0 / math.sqrt(d)
         for p in self.parameters():
             nn.init.uniform_(p, -stdv, stdv)
@@ -223,7 +257,7 @@ class RationaleFusion(nn.Module):
         super().__init__()
         self.mode = mode
         self.g_l = nn.Linear(text_dim, d)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         if mode == "concat":
             self.g_f = nn.Linear(2 * d, d)
         elif mode == "gated":
