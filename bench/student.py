@@ -15,8 +15,9 @@ What it does, on the bundled data and without Spark or a lake:
 4. held-out quality: ROUGE-L and token F1 of the student's and of the
    un-adapted base's rationales against the teacher's, on held-out users;
 5. generation on ``--gen-prompts`` held-out prompts: batched (``infer.batch_size``)
-   versus one prompt at a time, same prompts, greedy: output tokens/s and how
-   many outputs are identical.
+   versus one prompt at a time, and the configured KV cache (``infer.kv_cache``)
+   versus the other one, same prompts, greedy: output tokens/s and how many
+   outputs are identical.
 
 Numbers depend on the machine's load: the report prints the load average
 and CPU seconds next to wall seconds.
@@ -133,18 +134,28 @@ def main(argv: list[str] | None = None) -> dict:
     merged = model.merge_and_unload().eval() if cfg.infer.merge_adapter else model.eval()
     generate_ids(merged, tok, ids[:2], 8, 2)  # warm-up: thread pools and allocator, outside the timings
     gen = {}
-    for name, bs in (("batched", cfg.infer.batch_size), ("single", 1)):
+    other_cache = "dynamic" if cfg.infer.kv_cache == "static" else "static"
+    runs = (("batched", cfg.infer.batch_size, cfg.infer.kv_cache), ("single", 1, cfg.infer.kv_cache),
+            (f"batched_{other_cache}_cache", cfg.infer.batch_size, other_cache))
+    for name, bs, cache in runs:
         t0, c0 = time.perf_counter(), time.process_time()
         outs = generate_ids(merged, tok, ids, cfg.infer.max_new_tokens, bs,
-                            repetition_penalty=cfg.infer.repetition_penalty)
+                            repetition_penalty=cfg.infer.repetition_penalty, kv_cache=cache)
         wall = time.perf_counter() - t0
         n_tok = sum(o[2] for o in outs)
-        gen[name] = {"batch_size": bs, "prompts": len(ids), "output_tokens": n_tok, "seconds": round(wall, 2),
+        gen[name] = {"batch_size": bs, "kv_cache": cache, "prompts": len(ids), "output_tokens": n_tok,
+                     "seconds": round(wall, 2),
                      "cpu_seconds": round(time.process_time() - c0, 2), "tokens_per_s": round(n_tok / wall, 1),
                      "outs": outs}
-    same = sum(a[0] == b[0] for a, b in zip(gen["batched"].pop("outs"), gen["single"].pop("outs"), strict=True))
+    other = f"batched_{other_cache}_cache"
+    ref = gen["batched"]["outs"]
+    same = sum(a[0] == b[0] for a, b in zip(ref, gen["single"].pop("outs"), strict=True))
     gen["identical_outputs"] = f"{same}/{len(ids)}"
     gen["speedup_batched_vs_single"] = round(gen["batched"]["tokens_per_s"] / gen["single"]["tokens_per_s"], 2)
+    same = sum(a[0] == b[0] for a, b in zip(gen["batched"].pop("outs"), gen[other].pop("outs"), strict=True))
+    gen[f"identical_outputs_{other_cache}_cache"] = f"{same}/{len(ids)}"
+    gen[f"speedup_{cfg.infer.kv_cache}_vs_{other_cache}_cache"] = round(
+        gen["batched"]["tokens_per_s"] / gen[other]["tokens_per_s"], 2)
     report["generation"] = gen
 
     if args.infer_users:
@@ -152,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
         ids = sorted((fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in users["student_prompt"]), key=len)
         t0, c0 = time.perf_counter(), time.process_time()
         outs = generate_ids(merged, tok, ids, cfg.infer.max_new_tokens, cfg.infer.batch_size,
-                            repetition_penalty=cfg.infer.repetition_penalty)
+                            repetition_penalty=cfg.infer.repetition_penalty, kv_cache=cfg.infer.kv_cache)
         wall = time.perf_counter() - t0
         n_tok = sum(o[2] for o in outs)
         statuses = pd.Series([(parse_rationale(t, f)[1] or "ok").split(":")[0] for t, f, _ in outs]).value_counts()
@@ -176,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"val loss {d['history']['val_loss']}, peak RSS {report['peak_rss_mb']} MiB")
     print(f"generation: batched {gen['batched']['tokens_per_s']} tok/s vs single {gen['single']['tokens_per_s']} tok/s "
           f"(x{gen['speedup_batched_vs_single']}), identical {gen['identical_outputs']}")
+    print(f"generation: {cfg.infer.kv_cache} KV cache {gen['batched']['tokens_per_s']} tok/s vs {other_cache} "
+          f"{gen[other]['tokens_per_s']} tok/s (x{gen[f'speedup_{cfg.infer.kv_cache}_vs_{other_cache}_cache']}), "
+          f"identical {gen[f'identical_outputs_{other_cache}_cache']}")
     if "inference" in report:
         inf = report["inference"]
         print(f"inference: {inf['users']} users in {inf['seconds']} s ({inf['tokens_per_s']} tok/s, {inf['threads']} threads), "

@@ -113,3 +113,15 @@ def test_batched_generation_matches_one_prompt_at_a_time(trained):
     batched = generate_ids(model, tok, prompts[:6], max_new_tokens=60, batch_size=6)
     single = generate_ids(model, tok, prompts[:6], max_new_tokens=60, batch_size=1)
     assert sum(a[0] == b[0] for a, b in zip(batched, single, strict=True)) >= 5  # left padding + mask: same text
+
+
+def test_static_kv_cache_generates_the_tokens_of_the_dynamic_one(trained):
+    """The default preallocated cache is a speed choice only: same tokens, finish reasons and counts."""
+    model, tok, _, _, prompts, _ = trained
+    model.eval()
+    static = generate_ids(model, tok, prompts[:6], max_new_tokens=60, batch_size=3, kv_cache="static")
+    dynamic = generate_ids(model, tok, prompts[:6], max_new_tokens=60, batch_size=3, kv_cache="dynamic")
+    assert static == dynamic
+    assert any(n > 0 for _, _, n in static)
+    with pytest.raises(ValueError, match="cache_implementation"):  # the choice reaches transformers' generate
+        generate_ids(model, tok, prompts[:1], max_new_tokens=4, batch_size=1, kv_cache="no-such-cache")

@@ -163,6 +163,7 @@ def run(ctx: StageContext) -> StageResult:
         "seed": cfg.split_seed,
         "max_new_tokens": cfg.infer.max_new_tokens,
         "repetition_penalty": cfg.infer.repetition_penalty,
+        "kv_cache": cfg.infer.kv_cache,
         "eval_batch_size": cfg.eval_batch_size,
     }
     log.info("distill_student: %s on %s: %d train pairs (%d tokens), %d held-out pairs, %d eval users",

@@ -32,11 +32,15 @@ RAW_COLUMNS = ["user_id", "prompt_hash", "rationale", "finish_reason", "output_t
 
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
-                 device: str = "cpu", repetition_penalty: float = 1.0) -> list[tuple[str, str, int]]:
+                 device: str = "cpu", repetition_penalty: float = 1.0,
+                 kv_cache: str = "static") -> list[tuple[str, str, int]]:
     """(text, finish_reason, n_tokens) per prompt, generated ``batch_size`` at a time, left padded.
 
     ``finish_reason`` is ``stop`` when the model wrote EOS, else ``length``. The
-    caller orders prompts by length when it wants batches that pad little.
+    caller orders prompts by length when it wants batches that pad little. ``kv_cache``:
+    ``static`` preallocates each call's cache (prompt + ``max_new_tokens``), ``dynamic`` grows it by
+    concatenation every step: 63% of the CPU time of a batch of 64 in a profile of the tiny student, whose
+    dev student_rationales stage went 265 s -> 204 s with ``static`` (4,903 of 4,905 rationales the same).
     """
     import torch
 
@@ -46,7 +50,8 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
     for s in range(0, len(prompt_ids), batch_size):
         chunk = prompt_ids[s : s + batch_size]
         batch = {k: v.to(device) for k, v in collate_left(chunk, pad).items()}
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad,
+                      cache_implementation=kv_cache)
         if repetition_penalty != 1.0:
             kwargs["repetition_penalty"] = repetition_penalty
         if do_sample:
@@ -99,7 +104,8 @@ class TransformersGenerator:
             order = sorted(range(n), key=lambda i: len(ids[i]))  # similar lengths share a generate call
             res = generate_ids(self.model, self.tokenizer, [ids[i] for i in order], self.infer.max_new_tokens,
                                self.infer.batch_size, self.infer.do_sample, self.infer.temperature,
-                               self.infer.top_p, self.infer.seed, self.device, self.infer.repetition_penalty)
+                               self.infer.top_p, self.infer.seed, self.device, self.infer.repetition_penalty,
+                               self.infer.kv_cache)
             outs: list = [None] * n
             for i, r in zip(order, res, strict=True):
                 outs[i] = r
