@@ -82,3 +82,15 @@ def test_bundled_json():
     items = items_from_item_json(json.loads((DATA / "Office.item.json").read_text()))
     d, _ = build_rec_data(seqs, items)
     assert d.n_items == 2420 and len(d.hist_items) == 53258 - 2 * 4905
+
+
+def test_indices_do_not_depend_on_the_order_of_input_rows():
+    """A compaction or another writer may reorder a table's rows: the same data must index the same way."""
+    seqs = sequences_from_inter_json(json.loads((DATA / "Office.inter.json").read_text())).head(300)
+    items = pd.DataFrame({"item_id": sorted({str(i) for h in seqs["item_ids"] for i in h})})
+    a = build_rec_data(seqs, items)[0]
+    b = build_rec_data(seqs.sample(frac=1, random_state=1), items.sample(frac=1, random_state=2))[0]
+    assert a.item_ids.tolist() == sorted(a.item_ids.tolist())
+    assert a.user_ids.tolist() == b.user_ids.tolist() and a.item_ids.tolist() == b.item_ids.tolist()
+    for f in ("hist_ptr", "hist_items", "valid_target", "test_target"):
+        assert np.array_equal(getattr(a, f), getattr(b, f)), f

@@ -231,15 +231,17 @@ def build_rec_data(
     Missing inputs stay absent (never filled with fakes); ``notes`` says what was found.
     """
     notes: dict = {}
-    seqs = user_sequences.sort_values("user_id").reset_index(drop=True)
-    cat = [] if items is None else [str(x) for x in items["item_id"]]
-    seen = dict.fromkeys(cat)
-    for col in ("history",):
-        for h in seqs[col]:
-            seen.update(dict.fromkeys(str(x) for x in h))
-    seen.update(dict.fromkeys(str(x) for x in seqs["valid_target"]))
-    seen.update(dict.fromkeys(str(x) for x in seqs["test_target"]))
-    item_ids = np.array(list(seen), dtype=object)
+    # Users and items are indexed in sorted id order, never in the order a table's files happen to hold
+    # them (a compaction or another writer reorders rows): same data, same indices, same seeded run.
+    seqs = user_sequences.assign(user_id=user_sequences["user_id"].astype(str)).sort_values(
+        "user_id", kind="stable").reset_index(drop=True)
+    cat = set() if items is None else {str(x) for x in items["item_id"]}
+    seen = set(cat)
+    for h in seqs["history"]:
+        seen.update(str(x) for x in h)
+    seen.update(str(x) for x in seqs["valid_target"])
+    seen.update(str(x) for x in seqs["test_target"])
+    item_ids = np.array(sorted(seen), dtype=object)
     index = {iid: i + 1 for i, iid in enumerate(item_ids)}
     notes["items_not_in_catalogue"] = len(item_ids) - len(cat) if items is not None else None
 
