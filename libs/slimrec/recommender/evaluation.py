@@ -174,7 +174,8 @@ class Evaluator:
         """Choose prior weights on the VALIDATION split (never test): best mean NDCG@10 under the
         early-stopping protocol over ``prior_weight_grid``. One prior: the whole grid; several: coordinate
         ascent from all zeros (each weight over the grid with the others fixed, ``rounds`` times).
-        Ties keep the smaller weight (the grid is sorted, 0 first). Returns (weights, valid NDCG@10)."""
+        Ties take the smaller weight (the grid is sorted, 0 first), also against the weight a prior already
+        has. Returns (weights, valid NDCG@10)."""
         if not priors:
             return (), self.ndcg10(model_fn, users)
         users = np.arange(self.data.n_users) if users is None else users
@@ -186,10 +187,12 @@ class Evaluator:
             for k in range(len(priors)):
                 cands = [tuple(weights[:k] + [w] + weights[k + 1 :]) for w in grid]
                 sums = self._grid_sums(model_fn, priors, cands, users)
+                # The candidates include the current weights, so the best one is never worse; argmax takes
+                # the first of equals, the smallest weight: a prior that stopped helping once another was
+                # weighted goes back to 0 in the next round instead of keeping the weight it won earlier.
                 i = int(np.argmax(sums))
-                if sums[i] / len(users) > best_v + 1e-12 or cands[i] == tuple(weights):
-                    changed |= cands[i] != tuple(weights)
-                    weights, best_v = list(cands[i]), float(sums[i] / len(users))
+                changed |= cands[i] != tuple(weights)
+                weights, best_v = list(cands[i]), float(sums[i] / len(users))
             if not changed:
                 break
         return tuple(weights), best_v
