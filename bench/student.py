@@ -148,12 +148,10 @@ def main(argv: list[str] | None = None) -> dict:
                      "cpu_seconds": round(time.process_time() - c0, 2), "tokens_per_s": round(n_tok / wall, 1),
                      "outs": outs}
     other = f"batched_{other_cache}_cache"
-    ref = gen["batched"]["outs"]
-    same = sum(a[0] == b[0] for a, b in zip(ref, gen["single"].pop("outs"), strict=True))
-    gen["identical_outputs"] = f"{same}/{len(ids)}"
+    ref = gen["batched"].pop("outs")
+    for name, key in (("single", "identical_outputs"), (other, f"identical_outputs_{other_cache}_cache")):
+        gen[key] = f"{sum(a[0] == b[0] for a, b in zip(ref, gen[name].pop('outs'), strict=True))}/{len(ids)}"
     gen["speedup_batched_vs_single"] = round(gen["batched"]["tokens_per_s"] / gen["single"]["tokens_per_s"], 2)
-    same = sum(a[0] == b[0] for a, b in zip(gen["batched"].pop("outs"), gen[other].pop("outs"), strict=True))
-    gen[f"identical_outputs_{other_cache}_cache"] = f"{same}/{len(ids)}"
     gen[f"speedup_{cfg.infer.kv_cache}_vs_{other_cache}_cache"] = round(
         gen["batched"]["tokens_per_s"] / gen[other]["tokens_per_s"], 2)
     report["generation"] = gen

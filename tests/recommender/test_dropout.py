@@ -57,3 +57,17 @@ def test_written_out_attention_equals_sdpa(monkeypatch):
     torch.testing.assert_close(attention(q, k, v, mask, 0.5), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     # without dropout (eval), torch's kernel itself
     torch.testing.assert_close(attention(q, k, v, mask, 0.0), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+
+
+def test_fast_dropout_swaps_every_nn_dropout_and_keeps_the_state_dict():
+    """What the student does to PEFT's LoRA dropout: same rates, same weights and keys, eval unchanged."""
+    from slimrec.torch_ops import fast_dropout
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Dropout(0.2),
+                              torch.nn.ModuleDict({"a": torch.nn.Dropout(0.05), "b": Dropout(0.3)}))
+    before = net.state_dict()
+    assert fast_dropout(net) == 2  # the one already fast is left alone
+    assert type(net[1]) is Dropout and net[1].p == 0.2 and type(net[2]["a"]) is Dropout and net[2]["a"].p == 0.05
+    assert net.state_dict().keys() == before.keys()
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(net[:2].eval()(x), net[0](x))

@@ -25,6 +25,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "cluster"))
 
 from clusterkit import REPO, RUN_DATE, VENV_BIN, Procs, project_env  # noqa: E402
+from slimrec.lake import Lake  # noqa: E402
 from slimrec.pipeline import STAGES  # noqa: E402
 
 # The stages killed by default: every Spark stage, the teacher (batched commits) and a Ray stage.
@@ -150,13 +151,9 @@ class Pipeline:
             time.sleep(0.05)
         do_kill()
 
-    def _stage_record(self, stage: str) -> str | None:
-        """The stage record the pipeline stores once ``stage`` passed its gate (it holds the run id), or None."""
-        path = self.lake / "_stages" / f"{stage}.json"
-        return path.read_text() if path.exists() else None
-
     def _one(self, cmd: list[str], kill: Kill | None, res: RunResult, lines: list[str], timeout_s: float) -> int:
-        record_before = self._stage_record(kill.stage) if kill else None
+        # The record the pipeline stores once a stage passed its gate (it holds the run id), or None.
+        record_before = Lake(self.lake).stage_record(kill.stage) if kill else None
         with open(self.log, "a") as f:
             f.write(f"\n$ {' '.join(cmd)}\n")
         p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=self.env,
@@ -207,7 +204,7 @@ class Pipeline:
             timer.join()
         if res.killed:
             # The record is written after the stage's gate: a new one means the kill came after the stage.
-            res.stage_done_before_kill = self._stage_record(kill.stage) != record_before
+            res.stage_done_before_kill = Lake(self.lake).stage_record(kill.stage) != record_before
         # Whatever the dead driver left (Spark JVM, local Ray daemons) goes now, by pid.
         self.procs.stop(grace_s=5, final=False)
         return rc
