@@ -39,7 +39,7 @@ def test_metrics_summary_mean_std_and_order():
     assert s[s["protocol"] == "full"].iloc[0]["ndcg_10_std"] == 0.0  # one seed: std shown as 0
 
 
-def _tiny_lake(lake):
+def _tiny_lake(lake, notes=None):
     now = datetime(2024, 1, 2, tzinfo=UTC)
     lake.write_arrow("items", pd.DataFrame({
         "item_id": ["i1", "i2", "i3"], "title": ["Blue Pen", "Red Ink", "Stapler"], "brand": ["B", None, "S"],
@@ -59,11 +59,12 @@ def _tiny_lake(lake):
     lake.write_arrow("metrics", m, "append", INFO)
     lake.write_arrow("recommender_runs", pd.DataFrame({
         "run_id": ["run1"], "dataset": ["d"], "config": ["{}"], "best_backbone": ["sasrec"], "best_variant": ["slim"],
-        "n_users": [1], "n_items": [3], "notes": [json.dumps({"paired_vs_cooc_prior": [PAIRED]})],
+        "n_users": [1], "n_items": [3], "notes": [json.dumps(notes or {"paired_reference": "sasrec/cooc_prior",
+                                                                       "paired_vs_reference": [PAIRED]})],
         "started_ts": [now], "finished_ts": [now]}), "append", INFO)
 
 
-PAIRED = {"backbone": "sasrec", "variant": "slim", "reference": "cooc_prior", "protocol": "full", "n_users": 4905,
+PAIRED = {"backbone": "sasrec", "variant": "slim", "reference": "sasrec/cooc_prior", "protocol": "full", "n_users": 4905,
           "n_seeds": 3, "variant_ndcg_10": 0.0555, "reference_ndcg_10": 0.0552, "mean_diff": 0.0003, "se": 0.0004,
           "users_better": 193, "users_worse": 164}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -82,6 +83,7 @@ def test_html_report_renders_table_and_charts(tmp_lake, tmp_path):
                          capture_output=True, text=True, timeout=120).stdout
     assert '<table id="metrics">' in dom
     assert '<table id="paired">' in dom and "+0.0003" in dom and "193 / 164" in dom
+    assert "<th>sasrec/cooc_prior</th>" in dom and "Against sasrec/cooc_prior" in dom
     assert dom.count("<tr") >= 1 + 8 + 2 + 2  # header + 4 variants x 2 protocols + stage table + paired
     assert "slim" in dom and "popular" in dom
     assert dom.count("data:image/png;base64,") == 3  # NDCG@10, HR@10, stages (no rationale tables here)
@@ -104,3 +106,21 @@ def test_paired_table_says_same_when_no_user_differs():
     lines = format_paired(pd.DataFrame([PAIRED, same])).splitlines()
     assert lines[1].split()[-2:] == ["+0.75", "193/164"]  # 0.0003 / 0.0004
     assert lines[2].split()[-2:] == ["same", "0/0"] and "nan" not in lines[2]
+
+
+def test_report_names_the_reference_and_reads_older_runs(tmp_lake, tmp_path):
+    from slimrec.report import latest_paired
+
+    _tiny_lake(tmp_lake)
+    md = write_report(tmp_lake, [], tmp_path / "r", "run1", date(2024, 1, 2))["md"].read_text()
+    assert "## Against sasrec/cooc_prior, the strongest model or baseline without an LLM on validation" in md
+    header = next(line for line in md.split("## Against")[1].splitlines() if line.startswith("protocol"))
+    assert header.split()[6] == "sasrec/cooc_prior"  # the reference column
+    # a run written before the reference was chosen on validation stored its rows under the old key
+    older = tmp_path / "older"
+    from slimrec.lake import Lake
+
+    old_lake = Lake(older)
+    _tiny_lake(old_lake, notes={"paired_vs_cooc_prior": [{**PAIRED, "reference": "cooc_prior"}]})
+    paired = latest_paired(old_lake)
+    assert paired["reference"].tolist() == ["cooc_prior"] and paired["mean_diff"].tolist() == [0.0003]

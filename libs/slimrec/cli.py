@@ -193,6 +193,7 @@ def run(
             latest_metrics,
             latest_paired,
             metrics_summary,
+            paired_title,
             stage_table,
             write_report,
         )
@@ -206,9 +207,9 @@ def run(
         typer.echo("\nResults (test target, mean±std over seeds; full ranking over all items minus the user's "
                    "history first, 100 sampled negatives beside it):")
         typer.echo(format_metrics(metrics_summary(latest_metrics(ctx.lake))))
-        typer.echo("\nAgainst cooc_prior (the strongest baseline without an LLM), paired per user, test NDCG@10 "
-                   "averaged over seeds:")
-        typer.echo(format_paired(latest_paired(ctx.lake)))
+        paired = latest_paired(ctx.lake)
+        typer.echo(f"\n{paired_title(paired)}; paired per user, test NDCG@10 averaged over seeds:")
+        typer.echo(format_paired(paired))
         paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date)
         typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
 

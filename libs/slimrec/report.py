@@ -70,30 +70,45 @@ def latest_metrics(lake) -> pd.DataFrame:
 
 
 def latest_paired(lake) -> pd.DataFrame:
-    """Paired per-user comparisons against cooc_prior stored by the latest train_recommender run."""
+    """Paired per-user comparisons against the strongest no-LLM model or baseline (chosen on validation)
+    stored by the latest train_recommender run; its name is in the ``reference`` column."""
     run = latest_run(lake)
     if run is None:
         return pd.DataFrame()
     notes = json.loads(run["notes"] or "{}")
-    rows = pd.DataFrame(notes.get("paired_vs_cooc_prior") or [])
+    # runs written before the reference was chosen on validation compared with cooc_prior
+    rows = pd.DataFrame(notes.get("paired_vs_reference") or notes.get("paired_vs_cooc_prior") or [])
     if rows.empty:
         return rows
     rows["_p"] = rows["protocol"].map({"full": 0, "sampled100": 1}).fillna(9)
     return rows.sort_values(["_p", "backbone", "mean_diff"], ascending=[True, True, False]).drop(columns="_p")
 
 
+def paired_reference(paired: pd.DataFrame) -> str | None:
+    """The name of what ``paired`` (:func:`latest_paired`) compares with, or None when it is empty."""
+    return None if paired.empty else str(paired["reference"].iloc[0])
+
+
+def paired_title(paired: pd.DataFrame) -> str:
+    ref = paired_reference(paired)
+    return (f"Against {ref}, the strongest model or baseline without an LLM on validation (full-ranking NDCG@10)"
+            if ref else "Against the strongest model or baseline without an LLM")
+
+
 def format_paired(paired: pd.DataFrame) -> str:
     if paired.empty:
-        return "(no paired comparison: cooc_prior or per-user results missing)"
+        return "(no paired comparison: no model or baseline without an LLM, or per-user results missing)"
+    ref = paired_reference(paired)
+    w = max(10, len(ref))
     lines = [f"{'protocol':<11} {'backbone':<9} {'variant':<16} {'users':>6} {'seeds':>5}  {'NDCG@10':>8} "
-             f"{'cooc_prior':>10} {'diff':>8} {'paired SE':>9} {'diff/SE':>7}  better/worse users"]
+             f"{ref:>{w}} {'diff':>8} {'paired SE':>9} {'diff/SE':>7}  better/worse users"]
     for r in paired.itertuples(index=False):
         if r.se and r.se == r.se:
             z = f"{r.mean_diff / r.se:>+7.2f}"
         else:  # no spread: every user scores the same under both (e.g. a prior weight of 0 on validation)
             z = f"{'same' if r.users_better == r.users_worse == 0 else 'n/a':>7}"
         lines.append(f"{r.protocol:<11} {r.backbone:<9} {r.variant:<16} {r.n_users:>6} {r.n_seeds:>5}  "
-                     f"{r.variant_ndcg_10:>8.4f} {r.reference_ndcg_10:>10.4f} {r.mean_diff:>+8.4f} {r.se:>9.4f} "
+                     f"{r.variant_ndcg_10:>8.4f} {r.reference_ndcg_10:>{w}.4f} {r.mean_diff:>+8.4f} {r.se:>9.4f} "
                      f"{z}  {r.users_better}/{r.users_worse}")
     return "\n".join(lines)
 
@@ -122,6 +137,7 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
     out.mkdir(parents=True, exist_ok=True)
     stages = stage_table(results)
     summary = metrics_summary(latest_metrics(lake))
+    paired = latest_paired(lake)
     stem = out / f"run-{run_date}-{run_id}"
     payload = {
         "run_id": run_id,
@@ -129,7 +145,8 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
         "written_at": datetime.now(tz=UTC).isoformat(timespec="seconds"),
         "stages": stages.to_dict(orient="records"),
         "metrics": summary.to_dict(orient="records"),
-        "paired_vs_cooc_prior": latest_paired(lake).to_dict(orient="records"),
+        "paired_reference": paired_reference(paired),
+        "paired_vs_reference": paired.to_dict(orient="records"),
     }
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
     paths["json"].write_text(json.dumps(payload, indent=2, default=str))
@@ -140,7 +157,7 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
     paths["md"].write_text(
         f"# slimrec run {run_id} ({run_date})\n\n## Stages\n\n```\n{format_stages(stages)}\n```\n\n"
         f"## Metrics (test target; mean±std over seeds; full ranking first)\n\n```\n{format_metrics(summary)}\n```\n"
-        f"\n## Against the strongest no-LLM baseline (cooc_prior), paired per user (test NDCG@10, seed-averaged)"
-        f"\n\n```\n{format_paired(latest_paired(lake))}\n```\n"
+        f"\n## {paired_title(paired)}\n\nPaired per user, test NDCG@10 averaged over seeds."
+        f"\n\n```\n{format_paired(paired)}\n```\n"
     )
     return paths

@@ -14,7 +14,15 @@ import logging
 
 import pandas as pd
 
-from slimrec.report import METRIC_COLS, latest_metrics, latest_paired, metrics_summary, stage_table
+from slimrec.report import (
+    METRIC_COLS,
+    latest_metrics,
+    latest_paired,
+    metrics_summary,
+    paired_reference,
+    paired_title,
+    stage_table,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +113,7 @@ def _metrics_html(summary: pd.DataFrame) -> str:
 
 def _paired_html(paired: pd.DataFrame) -> str:
     if paired.empty:
-        return "<p>No paired comparison (cooc_prior or per-user results missing).</p>"
+        return "<p>No paired comparison (no model or baseline without an LLM, or per-user results missing).</p>"
     rows = []
     for r in paired.itertuples(index=False):
         rows.append(f"<tr><td class=l>{r.protocol}</td><td class=l>{r.backbone}</td>"
@@ -113,7 +121,8 @@ def _paired_html(paired: pd.DataFrame) -> str:
                     f"<td>{r.variant_ndcg_10:.4f}</td><td>{r.reference_ndcg_10:.4f}</td><td>{r.mean_diff:+.4f}</td>"
                     f"<td>{r.se:.4f}</td><td>{r.users_better:,} / {r.users_worse:,}</td></tr>")
     return ('<table id="paired"><tr><th class=l>protocol</th><th class=l>backbone</th><th class=l>variant</th>'
-            "<th>users</th><th>seeds</th><th>NDCG@10</th><th>cooc_prior</th><th>diff</th><th>paired SE</th>"
+            f"<th>users</th><th>seeds</th><th>NDCG@10</th><th>{html.escape(paired_reference(paired))}</th><th>diff</th>"
+            "<th>paired SE</th>"
             f"<th>better / worse users</th></tr>{''.join(rows)}</table>")
 
 
@@ -166,9 +175,11 @@ def render_html(lake, results, run_id: str, run_date, n_examples: int = 3) -> st
                  "included); sampled100 ranks it among 100 random items the user never had. Random and popular "
                  "rows are the baselines.</p>")
     parts.append(_metrics_html(summary))
-    parts.append("<h2>Against cooc_prior, the strongest baseline without an LLM</h2><p>Test NDCG@10 per user, "
-                 "averaged over seeds, paired with cooc_prior on the same users; SE = std(diff) / sqrt(users).</p>"
-                 + _paired_html(latest_paired(lake)))
+    paired = latest_paired(lake)
+    parts.append(f"<h2>{html.escape(paired_title(paired))}</h2><p>Test NDCG@10 per user, averaged over seeds, "
+                 "paired with that reference on the same users; SE = std(diff) / sqrt(users). The reference is "
+                 "chosen on the validation target among the models and baselines that need no LLM.</p>"
+                 + _paired_html(paired))
     if not summary.empty:
         parts.append('<h2>NDCG@10 and HR@10 by variant</h2><div id="charts">')
         parts.append(_metric_chart(summary, "ndcg_10") + _metric_chart(summary, "hr_10") + "</div>")

@@ -38,10 +38,12 @@ from slimrec.recommender.runner import (
     paired_comparisons,
     plan_groups,
     priors_for,
+    reference_label,
     results_table,
     run_baselines,
     run_group,
     score_fn_for,
+    strongest_no_llm,
 )
 
 log = logging.getLogger(__name__)
@@ -175,7 +177,7 @@ def run_experiment(
     recs = recommend(data, cfg, ev, payloads, checkpoints, best) if best else None
     if recs is not None:
         write_serving(root / run_id, data, cfg, recs, payloads, checkpoints)
-    notes = run_notes(data, cfg, payloads, missing, best)
+    notes = run_notes(data, cfg, payloads, results, missing, best)
     return ExperimentResult(metrics, payloads, checkpoints, missing, best, recs, notes)
 
 
@@ -224,8 +226,9 @@ def write_serving(folder: Path, data: RecData, cfg, recs: pd.DataFrame, payloads
     }, indent=1, default=float))
 
 
-def run_notes(data: RecData, cfg, payloads, missing, best) -> dict:
-    """JSON-able facts of the run: missing variants, rationale coverage, chosen weights, time and memory."""
+def run_notes(data: RecData, cfg, payloads, results: list[dict], missing, best) -> dict:
+    """JSON-able facts of the run: missing variants, rationale coverage, chosen weights, time and memory,
+    and the paired comparison with the strongest no-LLM model or baseline (``results``: models and baselines)."""
     perf: dict[str, dict] = {}
     for p in payloads:
         for key, fit in p["fits"].items():
@@ -239,6 +242,7 @@ def run_notes(data: RecData, cfg, payloads, missing, best) -> dict:
             "best_epoch": v["best_epoch"], "epochs_run": v["epochs_run"]}
         for k, v in perf.items()
     }
+    ref = strongest_no_llm(results)
     weights = {f"{r['backbone']}/{r['variant']}/{r['seed']}": r["weights"] for p in payloads for r in p["results"]
                if r["weights"]}
     coverage = {s: {"users_with_vector": r.n_present, "users_with_grounded_items": r.n_grounded_users,
@@ -252,5 +256,6 @@ def run_notes(data: RecData, cfg, payloads, missing, best) -> dict:
         "prior_weights": weights,
         "performance": perf_summary,
         "best": list(best) if best else None,
-        "paired_vs_cooc_prior": paired_comparisons(payloads, data.n_users),
+        "paired_reference": reference_label(ref) if ref else None,
+        "paired_vs_reference": paired_comparisons(results, data.n_users, ref) if ref else [],
     }

@@ -142,6 +142,11 @@ def teacher_mask(data: RecData) -> np.ndarray | None:
     return None if rat is None or rat.n_present == 0 else rat.present
 
 
+def _per_user_test(per_user: dict) -> dict[str, list[float]]:
+    """{protocol: per-user test NDCG@10, rounded}: what :func:`paired_comparisons` pairs."""
+    return {p: np.round(per_user[("test", p)]["ndcg_10"], 5).tolist() for p in PROTOCOLS}
+
+
 # --------------------------------------------------------------------------------------------- groups
 def plan_groups(cfg, data: RecData) -> tuple[list[tuple[str, int, list[str]]], dict[str, str]]:
     """[(backbone, seed, variants)] to run, and {variant: reason} for the variants that cannot run."""
@@ -178,44 +183,75 @@ def evaluate_variant(variant: str, score_fn, data: RecData, ev: Evaluator, cfg) 
         if tmask is not None and tmask.sum() < data.n_users and "teacher" in cfg.variants:
             rows += _rows(per_user, tmask, TEACHER_SUBSET)
     # per-user test NDCG@10 (rounded), for paired comparisons between variants (paired_comparisons)
-    per_user_test = {p: np.round(per_user[("test", p)]["ndcg_10"], 5).tolist() for p in PROTOCOLS}
+    per_user_test = _per_user_test(per_user)
     return {"variant": variant, "weights": dict(zip(names, weights, strict=True)), "valid_selected": v_sel,
             "rows": rows, "teacher_users_only": users is not None, "per_user_test_ndcg_10": per_user_test,
             "per_user_rows": None if users is None else users.tolist()}
 
 
-def paired_comparisons(payloads: list[dict], n_users: int, reference: str = "cooc_prior") -> list[dict]:
-    """Each variant against ``reference`` on the same users: test NDCG@10, per protocol.
+# Variants and baselines that need no LLM: the claim is judged against the strongest of them.
+NO_LLM = ("base", "text", "cooc_prior", "popular", "cooc")
 
-    Per user, NDCG@10 is averaged over seeds for each variant; ``mean_diff`` is the mean over users of
-    (variant - reference) and ``se`` its paired standard error, std(diff) / sqrt(users). It measures how
-    sure the difference is across users (seed-to-seed spread is in the metrics table's std). Variants
-    measured on a subset (teacher users) are paired on that subset; text_matching (no backbone) with the
-    first backbone's reference.
+
+def strongest_no_llm(results: list[dict]) -> tuple[str, str] | None:
+    """(backbone, variant) of the no-LLM model or baseline (:data:`NO_LLM`) with the best validation
+    full-ranking NDCG@10 over all users, averaged over its seeds; None when none was evaluated.
+
+    Chosen on validation, so the test comparison against it is not a pick of the best test score.
+    Example: sasrec/cooc_prior 0.055 and popular 0.004 on validation -> ("sasrec", "cooc_prior").
     """
+    scores: dict[tuple[str, str], list[float]] = {}
+    for r in results:
+        if r["variant"] not in NO_LLM or not r.get("per_user_test_ndcg_10"):
+            continue
+        for row in r["rows"]:
+            if row["split"] == "valid" and row["protocol"] == "full" and row["subset"] == "all":
+                scores.setdefault((r["backbone"], r["variant"]), []).append(row["ndcg_10"])
+    if not scores:
+        return None
+    return max(sorted(scores), key=lambda k: float(np.mean(scores[k])))  # ties: the first in name order
+
+
+def reference_label(reference: tuple[str, str]) -> str:
+    backbone, variant = reference
+    return variant if backbone == NO_BACKBONE else f"{backbone}/{variant}"
+
+
+def paired_comparisons(results: list[dict], n_users: int, reference: tuple[str, str] | None = None) -> list[dict]:
+    """Every (backbone, variant) against ``reference`` on the same users: test NDCG@10, per protocol.
+
+    ``results``: evaluated models and baselines (``backbone``, ``variant``, ``per_user_test_ndcg_10``,
+    ``per_user_rows``), one per seed. ``reference`` defaults to :func:`strongest_no_llm`. Per user,
+    NDCG@10 is averaged over seeds for each side; ``mean_diff`` is the mean over users of (variant -
+    reference) and ``se`` its paired standard error, std(diff) / sqrt(users). It measures how sure the
+    difference is across users (seed-to-seed spread is in the metrics table's std). Variants measured on
+    a subset (teacher users) are paired on that subset. The random baseline is left out.
+    """
+    reference = reference or strongest_no_llm(results)
+    if reference is None:
+        return []
     by: dict[tuple[str, str, str], list[np.ndarray]] = {}
-    for p in payloads:
-        for r in p["results"]:
-            for proto, vals in (r.get("per_user_test_ndcg_10") or {}).items():
-                a = np.full(n_users, np.nan)
-                rows = r.get("per_user_rows")
-                a[np.arange(n_users) if rows is None else np.asarray(rows, dtype=np.int64)] = vals
-                by.setdefault((p["backbone"], r["variant"], proto), []).append(a)
-    backbones = [b for b, v, _ in by if v == reference]
+    for r in results:
+        for proto, vals in (r.get("per_user_test_ndcg_10") or {}).items():
+            a = np.full(n_users, np.nan)
+            rows = r.get("per_user_rows")
+            a[np.arange(n_users) if rows is None else np.asarray(rows, dtype=np.int64)] = vals
+            by.setdefault((r["backbone"], r["variant"], proto), []).append(a)
+    label = reference_label(reference)
     out = []
     for (b, v, proto), arrs in by.items():
-        ref_b = b if b != NO_BACKBONE else (backbones[0] if backbones else None)
-        if v == reference or (ref_b, reference, proto) not in by:
+        ref = by.get((*reference, proto))
+        if (b, v) == reference or v == "random" or ref is None:
             continue
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # users outside a subset: all-NaN columns
             x = np.nanmean(np.stack(arrs), axis=0)
-            y = np.nanmean(np.stack(by[(ref_b, reference, proto)]), axis=0)
+            y = np.nanmean(np.stack(ref), axis=0)
         ok = ~np.isnan(x) & ~np.isnan(y)
         d = x[ok] - y[ok]
         n = int(ok.sum())
         out.append({
-            "backbone": b, "variant": v, "reference": reference, "protocol": proto, "n_users": n,
+            "backbone": b, "variant": v, "reference": label, "protocol": proto, "n_users": n,
             "n_seeds": len(arrs), "variant_ndcg_10": float(x[ok].mean()), "reference_ndcg_10": float(y[ok].mean()),
             "mean_diff": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
             "users_better": int((d > 0).sum()), "users_worse": int((d < 0).sum()),
@@ -302,7 +338,8 @@ def run_baselines(data: RecData, ev: Evaluator, cfg) -> list[dict]:
             if tmask is not None and tmask.sum() < data.n_users and "teacher" in cfg.variants:
                 rows += _rows(per_user, tmask, TEACHER_SUBSET)
             out.append({"backbone": NO_BACKBONE, "variant": name, "seed": seed, "weights": {}, "rows": rows,
-                        "model_key": None})
+                        "model_key": None, "per_user_test_ndcg_10": _per_user_test(per_user),
+                        "per_user_rows": None})
     return out
 
 
