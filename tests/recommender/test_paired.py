@@ -64,3 +64,18 @@ def test_a_baseline_can_be_the_reference():
 
 def test_no_reference_no_comparison():
     assert paired_comparisons([_res("slim", [1.0, 0.0])], n_users=2) == []
+
+
+def test_baselines_that_beat_the_served_model_on_validation():
+    import pandas as pd
+    from slimrec.recommender.config import RecommenderConfig
+    from slimrec.recommender.runner import baselines_above
+
+    cfg = RecommenderConfig()
+    rows = [("sasrec", "base", 0.05), ("sasrec", "base", 0.07), (NO_BACKBONE, "popular", 0.08),
+            (NO_BACKBONE, "cooc", 0.04), (NO_BACKBONE, "text_matching", 0.09)]
+    m = pd.DataFrame([{"backbone": b, "variant": v, "split": "valid", "protocol": cfg.early_stop_protocol,
+                       "ndcg_10": x} for b, v, x in rows])
+    # base averages 0.06: popular is above it, cooc is not, text_matching is a model (not a baseline)
+    assert baselines_above(m, ("sasrec", "base"), cfg) == {"popular": pytest.approx(0.08)}
+    assert baselines_above(m[m.variant != "popular"], ("sasrec", "base"), cfg) == {}

@@ -31,6 +31,7 @@ from slimrec.recommender.config import RecommenderConfig
 from slimrec.recommender.data import RecData
 from slimrec.recommender.evaluation import Evaluator
 from slimrec.recommender.runner import (
+    baselines_above,
     best_variant,
     build_model,
     metrics_frame,
@@ -174,6 +175,11 @@ def run_experiment(
     results = [r for p in payloads for r in p["results"]] + run_baselines(data, ev, cfg)
     metrics = metrics_frame(results)
     best = best_variant(metrics, cfg) if len(metrics) else None
+    above = baselines_above(metrics, best, cfg) if best else {}
+    if above:
+        log.warning("baseline(s) %s beat every model on validation (NDCG@10 %s); the recommendations still "
+                    "come from the best model, %s/%s: look at the data and the model settings",
+                    ", ".join(above), ", ".join(f"{v:.4f}" for v in above.values()), *best)
     recs = recommend(data, cfg, ev, payloads, checkpoints, best) if best else None
     if recs is not None:
         write_serving(root / run_id, data, cfg, recs, payloads, checkpoints)

@@ -404,4 +404,16 @@ def best_variant(metrics: pd.DataFrame, cfg) -> tuple[str, str] | None:
     return g.idxmax()
 
 
+def baselines_above(metrics: pd.DataFrame, best: tuple[str, str], cfg) -> dict[str, float]:
+    """{baseline: mean validation NDCG@10} of the baselines that beat the served ``best`` model there."""
+    m = metrics[(metrics.split == "valid") & (metrics.protocol == cfg.early_stop_protocol)
+                & ~metrics.variant.str.contains("@")]
+    g = m.groupby(["backbone", "variant"])["ndcg_10"].mean()
+    top = g.get(best)
+    if top is None:
+        return {}
+    base = g[[b == NO_BACKBONE and v in cfg.baselines for b, v in g.index]]
+    return {v: float(x) for (_, v), x in base.items() if x > top}
+
+
 __all__ = ["PeakRSS", "run_group", "run_baselines", "plan_groups", "metrics_frame", "results_table"]
