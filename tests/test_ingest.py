@@ -461,3 +461,28 @@ def test_lcrec_fixture_sanity():
     doc = json.loads(items.decode("utf-8", errors="replace"))
     assert len(doc["4"]["title"]) == 5000
 
+
+
+def test_events_csv_as_pandas_writes_it(spark, tmp_path):
+    """RFC 4180 catalogue (doubled quotes, line breaks inside a quoted description) and ids that pandas
+    wrote as floats (an integer column with a missing value): every row parsed, ids matched."""
+    data = tmp_path / "data"
+    data.mkdir()
+    items = pd.DataFrame({
+        "item_id": [1000, 1001, 1002],
+        "title": ['The "Silent" Book, part 0', "Ink, blue", "Pad"],
+        "brand": ["Penguin", "Acme", None],
+        "description": ["line one\nline two", 'a "quoted"\r\nsecond line', None],
+    })
+    items.to_csv(data / "items.csv", index=False)
+    events = pd.DataFrame({"user_id": [7.0, 7.0, 7.0, 8.0, None], "item_id": [1000.0, 1001.0, 1002.0, 1000.0, 1001.0],
+                           "timestamp": [1, 2, 3, 4, 5]})
+    events.to_parquet(data / "events.parquet")
+    ctx, result = _ingest(spark, tmp_path / "lake", data)
+    got = ctx.lake.read_pandas("items").set_index("item_id").sort_index()
+    assert list(got.index) == ["1000", "1001", "1002"]
+    assert got.loc["1000"].title == 'The "Silent" Book, part 0' and got.loc["1000"].brand == "Penguin"
+    assert got.loc["1001"].description == 'a "quoted" second line'
+    assert [(r[0], r[1]) for r in _inter(ctx.lake)] == [("7", "1000"), ("7", "1001"), ("7", "1002"), ("8", "1000")]
+    assert _quarantine(ctx.lake) == [("ingest", "events.parquet", 4, "missing user id")]
+    assert result.extra["quarantined"] == 1

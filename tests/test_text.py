@@ -13,6 +13,10 @@ from slimrec.text import clean_text, item_text, sha1, split_categories
         ("Pens &amp;amp; Pencils", "Pens & Pencils"),  # double-encoded
         ("12&quot; Ruler &#8211; steel", '12" Ruler – steel'),
         ("Blue<br/>ink <b>pen</b>", "Blue ink pen"),
+        ("Great <i>read</i>!", "Great read!"),  # inline tags leave no space
+        ("<p class='x'>Ink</p><!-- note -->refill", "Ink refill"),
+        ("Cable &lt;2m&gt; long", "Cable <2m> long"),  # angle brackets that are not tags are text
+        ("size &lt; 5mm &amp; weight &gt; 2g", "size < 5mm & weight > 2g"),
         ("  tab\there\nnew   line  ", "tab here new line"),
         ("Paper\x07Clips\x00", "Paper Clips"),
         ("bad \ufffd byte", "bad byte"),  # what a non-UTF-8 byte decodes to

@@ -266,11 +266,24 @@ def _column(df_cols: list[str], names: tuple[str, ...], what: str, source: str) 
 
 
 # --------------------------------------------------------------------------- Spark readers for events
+def _id_string(df, name: str):
+    """An id column as trimmed text. Whole floats lose their ".0": a pandas integer column with a
+    missing value is written as float (100000.0), and must still match the catalogue's "100000"."""
+    from pyspark.sql import functions as F
+    from pyspark.sql import types as T
+
+    c = F.col(name)
+    if isinstance(df.schema[name].dataType, T.FloatType | T.DoubleType | T.DecimalType):
+        whole = (c == F.floor(c)) & (F.abs(c) < 1e18)
+        return F.when(whole, c.cast("long").cast("string")).otherwise(F.trim(c.cast("string")))
+    return F.trim(c.cast("string"))
+
+
 def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
     """Events CSV/Parquet read by Spark -> (raw_interactions, raw_items) Spark frames, quarantine rows."""
     from pyspark.sql import functions as F
 
-    def load(f: Path):
+    def load(f: Path, multiline: bool = False):
         name = f.name.lower()
         if name.endswith(".parquet"):
             # pandas writes nanosecond timestamps, which Spark refuses; read them as longs (ns),
@@ -278,7 +291,11 @@ def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
             spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
             return spark.read.parquet(str(f))
         sep = "\t" if ".tsv" in name else ","
-        return spark.read.option("header", True).option("sep", sep).option("mode", "PERMISSIVE").csv(str(f))
+        # RFC 4180, as pandas and spreadsheets write it: a quote inside a quoted field is doubled. A
+        # quoted field of a catalogue (a description) may hold line breaks: ``multiline`` reads such a
+        # file whole, in one task; events files (ids and times) keep being split across tasks.
+        return (spark.read.option("header", True).option("sep", sep).option("mode", "PERMISSIVE")
+                .option("quote", '"').option("escape", '"').option("multiLine", multiline).csv(str(f)))
 
     def with_row(df, source):
         # The exact 0-based row of the source file (the stable tie-break), numbered in the JVM like
@@ -305,19 +322,19 @@ def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
         df = with_row(df.select(u, i, t), f.name)
         df = df.select(
             "source_file", "source_row",
-            F.trim(F.col(u).cast("string")).alias("user_raw"),
-            F.trim(F.col(i).cast("string")).alias("item_raw"),
+            _id_string(df, u).alias("user_raw"),
+            _id_string(df, i).alias("item_raw"),
             F.col(t).cast("string").alias("ts_raw"),
             F.lit(None).cast("long").alias("position"),
         )
         raws = df if raws is None else raws.unionByName(df)
     for f in item_files:
-        df = load(f)
+        df = load(f, multiline=True)
         i = _column(df.columns, ITEM_COLS, "item id", f.name)
         other = [c for c in df.columns if c != i]
         df = with_row(df, f.name)
         df = df.select(
-            "source_file", "source_row", F.trim(F.col(i).cast("string")).alias("item_raw"),
+            "source_file", "source_row", _id_string(df, i).alias("item_raw"),
             F.to_json(F.struct(*[F.col(c) for c in other])).alias("payload"),
         )
         items = df if items is None else items.unionByName(df)

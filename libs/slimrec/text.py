@@ -15,7 +15,10 @@ import json
 import re
 import unicodedata
 
-_TAG_RE = re.compile(r"<[^>]{0,200}>")
+# HTML tags only (a name right after "<", attributes optional): "<2m>" or "a < b > c" are text, kept.
+# Inline tags are removed without a space ("<i>read</i>!" -> "read!"); any other tag breaks words.
+_INLINE_TAG_RE = re.compile(r"</?(?:a|b|i|u|em|strong|span|font|sup|sub|small|big)(?:\s[^<>]{0,200})?/?>", re.I)
+_TAG_RE = re.compile(r"<!--.{0,200}?-->|</?[A-Za-z][A-Za-z0-9-]{0,20}(?:\s[^<>]{0,200})?/?>")
 _CONTROL_RE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ufffd]")
 _TRAILING_RE = re.compile(r"[\s,;:|/\\\-–—]+$")
 # Path separators, strongest first: the first one present splits the path, so a level name may hold
@@ -39,7 +42,7 @@ def clean_text(value, max_chars: int) -> str | None:
             break
         value = unescaped
     value = unicodedata.normalize("NFC", value)
-    value = _TAG_RE.sub(" ", value)
+    value = _TAG_RE.sub(" ", _INLINE_TAG_RE.sub("", value))
     value = _CONTROL_RE.sub(" ", value)
     value = " ".join(value.split())
     value = _TRAILING_RE.sub("", value)
