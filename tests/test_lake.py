@@ -252,3 +252,50 @@ def test_write_spark_diverting_needs_the_column(spark, tmp_lake):
     df = spark.createDataFrame([("u1",)], "user_id string")
     with pytest.raises(LakeError, match="diverted column '_q'"):
         tmp_lake.write_spark_diverting(df, "user_sequences", "overwrite", CommitInfo("t", date(2024, 1, 15)), "_q")
+
+
+def _quarantine_rows(stage, sources):
+    return pa.table({"stage": [stage] * len(sources), "source": sources, "source_row": [None] * len(sources),
+                     "reason": ["r"] * len(sources), "payload": ["{}"] * len(sources)},
+                    schema=pa.schema([("stage", pa.string()), ("source", pa.string()), ("source_row", pa.int64()),
+                                      ("reason", pa.string()), ("payload", pa.string())]))
+
+
+def test_delete_keys_and_replace_quarantine(spark, tmp_lake):
+    d = date(2024, 1, 1)
+    tmp_lake.write_spark(_prompts(spark, ["u1", "u2", "u3"]), "prompts", "replace_date", info(d))
+    v = tmp_lake.delete_keys("prompts", pa.table({"user_id": ["u2", "nobody"], "run_date": [d, d]}), info(d))
+    assert v == 1 and sorted(tmp_lake.read_pandas("prompts").user_id) == ["u1", "u3"]
+    assert tmp_lake.delete_keys("prompts", pa.table({"user_id": pa.array([], pa.string()),
+                                                     "run_date": pa.array([], pa.date32())}), info(d)) is None
+    with pytest.raises(LakeError, match="keys lack"):
+        tmp_lake.delete_keys("prompts", pa.table({"user_id": ["u1"]}), info(d))
+
+    # a stage's records replace its earlier ones; other stages' records stay
+    assert tmp_lake.replace_quarantine("a", _quarantine_rows("a", ["x", "y"]), info(d)) is not None
+    tmp_lake.replace_quarantine("b", _quarantine_rows("b", ["z"]), info(d))
+    tmp_lake.replace_quarantine("a", _quarantine_rows("a", ["y", "w"]), info(d))
+    got = sorted(zip(*tmp_lake.read_pandas("quarantine")[["stage", "source"]].values.T.tolist(), strict=True))
+    assert got == [("a", "w"), ("a", "y"), ("b", "z")]
+    v = tmp_lake.version("quarantine")
+    assert tmp_lake.replace_quarantine("c", _quarantine_rows("c", []), info(d)) is None  # nothing to do: no commit
+    assert tmp_lake.version("quarantine") == v
+    tmp_lake.replace_quarantine("a", _quarantine_rows("a", []), info(d))  # an empty run clears the stage's records
+    assert sorted(tmp_lake.read_pandas("quarantine").source) == ["z"]
+    with pytest.raises(LakeError, match="needs mode='merge'"):
+        tmp_lake.write_arrow("quarantine", _quarantine_rows("a", []), "append", info(d), delete_missing="true")
+
+
+def test_rows_naming_unknown_items(tmp_lake):
+    from slimrec.stages.base import rows_naming_unknown_items
+
+    d = date(2024, 1, 2)
+    rows = pa.table({"user_id": ["u1", "u2", "u3", "u4"], "model_version": ["m"] * 4, "prompt_hash": ["p"] * 4,
+                     "rationale": ["r"] * 4, "step1": ["s"] * 4, "step2": ["s"] * 4, "step3": ["s"] * 4,
+                     "grounded_item_ids": [["i1", "i2"], ["i1", "i9"], [], None], "status": ["ok"] * 4,
+                     "error": [None] * 4, "output_tokens": [1] * 4, "latency_ms": [1.0] * 4})
+    tmp_lake.write_arrow("student_rationales", rows, "overwrite", info(d))
+    key = ["user_id", "run_date", "model_version"]
+    got = rows_naming_unknown_items(tmp_lake, "student_rationales", key, {"i1", "i2"})
+    assert got.column_names == key and got["user_id"].to_pylist() == ["u2"]
+    assert rows_naming_unknown_items(tmp_lake, "student_rationales", key, {"i1", "i2", "i9"}).num_rows == 0

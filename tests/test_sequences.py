@@ -169,6 +169,37 @@ def test_stage_writes_only_changed_users(spark, tmp_path):
     assert lake.version("user_sequences") == v_seq + 1
 
 
+def test_replaced_interactions_delete_users_and_stale_quarantine(spark, tmp_path):
+    """A re-ingest that drops a user, shortens one and lengthens a short one: user_sequences and the
+    stage's quarantine records follow the new input (nothing left over from the first run)."""
+    lake = Lake(tmp_path / "lake")
+    ctx = _ctx(spark, lake)
+    _write_interactions(lake, ctx, [*EVENTS, ("u4", "z", 1, 0)])  # u2 and u4 too short
+    run_stage("build_sequences", ctx, check=False)
+    q_ingest = pd.DataFrame({"stage": ["ingest"], "source": ["f"], "source_row": [1], "reason": ["r"],
+                             "payload": ["{}"]})
+    lake.write_arrow("quarantine", q_ingest, "merge", ctx.commit_info("ingest", {}))  # another stage's record
+    # u1 gone; u2 now has three distinct items; u3 down to two items (too short); u4 unchanged
+    events = [("u2", "x", 1, 0), ("u2", "y", 3, 2), ("u2", "w", 5, 4), ("u3", "i1", 1, 1), ("u3", "i2", 2, 2),
+              ("u4", "z", 1, 0)]
+    _write_interactions(lake, ctx, events)
+    r = run_stage("build_sequences", _ctx(spark, lake), check=False)
+    seqs = lake.read_pandas("user_sequences").set_index("user_id")
+    assert sorted(seqs.index) == ["u2"] and seqs.loc["u2"].item_ids.tolist() == ["x", "y", "w"]
+    assert r.extra["deleted_users"] == 2 and r.extra["changed_users"] == 1 and r.rows_out == 1
+    q = lake.read_pandas("quarantine")
+    mine = q[q.stage == "build_sequences"]
+    assert sorted(json.loads(p)["user_id"] for p in mine.payload) == ["u3", "u4"]
+    assert q[q.stage == "ingest"].source.tolist() == ["f"]  # other stages' records are not touched
+
+    # the same input again: nothing changes, no commit to either table
+    v_seq, v_q = lake.version("user_sequences"), lake.version("quarantine")
+    r2 = run_stage("build_sequences", _ctx(spark, lake), check=False)
+    assert r2.extra["deleted_users"] == 0 and r2.tables["user_sequences"] is None
+    assert lake.version("user_sequences") == v_seq and len(lake.read_pandas("quarantine")) == 3
+    assert lake.version("quarantine") == v_q + 1  # the two current records, merged again (unchanged)
+
+
 # ----------------------------------------------------------------------------- bundled data, DuckDB
 def _duckdb():
     import duckdb

@@ -199,10 +199,19 @@ class Lake:
         mode: WriteMode,
         info: CommitInfo,
         update: bool = True,
+        delete_missing: str | None = None,
     ) -> int:
-        """Write driver-side rows in one commit and return the new Delta version."""
+        """Write driver-side rows in one commit and return the new Delta version.
+
+        ``delete_missing`` (merge only): a SQL predicate on the target (alias ``t``); the target's rows
+        that match it and whose key is not among ``data``'s are deleted in the same commit. A stage
+        that rewrites its whole slice of a shared table uses it, e.g. ``t.stage = 'ingest'`` in
+        ``quarantine``: rows of an earlier run that no longer apply go, an empty ``data`` included.
+        """
         s = spec(table)
         self._check_mode(s, mode)
+        if delete_missing is not None and mode != "merge":
+            raise LakeError("delete_missing needs mode='merge'")
         if isinstance(data, pd.DataFrame):
             data = pa.Table.from_pandas(data, preserve_index=False)
         data = self._fill_lineage(data, s, info)
@@ -215,7 +224,10 @@ class Lake:
             )
             if update:
                 merger = merger.when_matched_update_all()
-            merger.when_not_matched_insert_all().execute()
+            merger = merger.when_not_matched_insert_all()
+            if delete_missing is not None:
+                merger = merger.when_not_matched_by_source_delete(delete_missing)
+            merger.execute()
         else:
             kwargs: dict[str, Any] = dict(
                 partition_by=list(s.partition_by) or None,
@@ -233,6 +245,43 @@ class Lake:
             write_deltalake(uri, data, mode=write_mode, schema_mode=None, **kwargs)
         v = self.version(table)
         log.info("lake: %s %s %d rows -> version %s", table, mode, len(data), v)
+        return v
+
+    def replace_quarantine(self, stage: str, rows: pa.Table | pd.DataFrame, info: CommitInfo) -> int | None:
+        """Make ``rows`` the whole of ``stage``'s records in ``quarantine``, in one commit.
+
+        For a stage that sees all of its input on every run: records an earlier run left that this run
+        did not produce (the row was fixed, or the input replaced) are deleted. Returns the new version,
+        or None when there is nothing to write or delete (no commit).
+        """
+        if isinstance(rows, pd.DataFrame):
+            rows = pa.Table.from_pandas(rows, preserve_index=False) if len(rows) else None
+        if rows is None or len(rows) == 0:
+            if not self.exists("quarantine") or self.read_arrow(
+                    "quarantine", columns=["stage"], filters=[("stage", "=", stage)]).num_rows == 0:
+                return None
+            rows = pa.table({c: pa.array([], spec("quarantine").arrow_schema().field(c).type)
+                             for c in ("stage", "source", "source_row", "reason", "payload")})
+        return self.write_arrow("quarantine", rows, "merge", info, delete_missing=f"t.stage = '{stage}'")
+
+    def delete_keys(self, table: str, keys: pa.Table, info: CommitInfo) -> int | None:
+        """Delete the rows whose key (the table's whole key) is in ``keys``, in one commit.
+
+        Returns the new version, or None when the table does not exist or ``keys`` is empty (no commit).
+        """
+        s = spec(table)
+        if not self.exists(table) or len(keys) == 0:
+            return None
+        missing = [k for k in s.key if k not in keys.column_names]
+        if missing:
+            raise LakeError(f"delete_keys on {table}: keys lack {missing}")
+        keys = keys.select(list(s.key)).cast(pa.schema([s.arrow_schema().field(k) for k in s.key]))
+        self._dt(table).merge(
+            keys, self._merge_predicate(s), source_alias="s", target_alias="t",
+            commit_properties=info.properties("delete"),
+        ).when_matched_delete().execute()
+        v = self.version(table)
+        log.info("lake: %s deleted %d keys -> version %s", table, len(keys), v)
         return v
 
     def write_spark(

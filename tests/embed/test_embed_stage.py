@@ -142,3 +142,11 @@ def test_embed_incremental(ray_local, tmp_lake, run_date, caplog, minilm):
     rv4 = _vectors(tmp_lake, "rationale_embeddings", ["user_id", "source"])
     np.testing.assert_allclose(rv4[("u1", "student")], mean, atol=1e-5)
     assert tmp_lake.count("rationale_embeddings") == 3
+
+    # 5) a re-ingest drops item 4: its vector goes, nothing is encoded, the other vectors stay
+    fewer = {k: v for k, v in changed.items() if k != "4"}
+    tmp_lake.write_arrow("items", _items(fewer), "overwrite", ctx.commit_info("ingest", {}))
+    r5 = embed.run(_ctx(tmp_lake, run_date, rationale_text="steps", num_actors=1))
+    assert r5.extra["items_deleted"] == 1 and r5.extra["items_encoded"] == 0 and r5.rows_out == 0
+    assert r5.tables["item_embeddings"] == tmp_lake.version("item_embeddings")
+    assert sorted(tmp_lake.read_pandas("item_embeddings")["item_id"]) == ["1", "2", "3"]

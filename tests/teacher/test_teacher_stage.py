@@ -90,3 +90,21 @@ def test_latest_prompt_per_user_up_to_the_run_date():
     })
     got = stage.latest_prompts(p, date(2024, 1, 14), "v1")
     assert got[["user_id", "prompt_hash"]].values.tolist() == [["u1", "a"], ["u2", "c"]]
+
+
+def test_answers_naming_items_that_left_the_catalogue_leave_the_cache(tmp_lake, run_date):
+    write_inputs(tmp_lake, run_date, HISTORIES)
+    stage.run(make_ctx(tmp_lake, run_date, OFFLINE))
+    before = tmp_lake.read_pandas("teacher_rationales").set_index("user_id")
+    named_f = sorted(u for u, g in before["grounded_item_ids"].items() if "F" in list(g))
+    assert "t" in named_f
+    # a re-ingest of the same day drops item F from the catalogue
+    items = items_frame()
+    tmp_lake.write_arrow("items", items[items["item_id"] != "F"], "overwrite", CommitInfo("fixture", run_date))
+    r = stage.run(make_ctx(tmp_lake, run_date, OFFLINE))
+    assert r.extra["stale_deleted"] == len(named_f) and r.extra["calls"] == len(named_f)  # asked again
+    after = tmp_lake.read_pandas("teacher_rationales").set_index("user_id")
+    assert not any("F" in list(g) for g in after["grounded_item_ids"])
+    assert sorted(after.index) == sorted(before.index)
+    again = stage.run(make_ctx(tmp_lake, run_date, OFFLINE))  # nothing stale now: nothing deleted or sent
+    assert again.extra["stale_deleted"] == 0 and again.extra["calls"] == 0 and again.tables == {}

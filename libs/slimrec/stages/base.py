@@ -71,3 +71,25 @@ class StageContext:
             input_versions=inputs,
             extra=extra,
         )
+
+
+def rows_naming_unknown_items(lake: Lake, table: str, key: list[str], known, version: int | None = None,
+                              filters=None):
+    """Keys (an Arrow table) of ``table``'s rows whose ``grounded_item_ids`` name an item not in ``known``
+    (the current catalogue's ids): answers grounded in a catalogue that a re-ingest has since replaced.
+
+    Example: a cached row grounded in ``["i1", "i9"]`` with ``known = {"i1", "i2"}`` -> its key.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    t = lake.read_arrow(table, version=version, columns=[*key, "grounded_item_ids"], filters=filters)
+    if t.num_rows == 0:
+        return t.select(key)
+    ids = t["grounded_item_ids"].combine_chunks()
+    flat = pc.list_flatten(ids)
+    unknown = pc.invert(pc.is_in(flat, pa.array(sorted(known), pa.string())))
+    parent = pc.list_parent_indices(ids)
+    bad_rows = pc.unique(pc.filter(parent, unknown))
+    mask = pc.is_in(pa.array(range(t.num_rows), pa.int64()), bad_rows.cast(pa.int64()))
+    return t.filter(mask).select(key)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from pyspark.sql import functions as F
+
 from slimrec.sequences import QUARANTINE_COLUMN, leave_one_out, user_item_sequences
 from slimrec.spark import session_conf, shuffle_partitions_for
 from slimrec.stages.base import StageContext, StageResult
@@ -47,19 +49,33 @@ def _run(ctx: StageContext) -> StageResult:
         max_users = n_in // max(1, ctx.cfg.sequences.min_seq_len)
         users = users.coalesce(max(spark.sparkContext.defaultParallelism, -(-max_users // lake.target_file_rows)))
         done = lake.write_spark_diverting(users, "user_sequences", "overwrite", info, QUARANTINE_COLUMN, engine)
+        n_stale = 0
     else:
         # Write only users whose sequence changed; MERGE on user_id keeps the rest as they are. A short
         # user's hash is null, never equal, so its quarantine record is always routed (MERGE keeps one).
+        # Users of the table with no sequence now (gone from the interactions, filtered out, or too
+        # short) are deleted first. Both need every user's row: computed once, kept for the two jobs.
+        users = users.persist()
         old = lake.read_spark(spark, "user_sequences").select("user_id", "seq_hash")
+        kept = users.where(F.col(QUARANTINE_COLUMN).isNull()).select("user_id")
+        stale = old.select("user_id").join(kept, "user_id", "left_anti").toArrow()
+        n_stale = len(stale)
+        if n_stale:
+            versions["user_sequences"] = lake.delete_keys("user_sequences", stale, info)
+            log.warning("build_sequences: %d users of user_sequences have no sequence now: deleted", n_stale)
         changed = users.join(old, ["user_id", "seq_hash"], "left_anti")
         done = lake.write_spark_diverting(changed, "user_sequences", "merge", info, QUARANTINE_COLUMN, engine)
-    versions["user_sequences"] = done.version
+        users.unpersist()
+    if done.version is not None or "user_sequences" not in versions:
+        versions["user_sequences"] = done.version
     n_changed = done.rows
     n_users = lake.count("user_sequences")
     q = done.diverted
+    # The stage's quarantine records are all of this run's short users (each is routed on every run):
+    # records of users who are no longer short go in the same commit.
+    versions["quarantine"] = lake.replace_quarantine("build_sequences", q, info)
     if len(q):
-        versions["quarantine"] = lake.write_arrow("quarantine", q, "merge", info)
         log.warning("build_sequences: quarantined %d users: %s", len(q), q["reason"][0].as_py())
     log.info("build_sequences: %d interactions -> %d users (%d written as changed)", n_in, n_users, n_changed)
     return StageResult("build_sequences", versions, rows_in=n_in, rows_out=n_users,
-                       extra={"changed_users": n_changed, "quarantined_users": int(len(q))})
+                       extra={"changed_users": n_changed, "quarantined_users": int(len(q)), "deleted_users": n_stale})

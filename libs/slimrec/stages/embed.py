@@ -101,6 +101,13 @@ def run(ctx: StageContext) -> StageResult:
         len(items), len(todo_items), len(rationales), len(todo_rat), n_texts,
     )
     versions: dict[str, int | None] = {"item_embeddings": None, "rationale_embeddings": None}
+    # Vectors of items no longer in the catalogue (a re-ingest replaced it) go, whatever their encoder.
+    gone = _stale_items(lake, set(items["item_id"])) if not ctx.dry_run else None
+    if gone is not None and len(gone):
+        info = ctx.commit_info("embed", inputs, **{"deleted_items": len(gone)})
+        versions["item_embeddings"] = lake.delete_keys("item_embeddings", gone, info)
+        extra["items_deleted"] = len(gone)
+        log.warning("embed: %d item vectors of items no longer in the catalogue: deleted", len(gone))
     if ctx.dry_run or n_texts == 0:
         if n_texts == 0:
             log.info("embed: nothing changed for encoder %s: no commit", enc.encoder_id)
@@ -130,6 +137,17 @@ def run(ctx: StageContext) -> StageResult:
     rows_out = len(work)
     log.info("embed: wrote %d item and %d rationale vectors", int(is_item.sum()), int((~is_item).sum()))
     return StageResult("embed", versions, rows_in=rows_in, rows_out=rows_out, extra=extra)
+
+
+def _stale_items(lake, current: set):
+    """item_embeddings' keys (an Arrow table) whose item is not in ``current``, or None without the table."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not lake.exists("item_embeddings"):
+        return None
+    keys = lake.read_arrow("item_embeddings", columns=list(table_spec("item_embeddings").key))
+    return keys.filter(pc.invert(pc.is_in(keys["item_id"], pa.array(sorted(current), pa.string()))))
 
 
 def _out_cols(table: str) -> list[str]:

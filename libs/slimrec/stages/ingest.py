@@ -90,7 +90,9 @@ def run(ctx: StageContext) -> StageResult:
     q_all = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if len(q_all):
         q_all["source_row"] = q_all["source_row"].astype("Int64")
-        versions["quarantine"] = lake.write_arrow("quarantine", q_all, "merge", info)
+    # ingest rewrites its tables: records of an earlier ingest that this one did not produce go too
+    versions["quarantine"] = lake.replace_quarantine("ingest", q_all, info)
+    if len(q_all):
         for reason, n in q_all["reason"].value_counts().items():
             log.warning("ingest: quarantined %d rows: %s", n, reason)
     interactions.unpersist()

@@ -32,7 +32,7 @@ from collections import Counter
 import pandas as pd
 
 from slimrec.pipeline import StageError
-from slimrec.stages.base import StageContext, StageResult
+from slimrec.stages.base import StageContext, StageResult, rows_naming_unknown_items
 from slimrec.student.config import StudentConfig
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,16 @@ def run(ctx: StageContext) -> StageResult:
     model = select_model(lake.read_pandas("student_models", version=inputs["student_models"]), cfg.model_version)
     version = model["model_version"]
     prompts = latest_prompts(lake.read_pandas("prompts", version=inputs["prompts"], columns=PROMPT_COLUMNS), ctx.run_date)
+    deleted_version = None
+    if lake.exists(STAGE) and not ctx.dry_run:
+        # rationales grounded in items that a re-ingest removed from the catalogue go (any date, any
+        # model): their users count as missing below and are generated again
+        known = set(lake.read_pandas("items", version=inputs["items"], columns=["item_id"])["item_id"])
+        stale = rows_naming_unknown_items(lake, STAGE, ["user_id", "run_date", "model_version"], known)
+        if stale.num_rows:
+            deleted_version = lake.delete_keys(STAGE, stale, ctx.commit_info(STAGE, inputs, deleted=stale.num_rows))
+            log.warning("student_rationales: %d rationales named items no longer in the catalogue: deleted",
+                        stale.num_rows)
     existing = (lake.read_pandas(STAGE, columns=EXISTING_COLUMNS, filters=[("model_version", "=", version)])
                 if lake.exists(STAGE) else pd.DataFrame(columns=EXISTING_COLUMNS))
     todo = plan_users(prompts, existing, version, cfg.infer.retry_failed)
@@ -177,14 +187,15 @@ def run(ctx: StageContext) -> StageResult:
     if ctx.dry_run or todo.empty:
         bound = len(todo) * cfg.infer.max_new_tokens
         extra.update(est_output_tokens_max=bound, est_gpu_hours_at_10k_tok_s=round(bound / 1e4 / 3600, 4))
-        return StageResult(STAGE, rows_in=len(prompts), skipped=todo.empty and not ctx.dry_run, extra=extra)
+        return StageResult(STAGE, tables={STAGE: deleted_version} if deleted_version is not None else {},
+                           rows_in=len(prompts), skipped=todo.empty and not ctx.dry_run, extra=extra)
 
     grounder = _grounder(ctx, inputs["items"])
     ctx.ray()
     info = ctx.commit_info(STAGE, inputs, model_version=version)
     t0 = time.perf_counter()
     statuses: Counter = Counter()
-    written, tokens, table_version, buf = 0, 0, None, []
+    written, tokens, table_version, buf = 0, 0, deleted_version, []
 
     def flush() -> None:
         nonlocal written, tokens, table_version, buf

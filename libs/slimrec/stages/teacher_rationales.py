@@ -30,7 +30,7 @@ from collections import Counter
 import pandas as pd
 from pydantic import SecretStr
 
-from slimrec.stages.base import StageContext, StageResult
+from slimrec.stages.base import StageContext, StageResult, rows_naming_unknown_items
 from slimrec.teacher.budget import Budget, estimate, price_of
 from slimrec.teacher.cache import CACHE_COLUMNS, RUN_COLUMNS, plan_requests, to_table_rows
 from slimrec.teacher.config import TeacherConfig
@@ -74,6 +74,15 @@ def _read_cache(ctx: StageContext, version: int | None, teacher_model: str) -> p
     return ctx.lake.read_pandas(STAGE, version=version, columns=CACHE_COLUMNS, filters=[("teacher_model", "=", teacher_model)])
 
 
+def _stale_answers(ctx: StageContext, inputs: dict, teacher_model: str):
+    """Keys of cached answers grounded in items the current catalogue lacks (None without a cache)."""
+    if inputs.get(STAGE) is None:
+        return None
+    known = set(ctx.lake.read_pandas("items", version=inputs["items"], columns=["item_id"])["item_id"])
+    return rows_naming_unknown_items(ctx.lake, STAGE, ["prompt_hash", "teacher_model"], known,
+                                     version=inputs[STAGE], filters=[("teacher_model", "=", teacher_model)])
+
+
 def _build_teacher(ctx: StageContext, cfg: TeacherConfig, inputs: dict):
     """(teacher, title index for grounding or None)."""
     lake = ctx.lake
@@ -111,6 +120,14 @@ def run(ctx: StageContext) -> StageResult:
     population = latest_prompts(prompts, ctx.run_date, ctx.cfg.prompts.version)
     sample = stratified_sample(population, cfg.sample_size, cfg.seed, cfg.strata, cfg.min_stratum_share)
     cached = _read_cache(ctx, inputs[STAGE], teacher_model)
+    stale = _stale_answers(ctx, inputs, teacher_model) if not ctx.dry_run else None
+    deleted_version = None
+    if stale is not None and stale.num_rows:
+        # answers naming items that a re-ingest removed from the catalogue leave the cache (asked again
+        # if their prompt is still sampled): the cache holds only answers grounded in the current items
+        deleted_version = ctx.lake.delete_keys(STAGE, stale, ctx.commit_info(STAGE, inputs, deleted=stale.num_rows))
+        cached = cached[~cached["prompt_hash"].isin(stale["prompt_hash"].to_pylist())]
+        log.warning("teacher: %d cached answers named items no longer in the catalogue: deleted", stale.num_rows)
     pending, counts = plan_requests(sample, cached, cfg.max_attempts)
     est = estimate(pending, cfg, teacher_model, system_prompt, counts["cached_ok"])
     log.info(
@@ -120,7 +137,8 @@ def run(ctx: StageContext) -> StageResult:
         counts["retry"], est["calls"], est["input_tokens"], est["output_tokens"],
         "unknown (no price)" if est["cost_usd"] is None else f"{est['cost_usd']:.4f}", est["calls_within_budget"],
     )
-    base_extra = {"teacher_model": teacher_model, **counts, "estimate": est}
+    base_extra = {"teacher_model": teacher_model, **counts, "estimate": est,
+                  "stale_deleted": 0 if stale is None else stale.num_rows}
     if ctx.dry_run:
         return StageResult(STAGE, {}, rows_in=len(sample), rows_out=0, skipped=True,
                            extra={**base_extra, "dry_run": True, "calls": est["calls"],
@@ -129,7 +147,8 @@ def run(ctx: StageContext) -> StageResult:
     totals = {"calls": 0, "requests": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
     if pending.empty:
         log.info("teacher: nothing to send; every sampled prompt is cached")
-        return StageResult(STAGE, {}, rows_in=len(sample), rows_out=0, extra={**base_extra, **totals, "statuses": {}})
+        return StageResult(STAGE, {STAGE: deleted_version} if deleted_version is not None else {}, rows_in=len(sample),
+                           rows_out=0, extra={**base_extra, **totals, "statuses": {}})
 
     price = price_of(cfg, teacher_model)
     budget = Budget.from_config(cfg, price)
@@ -140,7 +159,7 @@ def run(ctx: StageContext) -> StageResult:
         batches = teacher.answer(pending, budget)
     previous = cached[cached["prompt_hash"].isin(pending["prompt_hash"])]
     statuses: Counter = Counter()
-    version = None
+    version = deleted_version
     commits = 0
     t0 = time.perf_counter()
     for raw in batches:
