@@ -486,3 +486,26 @@ def test_events_csv_as_pandas_writes_it(spark, tmp_path):
     assert [(r[0], r[1]) for r in _inter(ctx.lake)] == [("7", "1000"), ("7", "1001"), ("7", "1002"), ("8", "1000")]
     assert _quarantine(ctx.lake) == [("ingest", "events.parquet", 4, "missing user id")]
     assert result.extra["quarantined"] == 1
+
+
+def test_detect_format_choices(tmp_path):
+    """--format picks a format among those a folder holds; a broken first line does not hide a file; a
+    lone catalogue-named events file gets a hint about names."""
+    from slimrec.ingest import IngestError, detect_format
+
+    d = tmp_path / "mixed"
+    d.mkdir()
+    (d / "user_item_events.csv").write_text("user_id,item_id,timestamp\nu1,i1,1\n")
+    (d / "items.csv").write_text("item_id,title\ni1,Pen\n")
+    (d / "reviews.json").write_text('{"reviewerID": "u1", "asi\n{"reviewerID": "u1", "asin": "i1", "unixReviewTime": 1}\n')
+    assert detect_format(d)[0] == "amazon"  # auto: amazon before events; the first line is broken
+    fmt, files = detect_format(d, "events")
+    assert fmt == "events" and [p.name for p in files["interactions"]] == ["user_item_events.csv"]
+    assert [p.name for p in files["items"]] == ["items.csv"]
+    with pytest.raises(IngestError, match=r"--format lcrec given, but .* holds no lcrec files \(it looks like amazon, events\)"):
+        detect_format(d, "lcrec")
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "item_list.csv").write_text("item_id,title\ni1,Pen\n")
+    with pytest.raises(IngestError, match="item_list.csv look.* like a catalogue .* name the events file"):
+        detect_format(only)

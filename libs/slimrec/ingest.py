@@ -50,34 +50,50 @@ def dataset_fingerprint(dataset_dir: str | None) -> dict[str, list[int]]:
     return {p.name: [p.stat().st_size, int(p.stat().st_mtime)] for p in sorted(Path(dataset_dir).iterdir()) if p.is_file()}
 
 
-def _first_record(path: Path) -> dict | None:
+def _first_record(path: Path, max_lines: int = 50) -> dict | None:
+    """The first JSON record among the first ``max_lines`` non-empty lines (a truncated or broken
+    first line does not hide a whole file; ingest quarantines it later)."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            seen = 0
             for line in f:
                 line = line.strip()
-                if line:
-                    rec, err = parse_json_line(line)
+                if not line:
+                    continue
+                rec, _ = parse_json_line(line)
+                if isinstance(rec, dict):
                     return rec
+                seen += 1
+                if seen >= max_lines:
+                    break
     except (OSError, EOFError):
         return None
     return None
 
 
-def detect_format(dataset: Path) -> tuple[str, dict[str, list[Path]]]:
-    """``(format, {"interactions": [...], "items": [...]})`` for a dataset folder."""
-    if not dataset.exists():
-        raise IngestError(f"dataset folder {dataset} does not exist")
-    if not dataset.is_dir():
-        raise IngestError(f"{dataset} is not a folder; pass the folder that holds the data files")
+# words that make an events/CSV file name a catalogue, and words that keep it an events file
+_CATALOGUE_WORDS = ("item", "product", "catalog", "meta")
+_EVENT_WORDS = ("interaction", "event", "rating", "review", "click", "purchase", "transaction", "inter")
+
+
+def _is_catalogue_name(name: str) -> bool:
+    n = name.lower()
+    return any(w in n for w in _CATALOGUE_WORDS) and not any(w in n for w in _EVENT_WORDS)
+
+
+def find_formats(dataset: Path) -> dict[str, dict[str, list[Path]]]:
+    """Every format whose files the folder holds: ``{format: {"interactions": [...], "items": [...]}}``,
+    in detection order (lcrec, amazon, events)."""
     files = sorted(p for p in dataset.iterdir() if p.is_file() and not p.name.startswith("."))
+    found: dict[str, dict[str, list[Path]]] = {}
     inter = [p for p in files if p.name.endswith(".inter.json")]
-    items = [p for p in files if p.name.endswith(".item.json")]
     if inter:
-        return "lcrec", {"interactions": inter, "items": items}
-    jl = [p for p in files if p.name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz"))]
+        found["lcrec"] = {"interactions": inter, "items": [p for p in files if p.name.endswith(".item.json")]}
     reviews, meta = [], []
-    for p in jl:
+    for p in files:
+        if not p.name.endswith((".json", ".json.gz", ".jsonl", ".jsonl.gz")) or p in inter:
+            continue
         rec = _first_record(p)
         if not isinstance(rec, dict):
             continue
@@ -87,17 +103,47 @@ def detect_format(dataset: Path) -> tuple[str, dict[str, list[Path]]]:
         elif "asin" in keys:
             meta.append(p)
     if reviews:
-        return "amazon", {"interactions": reviews, "items": meta}
+        found["amazon"] = {"interactions": reviews, "items": meta}
     ev = [p for p in files if p.name.lower().endswith(EVENT_EXT)]
-    ev_items = [p for p in ev if "item" in p.name.lower() and "interaction" not in p.name.lower()]
+    ev_items = [p for p in ev if _is_catalogue_name(p.name)]
     ev_inter = [p for p in ev if p not in ev_items]
     if ev_inter:
-        return "events", {"interactions": ev_inter, "items": ev_items}
-    names = ", ".join(p.name for p in files[:10]) or "no files"
-    raise IngestError(
-        f"no recognisable data in {dataset} ({names}); expected *.inter.json + *.item.json (lcrec), "
-        "Amazon reviews/metadata JSON lines, or events CSV/Parquet"
-    )
+        found["events"] = {"interactions": ev_inter, "items": ev_items}
+    return found
+
+
+def detect_format(dataset: Path, fmt: str = "auto") -> tuple[str, dict[str, list[Path]]]:
+    """``(format, {"interactions": [...], "items": [...]})`` for a dataset folder.
+
+    ``fmt="auto"`` takes the first format found (lcrec, amazon, events); a named format takes that
+    format's files and leaves the others alone (a stray file of another kind does not matter).
+    """
+    if not dataset.exists():
+        raise IngestError(f"dataset folder {dataset} does not exist")
+    if not dataset.is_dir():
+        raise IngestError(f"{dataset} is not a folder; pass the folder that holds the data files")
+    found = find_formats(dataset)
+    if fmt != "auto":
+        if fmt in found:
+            others = [f for f in found if f != fmt]
+            if others:
+                log.warning("ingest: --format %s: files of format(s) %s in %s are ignored", fmt, others, dataset)
+            return fmt, found[fmt]
+        what = f"it looks like {', '.join(found)}" if found else "no recognisable data files"
+        raise IngestError(f"--format {fmt} given, but {dataset} holds no {fmt} files ({what}); " + _EXPECTED)
+    if found:
+        first = next(iter(found))
+        return first, found[first]
+    files = sorted(p.name for p in dataset.iterdir() if p.is_file() and not p.name.startswith("."))
+    names = ", ".join(files[:10]) or "no files"
+    only_catalogue = [n for n in files if n.lower().endswith(EVENT_EXT) and _is_catalogue_name(n)]
+    hint = (f"; {', '.join(only_catalogue)} look(s) like a catalogue (the name has "
+            f"{'/'.join(_CATALOGUE_WORDS)}): name the events file e.g. events.csv") if only_catalogue else ""
+    raise IngestError(f"no recognisable data in {dataset} ({names}){hint}; " + _EXPECTED)
+
+
+_EXPECTED = ("expected *.inter.json + *.item.json (lcrec), Amazon reviews/metadata JSON lines (reviewerID, asin, "
+             "unixReviewTime), or events CSV/Parquet (user, item, timestamp) with an optional items file")
 
 
 # --------------------------------------------------------------------------- parsing helpers

@@ -41,9 +41,7 @@ def run(ctx: StageContext) -> StageResult:
     if not ctx.dataset_dir:
         raise IngestError("ingest needs --dataset DIR")
     cfg = ctx.cfg.ingest
-    fmt, files = detect_format(Path(ctx.dataset_dir))
-    if cfg.format != "auto" and cfg.format != fmt:
-        raise IngestError(f"--format {cfg.format} given, but {ctx.dataset_dir} looks like {fmt}")
+    fmt, files = detect_format(Path(ctx.dataset_dir), cfg.format)
     log.info("ingest: %s format, files %s", fmt, {k: [p.name for p in v] for k, v in files.items()})
     if fmt == "events":
         spark = ctx.spark()
