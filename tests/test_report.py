@@ -116,6 +116,7 @@ def test_report_names_the_reference_and_reads_older_runs(tmp_lake, tmp_path):
     assert "## Against sasrec/cooc_prior, the strongest model or baseline without an LLM on validation" in md
     header = next(line for line in md.split("## Against")[1].splitlines() if line.startswith("protocol"))
     assert header.split()[6] == "sasrec/cooc_prior"  # the reference column
+    assert "Variants configured but not run" not in md
     # a run written before the reference was chosen on validation stored its rows under the old key
     older = tmp_path / "older"
     from slimrec.lake import Lake
@@ -124,3 +125,10 @@ def test_report_names_the_reference_and_reads_older_runs(tmp_lake, tmp_path):
     _tiny_lake(old_lake, notes={"paired_vs_cooc_prior": [{**PAIRED, "reference": "cooc_prior"}]})
     paired = latest_paired(old_lake)
     assert paired["reference"].tolist() == ["cooc_prior"] and paired["mean_diff"].tolist() == [0.0003]
+
+
+def test_report_lists_variants_that_did_not_run(tmp_lake, tmp_path):
+    _tiny_lake(tmp_lake, notes={"missing_variants": {"slim": "no student rationale vectors"},
+                                "paired_vs_reference": [PAIRED]})
+    md = write_report(tmp_lake, [], tmp_path / "r", "run1", date(2024, 1, 2))["md"].read_text()
+    assert "not run: slim: no student rationale vectors" in md

@@ -188,9 +188,11 @@ def run(
         from slimrec.pipeline import run_pipeline
         from slimrec.report import (
             format_metrics,
+            format_missing,
             format_paired,
             format_stages,
             latest_metrics,
+            latest_missing,
             latest_paired,
             metrics_summary,
             paired_title,
@@ -207,6 +209,8 @@ def run(
         typer.echo("\nResults (test target, mean±std over seeds; full ranking over all items minus the user's "
                    "history first, 100 sampled negatives beside it):")
         typer.echo(format_metrics(metrics_summary(latest_metrics(ctx.lake))))
+        if missing := latest_missing(ctx.lake):
+            typer.echo(format_missing(missing))
         paired = latest_paired(ctx.lake)
         typer.echo(f"\n{paired_title(paired)}; paired per user, test NDCG@10 averaged over seeds:")
         typer.echo(format_paired(paired))

@@ -84,6 +84,19 @@ def latest_paired(lake) -> pd.DataFrame:
     return rows.sort_values(["_p", "backbone", "mean_diff"], ascending=[True, True, False]).drop(columns="_p")
 
 
+def latest_missing(lake) -> dict[str, str]:
+    """{variant: why it did not run} of the latest train_recommender run (empty when all ran)."""
+    run = latest_run(lake)
+    if run is None:
+        return {}
+    return dict(json.loads(run["notes"] or "{}").get("missing_variants") or {})
+
+
+def format_missing(missing: dict[str, str]) -> str:
+    """One line per variant that was configured but could not run, or "" when none."""
+    return "\n".join(f"not run: {v}: {why}" for v, why in missing.items())
+
+
 def paired_reference(paired: pd.DataFrame) -> str | None:
     """The name of what ``paired`` (:func:`latest_paired`) compares with, or None when it is empty."""
     return None if paired.empty else str(paired["reference"].iloc[0])
@@ -138,6 +151,7 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
     stages = stage_table(results)
     summary = metrics_summary(latest_metrics(lake))
     paired = latest_paired(lake)
+    missing = latest_missing(lake)
     stem = out / f"run-{run_date}-{run_id}"
     payload = {
         "run_id": run_id,
@@ -145,6 +159,7 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
         "written_at": datetime.now(tz=UTC).isoformat(timespec="seconds"),
         "stages": stages.to_dict(orient="records"),
         "metrics": summary.to_dict(orient="records"),
+        "missing_variants": missing,
         "paired_reference": paired_reference(paired),
         "paired_vs_reference": paired.to_dict(orient="records"),
     }
@@ -157,7 +172,8 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
     paths["md"].write_text(
         f"# slimrec run {run_id} ({run_date})\n\n## Stages\n\n```\n{format_stages(stages)}\n```\n\n"
         f"## Metrics (test target; mean±std over seeds; full ranking first)\n\n```\n{format_metrics(summary)}\n```\n"
-        f"\n## {paired_title(paired)}\n\nPaired per user, test NDCG@10 averaged over seeds."
+        + (f"\nVariants configured but not run:\n\n```\n{format_missing(missing)}\n```\n" if missing else "")
+        + f"\n## {paired_title(paired)}\n\nPaired per user, test NDCG@10 averaged over seeds."
         f"\n\n```\n{format_paired(paired)}\n```\n"
     )
     return paths

@@ -17,6 +17,7 @@ import pandas as pd
 from slimrec.report import (
     METRIC_COLS,
     latest_metrics,
+    latest_missing,
     latest_paired,
     metrics_summary,
     paired_reference,
@@ -175,6 +176,10 @@ def render_html(lake, results, run_id: str, run_date, n_examples: int = 3) -> st
                  "included); sampled100 ranks it among 100 random items the user never had. Random and popular "
                  "rows are the baselines.</p>")
     parts.append(_metrics_html(summary))
+    missing = latest_missing(lake)
+    if missing:
+        parts.append("<p id='missing'>Configured but not run: " + "; ".join(
+            f"<b>{html.escape(v)}</b> ({html.escape(why)})" for v, why in missing.items()) + ".</p>")
     paired = latest_paired(lake)
     parts.append(f"<h2>{html.escape(paired_title(paired))}</h2><p>Test NDCG@10 per user, averaged over seeds, "
                  "paired with that reference on the same users; SE = std(diff) / sqrt(users). The reference is "
