@@ -509,3 +509,8 @@ def test_detect_format_choices(tmp_path):
     (only / "item_list.csv").write_text("item_id,title\ni1,Pen\n")
     with pytest.raises(IngestError, match="item_list.csv look.* like a catalogue .* name the events file"):
         detect_format(only)
+
+
+def test_cli_run_without_dataset_needs_an_ingested_lake(no_spark, tmp_path):
+    result = _cli(["run", "--lake", str(tmp_path / "lake"), "--profile", "tiny"])
+    _assert_one_line_error(result, "holds no ingested data: pass --dataset DIR")

@@ -169,7 +169,8 @@ def stage(
 
 @app.command()
 def run(
-    dataset: Annotated[str, typer.Option("--dataset", help="folder with the source files")],
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", help="folder with the source files (leave out to rerun an ingested lake from build_sequences)")] = None,
     lake: LakeOpt = "lake",
     profile: ProfileOpt = "dev",
     start: Annotated[str | None, typer.Option("--from", help="first stage to run")] = None,
@@ -184,6 +185,14 @@ def run(
     """Run every stage in order with the quality gate after each; print and write the run report."""
     _setup_logging(verbose)
     with _Command(lake) as cmd:
+        if dataset is None and start in (None, "ingest"):
+            from slimrec.ingest import IngestError
+            from slimrec.lake import Lake
+
+            if not Lake(lake).exists("interactions"):
+                raise IngestError(f"{lake} holds no ingested data: pass --dataset DIR")
+            typer.echo(f"no --dataset: {lake} is already ingested, so the run starts at build_sequences", err=True)
+            start = "build_sequences"
         ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, force=force)
         from slimrec.pipeline import run_pipeline
         from slimrec.report import (
