@@ -317,7 +317,9 @@ def tables(lake: LakeOpt = "lake"):
     t = Table("table", "version", "rows", "last commit (UTC)", "stage", "run date")
     for r in rows:
         t.add_row(r["table"], str(r["version"]), f"{r['rows']:,}", r["last_commit"] or "", r["stage"] or "", r["run_date"] or "")
-    Console().print(t)
+    # piped or redirected output has no terminal width: never cut a table name there
+    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console.print(t)
 
 
 def stage_main(name: str) -> None:

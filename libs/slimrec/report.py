@@ -113,14 +113,15 @@ def format_paired(paired: pd.DataFrame) -> str:
         return "(no paired comparison: no model or baseline without an LLM, or per-user results missing)"
     ref = paired_reference(paired)
     w = max(10, len(ref))
-    lines = [f"{'protocol':<11} {'backbone':<9} {'variant':<16} {'users':>6} {'seeds':>5}  {'NDCG@10':>8} "
+    vw = max(16, int(paired["variant"].str.len().max()))
+    lines = [f"{'protocol':<11} {'backbone':<9} {'variant':<{vw}} {'users':>6} {'seeds':>5}  {'NDCG@10':>8} "
              f"{ref:>{w}} {'diff':>8} {'paired SE':>9} {'diff/SE':>7}  better/worse users"]
     for r in paired.itertuples(index=False):
         if r.se and r.se == r.se:
             z = f"{r.mean_diff / r.se:>+7.2f}"
         else:  # no spread: every user scores the same under both (e.g. a prior weight of 0 on validation)
             z = f"{'same' if r.users_better == r.users_worse == 0 else 'n/a':>7}"
-        lines.append(f"{r.protocol:<11} {r.backbone:<9} {r.variant:<16} {r.n_users:>6} {r.n_seeds:>5}  "
+        lines.append(f"{r.protocol:<11} {r.backbone:<9} {r.variant:<{vw}} {r.n_users:>6} {r.n_seeds:>5}  "
                      f"{r.variant_ndcg_10:>8.4f} {r.reference_ndcg_10:>{w}.4f} {r.mean_diff:>+8.4f} {r.se:>9.4f} "
                      f"{z}  {r.users_better}/{r.users_worse}")
     return "\n".join(lines)
@@ -129,11 +130,12 @@ def format_paired(paired: pd.DataFrame) -> str:
 def format_metrics(summary: pd.DataFrame) -> str:
     if summary.empty:
         return "(no metrics: train_recommender has not run)"
-    lines = [f"{'protocol':<11} {'backbone':<9} {'variant':<16} {'seeds':>5}  " + "  ".join(f"{c:>15}" for c in METRIC_COLS)]
+    w = max(16, int(summary["variant"].str.len().max()))  # popular@teacher_users and the like
+    lines = [f"{'protocol':<11} {'backbone':<9} {'variant':<{w}} {'seeds':>5}  " + "  ".join(f"{c:>15}" for c in METRIC_COLS)]
     for r in summary.itertuples(index=False):
         d = r._asdict()
         vals = "  ".join(f"{d[c + '_mean']:.4f}±{d[c + '_std']:.4f}" for c in METRIC_COLS)
-        lines.append(f"{r.protocol:<11} {r.backbone:<9} {r.variant:<16} {r.seeds:>5}  {vals}")
+        lines.append(f"{r.protocol:<11} {r.backbone:<9} {r.variant:<{w}} {r.seeds:>5}  {vals}")
     return "\n".join(lines)
 
 
