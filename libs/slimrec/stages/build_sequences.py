@@ -34,8 +34,8 @@ def _run(ctx: StageContext) -> StageResult:
     if ctx.cfg.spark.shuffle_partitions is None:
         spark.conf.set("spark.sql.shuffle.partitions", str(shuffle_partitions_for(n_in)))
     interactions = lake.read_spark(spark, "interactions")
-    # One pass over the events: every user's row carries either its sequence or, when too short, its
-    # quarantine record, and the writer routes each (no cached intermediate, no second job).
+    # Every user's row carries either its sequence or, when too short, its quarantine record, and the
+    # writer routes each: a first write is one pass over the events (no cached intermediate, no second job).
     users = leave_one_out(user_item_sequences(interactions, ctx.cfg.sequences), ctx.cfg.sequences)
     info = ctx.commit_info("build_sequences", inputs)
     versions = {}
