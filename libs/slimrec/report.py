@@ -69,13 +69,16 @@ def latest_metrics(lake) -> pd.DataFrame:
     return m[m["run_id"] == run["run_id"]]
 
 
+def _latest_notes(lake) -> dict:
+    """The notes (JSON) of the latest train_recommender run, or {} before any."""
+    run = latest_run(lake)
+    return {} if run is None else json.loads(run["notes"] or "{}")
+
+
 def latest_paired(lake) -> pd.DataFrame:
     """Paired per-user comparisons against the strongest no-LLM model or baseline (chosen on validation)
     stored by the latest train_recommender run; its name is in the ``reference`` column."""
-    run = latest_run(lake)
-    if run is None:
-        return pd.DataFrame()
-    notes = json.loads(run["notes"] or "{}")
+    notes = _latest_notes(lake)
     # runs written before the reference was chosen on validation compared with cooc_prior
     rows = pd.DataFrame(notes.get("paired_vs_reference") or notes.get("paired_vs_cooc_prior") or [])
     if rows.empty:
@@ -86,10 +89,7 @@ def latest_paired(lake) -> pd.DataFrame:
 
 def latest_missing(lake) -> dict[str, str]:
     """{variant: why it did not run} of the latest train_recommender run (empty when all ran)."""
-    run = latest_run(lake)
-    if run is None:
-        return {}
-    return dict(json.loads(run["notes"] or "{}").get("missing_variants") or {})
+    return dict(_latest_notes(lake).get("missing_variants") or {})
 
 
 def format_missing(missing: dict[str, str]) -> str:

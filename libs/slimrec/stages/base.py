@@ -80,16 +80,26 @@ def rows_naming_unknown_items(lake: Lake, table: str, key: list[str], known, ver
 
     Example: a cached row grounded in ``["i1", "i9"]`` with ``known = {"i1", "i2"}`` -> its key.
     """
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
 
     t = lake.read_arrow(table, version=version, columns=[*key, "grounded_item_ids"], filters=filters)
-    if t.num_rows == 0:
-        return t.select(key)
     ids = t["grounded_item_ids"].combine_chunks()
-    flat = pc.list_flatten(ids)
-    unknown = pc.invert(pc.is_in(flat, pa.array(sorted(known), pa.string())))
-    parent = pc.list_parent_indices(ids)
-    bad_rows = pc.unique(pc.filter(parent, unknown))
-    mask = pc.is_in(pa.array(range(t.num_rows), pa.int64()), bad_rows.cast(pa.int64()))
-    return t.filter(mask).select(key)
+    unknown = pc.invert(pc.is_in(pc.list_flatten(ids), pa.array(sorted(known), pa.string())))
+    mask = np.zeros(t.num_rows, dtype=bool)
+    mask[pc.filter(pc.list_parent_indices(ids), unknown).to_numpy()] = True
+    return t.filter(pa.array(mask)).select(key)
+
+
+def delete_rows_naming_unknown_items(ctx: StageContext, table: str, key: list[str], inputs: dict,
+                                     version: int | None = None, filters=None):
+    """Delete ``table``'s rows grounded in items the catalogue (``inputs["items"]``) no longer has, in one
+    commit: (their keys, the new version or None when there were none)."""
+    known = set(ctx.lake.read_pandas("items", version=inputs["items"], columns=["item_id"])["item_id"])
+    stale = rows_naming_unknown_items(ctx.lake, table, key, known, version=version, filters=filters)
+    if not stale.num_rows:
+        return stale, None
+    v = ctx.lake.delete_keys(table, stale, ctx.commit_info(table, inputs, deleted=stale.num_rows))
+    log.warning("%s: %d rows named items no longer in the catalogue: deleted", table, stale.num_rows)
+    return stale, v

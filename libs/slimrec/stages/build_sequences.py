@@ -66,8 +66,7 @@ def _run(ctx: StageContext) -> StageResult:
         changed = users.join(old, ["user_id", "seq_hash"], "left_anti")
         done = lake.write_spark_diverting(changed, "user_sequences", "merge", info, QUARANTINE_COLUMN, engine)
         users.unpersist()
-    if done.version is not None or "user_sequences" not in versions:
-        versions["user_sequences"] = done.version
+    versions["user_sequences"] = done.version if done.version is not None else versions.get("user_sequences")
     n_changed = done.rows
     n_users = lake.count("user_sequences")
     q = done.diverted

@@ -104,7 +104,7 @@ def run(ctx: StageContext) -> StageResult:
     # Vectors of items no longer in the catalogue (a re-ingest replaced it) go, whatever their encoder.
     gone = _stale_items(lake, set(items["item_id"])) if not ctx.dry_run else None
     if gone is not None and len(gone):
-        info = ctx.commit_info("embed", inputs, **{"deleted_items": len(gone)})
+        info = ctx.commit_info("embed", inputs, deleted_items=len(gone))
         versions["item_embeddings"] = lake.delete_keys("item_embeddings", gone, info)
         extra["items_deleted"] = len(gone)
         log.warning("embed: %d item vectors of items no longer in the catalogue: deleted", len(gone))

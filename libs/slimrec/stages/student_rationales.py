@@ -32,7 +32,7 @@ from collections import Counter
 import pandas as pd
 
 from slimrec.pipeline import StageError
-from slimrec.stages.base import StageContext, StageResult, rows_naming_unknown_items
+from slimrec.stages.base import StageContext, StageResult, delete_rows_naming_unknown_items
 from slimrec.student.config import StudentConfig
 
 log = logging.getLogger(__name__)
@@ -171,12 +171,8 @@ def run(ctx: StageContext) -> StageResult:
     if lake.exists(STAGE) and not ctx.dry_run:
         # rationales grounded in items that a re-ingest removed from the catalogue go (any date, any
         # model): their users count as missing below and are generated again
-        known = set(lake.read_pandas("items", version=inputs["items"], columns=["item_id"])["item_id"])
-        stale = rows_naming_unknown_items(lake, STAGE, ["user_id", "run_date", "model_version"], known)
-        if stale.num_rows:
-            deleted_version = lake.delete_keys(STAGE, stale, ctx.commit_info(STAGE, inputs, deleted=stale.num_rows))
-            log.warning("student_rationales: %d rationales named items no longer in the catalogue: deleted",
-                        stale.num_rows)
+        _, deleted_version = delete_rows_naming_unknown_items(ctx, STAGE, ["user_id", "run_date", "model_version"],
+                                                              inputs)
     existing = (lake.read_pandas(STAGE, columns=EXISTING_COLUMNS, filters=[("model_version", "=", version)])
                 if lake.exists(STAGE) else pd.DataFrame(columns=EXISTING_COLUMNS))
     todo = plan_users(prompts, existing, version, cfg.infer.retry_failed)

@@ -30,7 +30,7 @@ from collections import Counter
 import pandas as pd
 from pydantic import SecretStr
 
-from slimrec.stages.base import StageContext, StageResult, rows_naming_unknown_items
+from slimrec.stages.base import StageContext, StageResult, delete_rows_naming_unknown_items
 from slimrec.teacher.budget import Budget, estimate, price_of
 from slimrec.teacher.cache import CACHE_COLUMNS, RUN_COLUMNS, plan_requests, to_table_rows
 from slimrec.teacher.config import TeacherConfig
@@ -74,15 +74,6 @@ def _read_cache(ctx: StageContext, version: int | None, teacher_model: str) -> p
     return ctx.lake.read_pandas(STAGE, version=version, columns=CACHE_COLUMNS, filters=[("teacher_model", "=", teacher_model)])
 
 
-def _stale_answers(ctx: StageContext, inputs: dict, teacher_model: str):
-    """Keys of cached answers grounded in items the current catalogue lacks (None without a cache)."""
-    if inputs.get(STAGE) is None:
-        return None
-    known = set(ctx.lake.read_pandas("items", version=inputs["items"], columns=["item_id"])["item_id"])
-    return rows_naming_unknown_items(ctx.lake, STAGE, ["prompt_hash", "teacher_model"], known,
-                                     version=inputs[STAGE], filters=[("teacher_model", "=", teacher_model)])
-
-
 def _build_teacher(ctx: StageContext, cfg: TeacherConfig, inputs: dict):
     """(teacher, title index for grounding or None)."""
     lake = ctx.lake
@@ -120,14 +111,14 @@ def run(ctx: StageContext) -> StageResult:
     population = latest_prompts(prompts, ctx.run_date, ctx.cfg.prompts.version)
     sample = stratified_sample(population, cfg.sample_size, cfg.seed, cfg.strata, cfg.min_stratum_share)
     cached = _read_cache(ctx, inputs[STAGE], teacher_model)
-    stale = _stale_answers(ctx, inputs, teacher_model) if not ctx.dry_run else None
-    deleted_version = None
-    if stale is not None and stale.num_rows:
+    stale, deleted_version = None, None
+    if inputs[STAGE] is not None and not ctx.dry_run:
         # answers naming items that a re-ingest removed from the catalogue leave the cache (asked again
         # if their prompt is still sampled): the cache holds only answers grounded in the current items
-        deleted_version = ctx.lake.delete_keys(STAGE, stale, ctx.commit_info(STAGE, inputs, deleted=stale.num_rows))
+        stale, deleted_version = delete_rows_naming_unknown_items(
+            ctx, STAGE, ["prompt_hash", "teacher_model"], inputs, version=inputs[STAGE],
+            filters=[("teacher_model", "=", teacher_model)])
         cached = cached[~cached["prompt_hash"].isin(stale["prompt_hash"].to_pylist())]
-        log.warning("teacher: %d cached answers named items no longer in the catalogue: deleted", stale.num_rows)
     pending, counts = plan_requests(sample, cached, cfg.max_attempts)
     est = estimate(pending, cfg, teacher_model, system_prompt, counts["cached_ok"])
     log.info(
