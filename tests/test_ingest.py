@@ -8,6 +8,9 @@ Fixtures (``tests/fixtures/``), and what each row is for:
 * ``amazon_tiny``: gzip JSON lines as published (reviews JSON, metadata Python-literal lines as in
   the 2014 dump plus one 2018-style JSON line); unreadable lines, a review without reviewerID,
   a timestamp "yesterday", a 0xFF byte in a reviewer id, tied timestamps, a duplicate review.
+* ``amazon2023_tiny``: the 2023 release's keys (reviews ``user_id, asin, parent_asin`` with ms
+  timestamps, two variants of one product; metadata ``parent_asin, store, categories`` with an empty
+  category list beside ``main_category``); a review of a product the metadata lacks.
 * ``events_tiny``: CSV events (unix seconds, unix ms and ISO-8601 timestamps; a bad timestamp,
   an empty one, a missing user id, an unknown item, a duplicate event, a 0xFF byte, a 200-char id).
 """
@@ -182,6 +185,29 @@ def test_amazon_python_literal_metadata(amazon):
     assert items.loc["B004"].title == "Desk Organizer"
 
 
+def test_amazon_2023_release(spark, tmp_path):
+    """Items are products (parent_asin, the metadata's key), not the variant bought; ms timestamps."""
+    ctx, result = _ingest(spark, tmp_path / "lake", FIXTURES / "amazon2023_tiny")
+    lake = ctx.lake
+    assert result.extra["format"] == "amazon"
+    ms = lambda v: datetime.fromtimestamp(v / 1000, tz=UTC)  # noqa: E731
+    assert _inter(lake) == [
+        ("U1", "P01", ms(1588687728923), 0, False),
+        ("U1", "P02", ms(1588687728923), 1, False),
+        ("U2", "P01", ms(1600000000000), 2, False),  # another variant (B01V2) of product P01
+        ("U2", "P03", ms(1600000100000), 3, False),
+    ]
+    assert _quarantine(lake) == [
+        ("ingest", "Office_Products.jsonl.gz", 4, "unknown item id (not in the catalogue)")]
+    items = lake.read_pandas("items").set_index("item_id")
+    assert sorted(items.index) == ["P01", "P02", "P03"]
+    assert (items.loc["P01"].title, items.loc["P01"].brand) == ("Gel Pens, 12 Pack", "Pilot")
+    assert list(items.loc["P01"].categories) == ["Office Products", "Writing", "Pens"]
+    assert items.loc["P01"].description == "Bright colours"
+    assert list(items.loc["P02"].categories) == ["Office Products"]  # categories [] -> main_category
+    assert items.loc["P03"].brand is None
+
+
 # ----------------------------------------------------------------------------- events CSV
 @pytest.fixture(scope="module")
 def events(spark, tmp_path_factory):
@@ -236,6 +262,31 @@ def test_events_parquet_without_catalogue(spark, tmp_path):
     items = ctx.lake.read_pandas("items")
     assert sorted(items.item_id) == ["x", "y", "z"]
     assert set(items.item_text) == {"unknown item"}
+    assert result.extra["quarantined"] == 0
+
+
+def test_amazon_2023_benchmark_csv_is_events(spark, tmp_path):
+    """The 2023 release's benchmark CSV (user_id, parent_asin, rating, timestamp in ms) is an events file
+    although its name says "Products": its columns decide; the metadata CSV beside it is the catalogue."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "Office_Products.train.csv").write_text(
+        "user_id,parent_asin,rating,timestamp,history\n"
+        "U1,P01,5.0,1588687728923,\nU1,P02,4.0,1588687729923,P01\nU2,P02,3.0,1600000000000,\n")
+    (data / "meta_Office_Products.csv").write_text("parent_asin,title,store\nP01,Gel Pens,Pilot\nP02,Stapler,\n")
+    from slimrec.ingest import detect_format
+
+    fmt, files = detect_format(data)
+    assert (fmt, [p.name for p in files["interactions"]], [p.name for p in files["items"]]) == (
+        "events", ["Office_Products.train.csv"], ["meta_Office_Products.csv"])
+    ctx, result = _ingest(spark, tmp_path / "lake", data)
+    ms = lambda v: datetime.fromtimestamp(v / 1000, tz=UTC)  # noqa: E731
+    assert _inter(ctx.lake) == [
+        ("U1", "P01", ms(1588687728923), 0, False), ("U1", "P02", ms(1588687729923), 1, False),
+        ("U2", "P02", ms(1600000000000), 2, False),
+    ]
+    items = ctx.lake.read_pandas("items").set_index("item_id")
+    assert (items.loc["P01"].title, items.loc["P01"].brand) == ("Gel Pens", "Pilot")
     assert result.extra["quarantined"] == 0
 
 

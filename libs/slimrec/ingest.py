@@ -8,7 +8,10 @@ Formats (auto-detected from the folder, or named):
   ``event_seq = position``, so the order is kept exactly; ``ts_derived`` is true.
 * ``amazon``: the review dumps as published: reviews JSON lines (``reviewerID,
   asin, unixReviewTime``) and metadata JSON lines (``asin, title, brand,
-  categories`` (2014, may be Python-literal lines) or ``category`` (2018)), gzip or not.
+  categories`` (2014, may be Python-literal lines) or ``category`` (2018)), gzip or not;
+  and the 2023 release (reviews ``user_id, parent_asin, asin, timestamp`` in ms; metadata
+  ``parent_asin, title, store, categories, main_category``), whose item id is ``parent_asin``
+  (the product its variants share, the key of its metadata).
 * ``events``: ``*.csv|*.tsv|*.parquet`` events with user/item/timestamp columns
   (common names accepted) and an optional items file (name contains ``item``).
 
@@ -20,6 +23,7 @@ document) raise :class:`IngestError` with one line. Row problems become
 from __future__ import annotations
 
 import ast
+import csv
 import gzip
 import json
 import logging
@@ -33,7 +37,11 @@ from slimrec.text import clean_text, item_text, sha1, split_categories
 log = logging.getLogger(__name__)
 
 USER_COLS = ("user_id", "user", "userid", "reviewerid", "customer_id", "visitorid")
-ITEM_COLS = ("item_id", "item", "itemid", "asin", "product_id", "movie_id")
+ITEM_COLS = ("item_id", "item", "itemid", "parent_asin", "asin", "product_id", "movie_id")
+# Amazon's item keys: the 2023 release's reviews hold both parent_asin (the product, the metadata's key)
+# and asin (the variant bought); the 2014/2018 dumps only asin.
+AMAZON_ITEM_KEYS = ("parent_asin", "asin", "item_id")
+AMAZON_USER_KEYS = ("reviewerid", "user_id")
 TS_COLS = ("event_ts", "timestamp", "ts", "time", "unixreviewtime", "datetime", "date")
 EVENT_EXT = (".csv", ".tsv", ".parquet", ".csv.gz", ".tsv.gz")
 
@@ -82,6 +90,35 @@ def _is_catalogue_name(name: str) -> bool:
     return any(w in n for w in _CATALOGUE_WORDS) and not any(w in n for w in _EVENT_WORDS)
 
 
+def _header(path: Path) -> list[str] | None:
+    """The column names of a CSV/TSV (gzip or not) or Parquet file; None where they cannot be read."""
+    name = path.name.lower()
+    try:
+        if name.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return pq.read_schema(path).names
+        opener = gzip.open if name.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
+            line = f.readline()
+        return next(csv.reader([line], delimiter="\t" if ".tsv" in name else ","))
+    except (OSError, EOFError, ValueError, csv.Error, StopIteration):
+        return None
+
+
+def _is_catalogue(path: Path) -> bool:
+    """A table file is a catalogue when its columns name an item but no user (``Office_Products.csv``
+    with user_id, parent_asin, timestamp is events); by its name where the columns cannot be read."""
+    cols = _header(path)
+    if cols:
+        low = {c.strip().lstrip("\ufeff").lower() for c in cols}
+        if low & set(USER_COLS):
+            return False
+        if low & set(ITEM_COLS):
+            return True
+    return _is_catalogue_name(path.name)
+
+
 def find_formats(dataset: Path) -> dict[str, dict[str, list[Path]]]:
     """Every format whose files the folder holds: ``{format: {"interactions": [...], "items": [...]}}``,
     in detection order (lcrec, amazon, events)."""
@@ -98,14 +135,16 @@ def find_formats(dataset: Path) -> dict[str, dict[str, list[Path]]]:
         if not isinstance(rec, dict):
             continue
         keys = {k.lower() for k in rec}
-        if "reviewerid" in keys and "asin" in keys:
+        if not keys & {"asin", "parent_asin"}:
+            continue
+        if keys & set(AMAZON_USER_KEYS):  # a review: who bought which item (2014/2018 or 2023 keys)
             reviews.append(p)
-        elif "asin" in keys:
+        else:
             meta.append(p)
     if reviews:
         found["amazon"] = {"interactions": reviews, "items": meta}
     ev = [p for p in files if p.name.lower().endswith(EVENT_EXT)]
-    ev_items = [p for p in ev if _is_catalogue_name(p.name)]
+    ev_items = [p for p in ev if _is_catalogue(p)]
     ev_inter = [p for p in ev if p not in ev_items]
     if ev_inter:
         found["events"] = {"interactions": ev_inter, "items": ev_items}
@@ -136,14 +175,15 @@ def detect_format(dataset: Path, fmt: str = "auto") -> tuple[str, dict[str, list
         return first, found[first]
     files = sorted(p.name for p in dataset.iterdir() if p.is_file() and not p.name.startswith("."))
     names = ", ".join(files[:10]) or "no files"
-    only_catalogue = [n for n in files if n.lower().endswith(EVENT_EXT) and _is_catalogue_name(n)]
-    hint = (f"; {', '.join(only_catalogue)} look(s) like a catalogue (the name has "
-            f"{'/'.join(_CATALOGUE_WORDS)}): name the events file e.g. events.csv") if only_catalogue else ""
+    only_catalogue = [n for n in files if n.lower().endswith(EVENT_EXT) and _is_catalogue(dataset / n)]
+    hint = (f"; {', '.join(only_catalogue)} look(s) like a catalogue (an item column and no user column, or a "
+            f"name with {'/'.join(_CATALOGUE_WORDS)}): an events file needs user, item and timestamp columns; "
+            "name the events file e.g. events.csv") if only_catalogue else ""
     raise IngestError(f"no recognisable data in {dataset} ({names}){hint}; " + _EXPECTED)
 
 
 _EXPECTED = ("expected *.inter.json + *.item.json (lcrec), Amazon reviews/metadata JSON lines (reviewerID, asin, "
-             "unixReviewTime), or events CSV/Parquet (user, item, timestamp) with an optional items file")
+             "unixReviewTime; or user_id, parent_asin, timestamp), or events CSV/Parquet (user, item, timestamp) with an optional items file")
 
 
 # --------------------------------------------------------------------------- parsing helpers
@@ -163,9 +203,10 @@ def parse_json_line(line: str) -> tuple[dict | None, str | None]:
 
 def _pick(rec: dict, names: tuple[str, ...]):
     low = {k.lower(): v for k, v in rec.items()}
-    for n in names:
-        if n in low and low[n] not in (None, ""):
-            return low[n]
+    for n in names:  # the first name with a value; an empty string or list is no value
+        v = low.get(n)
+        if v is not None and not (isinstance(v, str | list | dict) and len(v) == 0):
+            return v
     return None
 
 
@@ -252,7 +293,7 @@ def parse_review_lines(source: str, rows: list[tuple[int, str]]):
             quarantine.append(_qrow(source, row, err, line))
             continue
         ts = _pick(rec, ("unixreviewtime", "timestamp", "time"))
-        raw.append((source, row, _id(_pick(rec, ("reviewerid", "user_id"))), _id(_pick(rec, ("asin", "parent_asin", "item_id"))), None if ts is None else str(ts), None))
+        raw.append((source, row, _id(_pick(rec, AMAZON_USER_KEYS)), _id(_pick(rec, AMAZON_ITEM_KEYS)), None if ts is None else str(ts), None))
     return raw, quarantine
 
 
@@ -266,7 +307,7 @@ def parse_meta_lines(source: str, rows: list[tuple[int, str]]):
         if err:
             quarantine.append(_qrow(source, row, err, line))
             continue
-        item = _id(_pick(rec, ("asin", "parent_asin", "item_id")))
+        item = _id(_pick(rec, AMAZON_ITEM_KEYS))
         raw.append((source, row, item, json.dumps(rec, ensure_ascii=False, default=str)))
     return raw, quarantine
 
@@ -420,7 +461,8 @@ def normalise_items(raw_items: pd.DataFrame, max_text_chars: int, max_id_chars: 
         seen.add(item)
         title = clean_text(_pick(rec, ("title", "name", "product_title")), max_text_chars)
         brand = clean_text(_pick(rec, ("brand", "manufacturer", "store")), 200)
-        cats = split_categories(_pick(rec, ("categories", "category", "category_path", "genres")))
+        # the 2023 Amazon metadata often has empty categories and a main_category only
+        cats = split_categories(_pick(rec, ("categories", "category", "category_path", "genres", "main_category")))
         desc = _pick(rec, ("description", "desc"))
         if isinstance(desc, list):
             desc = " ".join(str(d) for d in desc)
