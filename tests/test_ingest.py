@@ -290,6 +290,19 @@ def test_amazon_2023_benchmark_csv_is_events(spark, tmp_path):
     assert result.extra["quarantined"] == 0
 
 
+def test_events_csv_with_byte_order_mark_and_spaced_header(spark, tmp_path):
+    """A spreadsheet's "CSV UTF-8" starts with a byte-order mark; hand-written headers have spaces after
+    commas: the columns format detection saw are the ones read."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "clicks.csv").write_bytes("\ufeffuser_id, item_id, timestamp\nu1,i1,100\nu1,i2,200\n".encode())
+    (data / "items.csv").write_bytes("\ufeffitem_id, title\ni1,Blue pen\ni2,Red pen\n".encode())
+    ctx, result = _ingest(spark, tmp_path / "lake", data)
+    assert [(r[0], r[1], r[3]) for r in _inter(ctx.lake)] == [("u1", "i1", 0), ("u1", "i2", 1)]
+    assert ctx.lake.read_pandas("items").set_index("item_id").loc["i2"].title == "Red pen"
+    assert result.extra["quarantined"] == 0
+
+
 def test_timestamp_parsing_rules(spark):
     """build_interactions alone: every timestamp shape a source may use, and what is refused."""
     from slimrec.ingest import build_interactions

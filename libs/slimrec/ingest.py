@@ -106,12 +106,17 @@ def _header(path: Path) -> list[str] | None:
         return None
 
 
+def _clean_name(col: str) -> str:
+    """A header's column name without outer spaces or a UTF-8 byte-order mark (``\ufeffuser_id``, `` item_id``)."""
+    return col.strip().lstrip("\ufeff").strip()
+
+
 def _is_catalogue(path: Path) -> bool:
     """A table file is a catalogue when its columns name an item but no user (``Office_Products.csv``
     with user_id, parent_asin, timestamp is events); by its name where the columns cannot be read."""
     cols = _header(path)
     if cols:
-        low = {c.strip().lstrip("\ufeff").lower() for c in cols}
+        low = {_clean_name(c).lower() for c in cols}
         if low & set(USER_COLS):
             return False
         if low & set(ITEM_COLS):
@@ -371,6 +376,12 @@ def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
     from pyspark.sql import functions as F
 
     def load(f: Path, multiline: bool = False):
+        # the names as format detection read them (_is_catalogue), so the columns it saw are found
+        df = _read(f, multiline)
+        names = [_clean_name(c) for c in df.columns]
+        return df.toDF(*names) if names != df.columns and len(set(names)) == len(names) else df
+
+    def _read(f: Path, multiline: bool):
         name = f.name.lower()
         if name.endswith(".parquet"):
             # pandas writes nanosecond timestamps, which Spark refuses; read them as longs (ns),
