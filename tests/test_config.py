@@ -29,6 +29,8 @@ def test_overrides_are_typed():
         ("sequences.k_core=lots", "sequences.k_core"),
         ("sequences.no_such_field=1", "no_such_field"),
         ("nonsense", "not key=value"),
+        ("sequences.min_seq_len=1", "sequences.min_seq_len: Input should be greater than or equal to 2"),
+        ("sequences.max_seq_len=2", "max_seq_len 2 < min_seq_len 3"),
     ],
 )
 def test_bad_overrides_name_the_field(override, message):

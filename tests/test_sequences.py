@@ -118,6 +118,47 @@ def test_seq_hash_is_stable_and_order_sensitive(spark):
     assert h("ab", "c") != h("a", "bc")  # the separator keeps item boundaries
 
 
+def test_sequences_of_on_arrow_alone():
+    """The per-partition kernel without Spark: ties by event_seq then item bytes, first occurrence, cut, empty."""
+    import pyarrow as pa
+    from slimrec.sequences import sequences_of
+
+    t0 = datetime(2024, 1, 1)
+    events = pa.table({
+        "user_id": ["v", "v", "v", "v", "w", "w", "v"],
+        "item_id": ["z", "\u00e9", "Z", "z", "m", "m", "q"],  # bytes: "Z" < "z" < "\u00e9"
+        "event_ts": pa.array([t0, t0, t0, t0 + timedelta(1), t0, t0 + timedelta(2), t0 + timedelta(3)], pa.timestamp("us")),
+        "event_seq": pa.array([0, 0, 0, 1, 0, 1, 2], pa.int64()),
+    })
+    got = {r["user_id"]: r for r in sequences_of(events, 3).to_pylist()}
+    assert got["v"]["item_ids"] == ["z", "\u00e9", "q"]  # [Z, z, \u00e9, (z again), q], cut to the last 3
+    assert (got["v"]["seq_len"], got["v"]["last_event_ts"]) == (3, t0 + timedelta(3))
+    assert (got["w"]["item_ids"], got["w"]["last_event_ts"]) == (["m"], t0)  # the repeat keeps its first time
+    got = {r["user_id"]: r for r in sequences_of(events, 50, consecutive_only=True).to_pylist()}
+    assert got["v"]["item_ids"] == ["Z", "z", "\u00e9", "z", "q"] and got["w"]["last_event_ts"] == t0  # m, m: the repeat is dropped
+    empty = sequences_of(events.slice(0, 0), 3)
+    assert empty.num_rows == 0 and empty.column_names == ["user_id", "item_ids", "last_event_ts", "seq_len"]
+
+
+@pytest.mark.parametrize("consecutive_only", [False, True])
+def test_arrow_sequences_match_spark_sql(spark, consecutive_only):
+    """Random events with many ties and repeats: the Arrow kernel and the Spark SQL build give the same rows."""
+    import random
+
+    from slimrec.sequences import _user_item_sequences_sql, user_item_sequences
+
+    rnd = random.Random(7)
+    items = ["a", "b", "B", "\u00e9", "ab", "a b", "z9", "\u4e2d"]
+    events = [(f"u{rnd.randrange(40)}", rnd.choice(items), rnd.randrange(6), rnd.randrange(3)) for _ in range(600)]
+    cfg = SequencesConfig(max_seq_len=4, dedup_consecutive_only=consecutive_only)
+    df = _interactions(spark, events)
+
+    def rows(frame):
+        return sorted(tuple(r) for r in frame.select("user_id", "item_ids", "last_event_ts", "seq_len").collect())
+
+    assert rows(user_item_sequences(df, cfg)) == rows(_user_item_sequences_sql(df, cfg))
+
+
 # ----------------------------------------------------------------------------- the stage on Delta
 def _ctx(spark, lake, *sets):
     cfg = load_config("tiny", overrides=["quality.enabled=false", *sets])

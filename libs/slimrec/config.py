@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from slimrec.embed.config import EmbedConfig
 from slimrec.quality.config import QualityConfig
@@ -73,12 +73,20 @@ class IngestConfig(_Frozen):
 
 
 class SequencesConfig(_Frozen):
-    min_seq_len: int = Field(3, description="users with fewer items are dropped (quarantined): leave-one-out needs 3")
-    max_seq_len: int = Field(200, description="keep only the most recent items of longer sequences")
-    k_core: int = Field(0, description="iterative k-core filter on users and items; 0 disables")
+    min_seq_len: int = Field(3, ge=2, description=(
+        "users with fewer items are dropped (quarantined): leave-one-out needs 2 (valid and test targets), "
+        "3 leaves at least one history item for the prompt"))
+    max_seq_len: int = Field(200, ge=2, description="keep only the most recent items of longer sequences")
+    k_core: int = Field(0, ge=0, description="iterative k-core filter on users and items; 0 disables")
     dedup_consecutive_only: bool = Field(
         False, description="false: keep the first occurrence of an item per user; true: only drop immediate repeats"
     )
+
+    @model_validator(mode="after")
+    def _lengths(self):
+        if self.max_seq_len < self.min_seq_len:
+            raise ValueError(f"max_seq_len {self.max_seq_len} < min_seq_len {self.min_seq_len}: every user would be quarantined")
+        return self
 
 
 class PromptsConfig(_Frozen):

@@ -1,18 +1,26 @@
 """Spark transforms: interactions -> user_sequences, and user_sequences + items -> prompts.
 
-Both are pure ``(DataFrame, config) -> DataFrame`` functions: no session is
-opened and no path is touched here.
+The Spark functions are pure ``(DataFrame, config) -> DataFrame`` functions: no session is
+opened and no path is touched here. The Arrow kernels they run per partition (:func:`sequences_of`,
+:func:`leave_one_out_of`) are plain functions of Arrow tables.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from slimrec import prompts as P
 
 log = logging.getLogger(__name__)
+
+QUARANTINE_COLUMN = "_quarantine"
 
 
 def build_sequences(interactions, cfg):
@@ -32,15 +40,164 @@ def build_sequences(interactions, cfg):
     Example: ``u1: (i1, t=1), (i2, t=2), (i1, t=3), (i3, t=3, seq=5), (i4, t=4)`` ->
     ``item_ids [i1, i2, i3, i4], history [i1, i2], valid i3, test i4``.
     """
-    return split_sequences(user_item_sequences(interactions, cfg), cfg)
+    return split_sequences(user_rows(interactions, cfg))
+
+
+def user_rows(interactions, cfg):
+    """interactions -> one row per user: its user_sequences row, or its quarantine record when short.
+
+    Columns: user_sequences' own (no lineage) and ``_quarantine`` (:func:`leave_one_out_of`), so a
+    writer routes each row in one pass (:meth:`slimrec.lake.Lake.write_spark_diverting`).
+    :func:`split_sequences` makes the two frames of it.
+
+    One shuffle puts each user's events in one partition; the Python worker then orders, deduplicates,
+    cuts (:func:`sequences_of`) and splits (:func:`leave_one_out_of`) each partition on Arrow arrays.
+    The same built in Spark SQL (collect_list, sort_array, array_distinct, slice, sha1:
+    :func:`_user_item_sequences_sql` is the first half) makes the same rows, but its generated code is
+    new to the JIT in every fresh JVM, which made a daily job's first run 2x its warm time on 5M
+    events (bench.foundation). A partition is held whole in the worker: the stage sizes partitions
+    by rows (:func:`slimrec.spark.shuffle_partitions_for`), which adaptive execution may merge up to its
+    advisory size (64 MB of shuffle data: 2.5M events in a partition at 5M events).
+    """
+    from pyspark.sql import types as T
+
+    s, q = T.StringType(), T.StructType([
+        T.StructField("stage", T.StringType()), T.StructField("source", T.StringType()),
+        T.StructField("source_row", T.LongType()), T.StructField("reason", T.StringType()),
+        T.StructField("payload", T.StringType())])
+    schema = T.StructType([
+        T.StructField("user_id", s, False), T.StructField("item_ids", T.ArrayType(s, False), False),
+        T.StructField("history", T.ArrayType(s, False)), T.StructField("valid_target", s),
+        T.StructField("test_target", s), T.StructField("seq_len", T.IntegerType(), False),
+        T.StructField("last_event_ts", T.TimestampType()), T.StructField("seq_hash", s),
+        T.StructField(QUARANTINE_COLUMN, q),
+    ])
+    args, min_len = (cfg.max_seq_len, cfg.dedup_consecutive_only), cfg.min_seq_len
+    return _per_user(interactions, cfg, lambda t: leave_one_out_of(sequences_of(t, *args), min_len), schema)
 
 
 def user_item_sequences(interactions, cfg):
     """interactions -> every user's ordered, deduplicated, truncated sequence (short ones too).
 
-    Output: user_id, item_ids, last_event_ts, seq_len. :func:`split_sequences` turns it into
-    (user_sequences, quarantine); a caller that wants both from one computation caches this frame.
+    Output: user_id, item_ids, last_event_ts, seq_len (:func:`sequences_of`, as :func:`user_rows`).
     """
+    from pyspark.sql import types as T
+
+    schema = T.StructType([
+        T.StructField("user_id", T.StringType(), False),
+        T.StructField("item_ids", T.ArrayType(T.StringType(), False), False),
+        T.StructField("last_event_ts", T.TimestampType()),
+        T.StructField("seq_len", T.IntegerType(), False),
+    ])
+    args = (cfg.max_seq_len, cfg.dedup_consecutive_only)
+    return _per_user(interactions, cfg, lambda t: sequences_of(t, *args), schema)
+
+
+def _per_user(interactions, cfg, fn, schema):
+    """``fn`` (an Arrow table of whole users' events -> an Arrow table) over each partition of the
+    interactions shuffled by user (after the k-core, if any)."""
+    df = interactions.select("user_id", "item_id", "event_ts", "event_seq")
+    if cfg.k_core > 0:
+        df = _k_core(df, cfg.k_core)
+
+    def build(batches):
+        batches = list(batches)
+        if batches:
+            yield from fn(pa.Table.from_batches(batches)).to_batches()
+
+    return df.repartition("user_id").mapInArrow(build, schema)
+
+
+def _codes(col, ordered: bool) -> np.ndarray:
+    """int64 codes of a string column: equal strings, equal codes; ``ordered``: codes sort as the strings do (bytewise)."""
+    enc = pc.dictionary_encode(col).combine_chunks()
+    codes = enc.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+    if not ordered:
+        return codes
+    rank = np.empty(len(enc.dictionary), dtype=np.int64)
+    rank[pc.sort_indices(enc.dictionary).to_numpy()] = np.arange(len(enc.dictionary))
+    return rank[codes]
+
+
+def _dense(col) -> np.ndarray:
+    """An integer or timestamp column -> non-negative int64 in the same order: ``x - min`` when the
+    range is small (a few times the row count), else ranks of the distinct values (a hash, then a sort
+    of the distinct values only)."""
+    x = pc.cast(col, pa.int64()).to_numpy() if isinstance(col, pa.ChunkedArray) else col
+    lo, hi = int(x.min()), int(x.max())
+    if hi - lo <= 4 * len(x):
+        return x.astype(np.int64) - lo
+    return _codes(col, ordered=True)
+
+
+def _sort_order(keys: list[np.ndarray]) -> np.ndarray:
+    """Row indices sorting by non-negative int64 ``keys``, the first most significant.
+
+    The keys are packed into as few 63-bit words as their ranges allow and the first word is sorted
+    (one argsort of int64 rather than np.lexsort's pass per key); the others are only needed, and
+    only then sorted on, where the first has ties. Rows equal on every key come in any order.
+    """
+    words: list[np.ndarray] = []
+    room = 0
+    for k in keys:
+        bits = max(int(k.max()).bit_length(), 1)
+        if words and bits <= room:
+            words[-1] = (words[-1] << bits) | k
+            room -= bits
+        else:
+            words.append(k.copy())
+            room = 63 - bits
+    order = np.argsort(words[0])
+    if len(words) == 1:
+        return order
+    first = words[0][order]
+    if not (first[1:] == first[:-1]).any():  # no ties on the leading keys: the others cannot reorder
+        return order
+    return np.lexsort(words[::-1])
+
+
+def sequences_of(events: pa.Table, max_seq_len: int, consecutive_only: bool = False) -> pa.Table:
+    """Events of whole users (user_id, item_id, event_ts, event_seq) -> one row per user.
+
+    Output columns as :func:`user_item_sequences`'. Each user's events are ordered by (event_ts,
+    event_seq, item_id); an item seen again keeps its first event (``consecutive_only``: only an
+    immediate repeat is dropped); the last ``max_seq_len`` items are kept, and ``last_event_ts`` is
+    the time of the last item's kept event. Users come in no particular order.
+    """
+    n = events.num_rows
+    if n == 0:
+        return pa.table({"user_id": pa.array([], pa.string()), "item_ids": pa.array([], pa.list_(pa.string())),
+                         "last_event_ts": events["event_ts"].slice(0, 0), "seq_len": pa.array([], pa.int32())})
+    user = _codes(events["user_id"], ordered=False)  # users only need grouping, not their order
+    item = _codes(events["item_id"], ordered=True)
+    order = _sort_order([user, _dense(events["event_ts"]), _dense(events["event_seq"]), item])
+    user, item = user[order], item[order]
+    first_of_user = np.ones(n, dtype=bool)
+    np.not_equal(user[1:], user[:-1], out=first_of_user[1:])
+    if consecutive_only:
+        keep = first_of_user.copy()
+        keep[1:] |= item[1:] != item[:-1]
+    else:
+        # the first occurrence of each (user, item) in event order (a hash, no sort)
+        keep = ~pd.Series(user * (int(item.max()) + 1) + item).duplicated().to_numpy()
+    rows = order[keep]
+    starts = np.flatnonzero(first_of_user[keep])
+    ends = np.append(starts[1:], len(rows))
+    # the last max_seq_len rows of each user: those less than max_seq_len from their user's end
+    rows = rows[np.repeat(ends, ends - starts) - np.arange(len(rows)) <= max_seq_len]
+    lens = np.minimum(ends - starts, max_seq_len).astype(np.int32)
+    offsets = np.zeros(len(lens) + 1, dtype=np.int32)
+    np.cumsum(lens, out=offsets[1:])
+    return pa.table({
+        "user_id": events["user_id"].take(rows[offsets[:-1]]),
+        "item_ids": pa.ListArray.from_arrays(offsets, events["item_id"].take(rows).combine_chunks()),
+        "last_event_ts": events["event_ts"].take(rows[offsets[1:] - 1]),
+        "seq_len": lens,
+    })
+
+
+def _user_item_sequences_sql(interactions, cfg):
+    """:func:`user_item_sequences` in Spark SQL, kept for the benchmark's comparison (same rows)."""
     from pyspark.sql import functions as F
 
     df = interactions.select("user_id", "item_id", "event_ts", "event_seq")
@@ -74,53 +231,68 @@ def user_item_sequences(interactions, cfg):
     return seq
 
 
-QUARANTINE_COLUMN = "_quarantine"
+def leave_one_out_of(seq: pa.Table, min_seq_len: int) -> pa.Table:
+    """:func:`sequences_of` output -> user_sequences rows, short users flagged, in one table.
 
-
-def leave_one_out(seq, cfg):
-    """:func:`user_item_sequences` output -> user_sequences rows, short users flagged, in one frame.
-
-    Columns: user_sequences' own, and ``_quarantine`` (:data:`QUARANTINE_COLUMN`): null for a user
-    with at least ``min_seq_len`` items, and for a shorter one the quarantine record (stage, source,
-    source_row, reason, payload), whose history, targets and hash are null. One frame for both lets
-    a writer route each row in one pass (:meth:`slimrec.lake.Lake.write_spark_diverting`).
+    Adds history (all items but the last two), valid_target (the one before the last), test_target
+    (the last), seq_hash (sha1 hex of the items joined by U+001F) and ``_quarantine``
+    (:data:`QUARANTINE_COLUMN`): null for a user with at least ``min_seq_len`` items; for a shorter one
+    the quarantine record (stage, source, source_row, reason, payload), and its history, targets and
+    hash are null. One table for both lets a writer route each row in one pass
+    (:meth:`slimrec.lake.Lake.write_spark_diverting`).
     """
+    n = seq.num_rows
+    lists = seq["item_ids"].combine_chunks()
+    users = seq["user_id"].combine_chunks()
+    lens = np.asarray(seq["seq_len"].to_numpy(zero_copy_only=False), dtype=np.int64)
+    short = lens < min_seq_len
+    starts = np.asarray(lists.offsets.to_numpy()[:-1], dtype=np.int64)
+    ends = starts + lens
+    values = lists.values
+
+    def target(pos):  # the item at flat position pos for users long enough, else null
+        return pc.if_else(pa.array(~short), values.take(np.where(short, 0, pos)), pa.scalar(None, pa.string()))
+
+    hist_len = np.where(short, 0, lens - 2)
+    hist_off = np.zeros(n + 1, dtype=np.int32)
+    np.cumsum(hist_len, out=hist_off[1:])
+    hist_rows = np.repeat(starts - hist_off[:-1], hist_len) + np.arange(hist_off[-1])
+    joined = pc.binary_join(lists, "\u001f").to_pylist()
+    hashes = [None if s else hashlib.sha1(j.encode()).hexdigest() for j, s in zip(joined, short, strict=True)]
+    payload = [None] * n
+    for i in np.flatnonzero(short).tolist():
+        payload[i] = json.dumps({"user_id": users[i].as_py(), "item_ids": lists[i].as_py()},
+                                ensure_ascii=False, separators=(",", ":"))
+    record = pa.StructArray.from_arrays(
+        [pa.array(["build_sequences"] * n, pa.string()),
+         # one row per user: the user is part of the source, so the quarantine key stays unique
+         # (a MERGE of several rows with one key fails on the next run)
+         pc.binary_join_element_wise("interactions user_id=", users, ""),
+         pa.nulls(n, pa.int64()),
+         pa.array([f"sequence shorter than {min_seq_len} items after dedup/filtering"] * n, pa.string()),
+         pa.array(payload, pa.string())],
+        names=["stage", "source", "source_row", "reason", "payload"],
+        mask=pa.array(~short),
+    )
+    return pa.table({
+        "user_id": users,
+        "item_ids": lists,
+        "history": pa.ListArray.from_arrays(pa.array(hist_off), values.take(hist_rows), mask=pa.array(short)),
+        "valid_target": target(ends - 2),
+        "test_target": target(ends - 1),
+        "seq_len": seq["seq_len"],
+        "last_event_ts": seq["last_event_ts"],
+        "seq_hash": pa.array(hashes, pa.string()),
+        QUARANTINE_COLUMN: record,
+    })
+
+
+def split_sequences(users):
+    """:func:`user_rows` output -> (user_sequences rows, quarantine records of short users)."""
     from pyspark.sql import functions as F
 
-    short = F.col("seq_len") < cfg.min_seq_len
-
-    def kept(c):  # evaluated for long-enough users only (slice and element_at fail on short arrays)
-        return F.when(~short, c)
-
-    record = F.struct(
-        F.lit("build_sequences").alias("stage"),
-        # one row per user: the user is part of the source, so the quarantine key stays unique
-        # (a MERGE of several rows with one key fails on the next run)
-        F.concat(F.lit("interactions user_id="), F.col("user_id")).alias("source"),
-        F.lit(None).cast("long").alias("source_row"),
-        F.lit(f"sequence shorter than {cfg.min_seq_len} items after dedup/filtering").alias("reason"),
-        F.to_json(F.struct("user_id", "item_ids")).alias("payload"),
-    )
-    return seq.select(
-        "user_id",
-        "item_ids",
-        kept(F.slice("item_ids", 1, F.col("seq_len") - 2)).alias("history"),
-        kept(F.element_at("item_ids", -2)).alias("valid_target"),
-        kept(F.element_at("item_ids", -1)).alias("test_target"),
-        "seq_len",
-        "last_event_ts",
-        kept(F.sha1(F.array_join("item_ids", "\u001f"))).alias("seq_hash"),
-        F.when(short, record).alias(QUARANTINE_COLUMN),
-    )
-
-
-def split_sequences(seq, cfg):
-    """:func:`user_item_sequences` output -> (leave-one-out user_sequences, quarantine of short users)."""
-    from pyspark.sql import functions as F
-
-    flagged = leave_one_out(seq, cfg)
     q = F.col(QUARANTINE_COLUMN)
-    return flagged.where(q.isNull()).drop(QUARANTINE_COLUMN), flagged.where(q.isNotNull()).select(f"{QUARANTINE_COLUMN}.*")
+    return users.where(q.isNull()).drop(QUARANTINE_COLUMN), users.where(q.isNotNull()).select(f"{QUARANTINE_COLUMN}.*")
 
 
 def _k_core(df, k: int):
