@@ -140,6 +140,25 @@ def test_sequences_of_on_arrow_alone():
     assert empty.num_rows == 0 and empty.column_names == ["user_id", "item_ids", "last_event_ts", "seq_len"]
 
 
+def test_sort_order_packs_keys_and_breaks_ties_on_the_rest():
+    """Keys too wide for one 63-bit word: ties on the first word are ordered by the next; none: one sort."""
+    import numpy as np
+    from slimrec.sequences import _sort_order
+
+    rng = np.random.default_rng(3)
+    n = 5000
+    user, wide, item = rng.integers(0, 50, n), rng.integers(0, 2**40, n), rng.integers(0, 2**30, n)
+    wide[::7] = wide[0]  # ties on (user, wide) where users are equal too
+    keys = [user.astype(np.int64), wide.astype(np.int64), item.astype(np.int64)]
+    got = _sort_order(keys)
+    want = np.lexsort(keys[::-1])
+    assert [tuple(k[got]) for k in keys] == [tuple(k[want]) for k in keys]
+    narrow = [user.astype(np.int64), rng.permutation(n).astype(np.int64)]  # 6 + 13 bits: one word, no ties
+    assert (np.lexsort(narrow[::-1]) == _sort_order(narrow)).all()
+    unique_first = [rng.permutation(n).astype(np.int64), rng.integers(0, 2**55, n).astype(np.int64)]  # two words
+    assert (np.lexsort(unique_first[::-1]) == _sort_order(unique_first)).all()
+
+
 @pytest.mark.parametrize("consecutive_only", [False, True])
 def test_arrow_sequences_match_spark_sql(spark, consecutive_only):
     """Random events with many ties and repeats: the Arrow kernel and the Spark SQL build give the same rows."""

@@ -197,7 +197,7 @@ def sequences_of(events: pa.Table, max_seq_len: int, consecutive_only: bool = Fa
 
 
 def _user_item_sequences_sql(interactions, cfg):
-    """:func:`user_item_sequences` in Spark SQL, kept for the benchmark's comparison (same rows)."""
+    """:func:`user_item_sequences` in Spark SQL: the reference the tests compare the Arrow kernel with (same rows)."""
     from pyspark.sql import functions as F
 
     df = interactions.select("user_id", "item_id", "event_ts", "event_seq")
