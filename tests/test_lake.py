@@ -248,6 +248,34 @@ def test_write_spark_diverting_routes_each_row_once(spark, tmp_lake, mode):
     assert not list(Path(tmp_lake.path("user_sequences")).glob("_diverted/**/*.parquet"))  # staging removed
 
 
+def test_write_mapped_diverting_writes_what_the_function_makes(spark, tmp_lake):
+    """Each partition through an Arrow function, written by the worker that ran it: rows, lineage, diverted."""
+    import pyarrow.compute as pc
+
+    info = CommitInfo("test", date(2024, 1, 15), input_versions={"interactions": 3})
+
+    def fn(t):  # (user_id, n) -> user_sequences rows; n >= 4 is diverted
+        n = t["n"]
+        items = pa.array([[f"i{k}" for k in range(v)] for v in n.to_pylist()], pa.list_(pa.string()))
+        long_ = pc.greater_equal(n, 4).combine_chunks()
+        q = pa.StructArray.from_arrays([pa.array(["too long"] * len(t)), t["user_id"].combine_chunks()],
+                                       names=["reason", "user_id"], mask=pc.invert(long_))
+        return pa.table({"user_id": t["user_id"], "item_ids": items, "history": items, "valid_target": t["user_id"],
+                         "test_target": t["user_id"], "seq_len": pc.cast(n, pa.int32()),
+                         "last_event_ts": pa.nulls(len(t), pa.timestamp("us", "UTC")), "seq_hash": t["user_id"], "_q": q})
+
+    df = spark.createDataFrame([(f"u{i}", i) for i in range(1, 7)], "user_id string, n long").repartition(3)
+    done = tmp_lake.write_mapped_diverting(df, fn, "user_sequences", "overwrite", info, "_q")
+    got = tmp_lake.read_arrow("user_sequences")
+    assert done.rows == 3 and sorted(got["user_id"].to_pylist()) == ["u1", "u2", "u3"]
+    assert set(got["run_date"].to_pylist()) == {date(2024, 1, 15)}
+    assert set(got["input_versions"].to_pylist()) == {'{"interactions": 3}'}
+    assert sorted(r["user_id"] for r in done.diverted.to_pylist()) == ["u4", "u5", "u6"]
+    assert not list(Path(tmp_lake.path("user_sequences")).glob("_diverted/**/*.parquet"))
+    with pytest.raises(LakeError, match="appends or overwrites, not 'merge'"):
+        tmp_lake.write_mapped_diverting(df, fn, "user_sequences", "merge", info, "_q")
+
+
 def test_write_spark_diverting_needs_the_column(spark, tmp_lake):
     df = spark.createDataFrame([("u1",)], "user_id string")
     with pytest.raises(LakeError, match="diverted column '_q'"):

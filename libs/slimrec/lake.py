@@ -329,9 +329,26 @@ class Lake:
             version = (self._merge_delta_spark(rows, table, s, info, True) if mode == "merge"
                        else self._write_delta_spark(rows, table, s, mode, info))
             return SplitWrite(version, rows.count(), diverted)  # a third pass: this path has no manifest
+        return self._write_split(df, table, s, mode, info, column)
+
+    def write_mapped_diverting(self, df, fn, table: str, mode: WriteMode, info: CommitInfo, column: str) -> SplitWrite:
+        """:meth:`write_spark_diverting` of ``fn`` applied to each partition of ``df``, in one pass.
+
+        ``fn``: a partition as one Arrow table -> the rows, with ``table``'s columns but the lineage
+        ones, and the struct ``column``. The executors' Python workers run it and write its output
+        themselves (:func:`slimrec.spark_delta.collect_mapped_add_actions`): what ``fn`` makes never
+        goes back to the JVM. The default engine only, append or overwrite.
+        """
+        s = spec(table)
+        self._check_mode(s, mode)
+        if mode not in ("append", "overwrite"):
+            raise LakeError(f"{table}: write_mapped_diverting appends or overwrites, not {mode!r}")
+        return self._write_split(df, table, s, mode, info, column, mapped=fn)
+
+    def _write_split(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo, column: str, mapped=None) -> SplitWrite:
         staging = os.path.join(self.path(table), "_diverted", uuid.uuid4().hex)
         try:
-            version, written, files = self._write_files_then_commit(df, table, s, mode, info, divert=(column, staging))
+            version, written, files = self._write_files_then_commit(df, table, s, mode, info, (column, staging), mapped)
             diverted = pq.read_table(files) if files else pa.table({})
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -354,12 +371,18 @@ class Lake:
         kept = [F.col(c).cast(_nullable_fields(df.schema[c].dataType)).alias(c) for c in keep]
         return df.select(*[F.col(c).cast(s.spark_schema()[c].dataType) for c in s.column_names], *kept)
 
-    def _write_files_then_commit(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo, divert=None):
-        from slimrec.spark_delta import collect_add_actions
+    def _write_files_then_commit(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo, divert=None,
+                                 mapped=None):
+        from slimrec.spark_delta import collect_add_actions, collect_mapped_add_actions
 
         uri = self.path(table)
         Path(uri).mkdir(parents=True, exist_ok=True) if not _is_remote(uri) else None
-        actions, diverted = collect_add_actions(df, uri, s, self.target_file_rows, *(divert or (None, None)))
+        if mapped is None:
+            actions, diverted = collect_add_actions(df, uri, s, self.target_file_rows, *(divert or (None, None)))
+        else:
+            lineage = {"run_date": info.run_date, "input_versions": json.dumps(info.input_versions, sort_keys=True)}
+            actions, diverted = collect_mapped_add_actions(df, mapped, uri, s, self.target_file_rows,
+                                                           lineage if s.lineage else {}, *(divert or (None, None)))
         if mode == "replace_date":
             bad = {a.partition_values.get("run_date") for a in actions} - {info.run_date.isoformat()}
             if bad:

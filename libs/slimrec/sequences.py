@@ -72,8 +72,13 @@ def user_rows(interactions, cfg):
         T.StructField("last_event_ts", T.TimestampType()), T.StructField("seq_hash", s),
         T.StructField(QUARANTINE_COLUMN, q),
     ])
+    return _map_partitions(events_by_user(interactions, cfg), user_rows_of(cfg), schema)
+
+
+def user_rows_of(cfg):
+    """:func:`user_rows`' work on one partition: an Arrow table of whole users' events -> their rows."""
     args, min_len = (cfg.max_seq_len, cfg.dedup_consecutive_only), cfg.min_seq_len
-    return _per_user(interactions, cfg, lambda t: leave_one_out_of(sequences_of(t, *args), min_len), schema)
+    return lambda events: leave_one_out_of(sequences_of(events, *args), min_len)
 
 
 def user_item_sequences(interactions, cfg):
@@ -90,22 +95,27 @@ def user_item_sequences(interactions, cfg):
         T.StructField("seq_len", T.IntegerType(), False),
     ])
     args = (cfg.max_seq_len, cfg.dedup_consecutive_only)
-    return _per_user(interactions, cfg, lambda t: sequences_of(t, *args), schema)
+    return _map_partitions(events_by_user(interactions, cfg), lambda t: sequences_of(t, *args), schema)
 
 
-def _per_user(interactions, cfg, fn, schema):
-    """``fn`` (an Arrow table of whole users' events -> an Arrow table) over each partition of the
-    interactions shuffled by user (after the k-core, if any)."""
+def events_by_user(interactions, cfg):
+    """interactions -> (user_id, item_id, event_ts, event_seq) after the k-core (if any), shuffled so
+    that each user's events are in one partition."""
     df = interactions.select("user_id", "item_id", "event_ts", "event_seq")
     if cfg.k_core > 0:
         df = _k_core(df, cfg.k_core)
+    return df.repartition("user_id")
+
+
+def _map_partitions(df, fn, schema):
+    """``fn`` (a partition as one Arrow table -> an Arrow table) over each partition of ``df``."""
 
     def build(batches):
         batches = list(batches)
         if batches:
             yield from fn(pa.Table.from_batches(batches)).to_batches()
 
-    return df.repartition("user_id").mapInArrow(build, schema)
+    return df.mapInArrow(build, schema)
 
 
 def _codes(col, ordered: bool) -> np.ndarray:

@@ -6,7 +6,7 @@ import logging
 
 from pyspark.sql import functions as F
 
-from slimrec.sequences import QUARANTINE_COLUMN, user_rows
+from slimrec.sequences import QUARANTINE_COLUMN, events_by_user, user_rows, user_rows_of
 from slimrec.spark import session_conf, shuffle_partitions_for
 from slimrec.stages.base import StageContext, StageResult
 
@@ -34,7 +34,13 @@ def _run(ctx: StageContext, n_in: int) -> StageResult:
     versions = {}
     engine = ctx.cfg.spark.delta_engine
     first_write = not lake.exists("user_sequences")
-    if first_write:
+    if first_write and engine != "delta-spark":
+        # The Python worker that builds a partition's rows writes them too: they never go back to
+        # the JVM (5M events, warm: 4.6 s against 3.7 s through the Data Source writer)
+        done = lake.write_mapped_diverting(events_by_user(interactions, ctx.cfg.sequences), user_rows_of(ctx.cfg.sequences),
+                                           "user_sequences", "overwrite", info, QUARANTINE_COLUMN)
+        n_stale = 0
+    elif first_write:
         # One row per user is far fewer rows than the events the shuffle was sized for: write from
         # fewer, larger tasks (at 5M events 20 files of 10K users took 1.4 s, 2 files 0.7 s). Each
         # written user has >= min_seq_len events, so n_in / min_seq_len bounds the rows: a task gets
