@@ -26,9 +26,8 @@ its first query of that shape in the JVM (after ingest in the same session),
 which on 2 cores pays for the JIT compiler beside the tasks; DuckDB's first
 query in a fresh process. Warm: the median of 5 more runs of the same
 build_sequences stage, each into a new lake holding a copy of the same
-interactions table; DuckDB's same query again, the median of as many more runs
-in the same process. Both
-ratios are printed. Then the rerun path: the stage twice more on its own lake,
+interactions table; DuckDB's same query again, the median of as many more
+runs in the same process. Both ratios are printed. Then the rerun path: the stage twice more on its own lake,
 which already holds ``user_sequences`` (MERGE of changed users; nothing changed).
 
 For the first build_sequences run and each warm one, the CPU seconds of the

@@ -66,6 +66,17 @@ def _nullable_fields(dt):
     return T.StructType([T.StructField(f.name, f.dataType, True) for f in dt.fields])
 
 
+def with_lineage(data: pa.Table, s: TableSpec, info: CommitInfo) -> pa.Table:
+    """``data`` with the lineage columns ``s`` has and ``data`` lacks filled from ``info`` (other columns kept)."""
+    if s.lineage:
+        if "run_date" not in data.column_names:
+            data = data.append_column("run_date", pa.array([info.run_date] * len(data), pa.date32()))
+        if "input_versions" not in data.column_names:
+            iv = json.dumps(info.input_versions, sort_keys=True)
+            data = data.append_column("input_versions", pa.array([iv] * len(data), pa.string()))
+    return data
+
+
 class LakeError(RuntimeError):
     """A table that is missing, or a write that cannot be done as asked."""
 
@@ -167,15 +178,6 @@ class Lake:
         return reader.parquet(*files).select(*s.column_names)
 
     # ------------------------------------------------------------------ writing
-    def _fill_lineage(self, data: pa.Table, s: TableSpec, info: CommitInfo) -> pa.Table:
-        if s.lineage:
-            if "run_date" not in data.column_names:
-                data = data.append_column("run_date", pa.array([info.run_date] * len(data), pa.date32()))
-            if "input_versions" not in data.column_names:
-                iv = json.dumps(info.input_versions, sort_keys=True)
-                data = data.append_column("input_versions", pa.array([iv] * len(data), pa.string()))
-        return s.conform_arrow(data)
-
     def _check_mode(self, s: TableSpec, mode: str) -> None:
         if mode == "replace_date" and "run_date" not in s.partition_by:
             raise LakeError(f"replace_date needs a table partitioned by run_date; {s.name} is not")
@@ -214,7 +216,7 @@ class Lake:
             raise LakeError("delete_missing needs mode='merge'")
         if isinstance(data, pd.DataFrame):
             data = pa.Table.from_pandas(data, preserve_index=False)
-        data = self._fill_lineage(data, s, info)
+        data = s.conform_arrow(with_lineage(data, s, info))
         uri = self.path(table)
         props = info.properties(mode)
         if mode == "merge" and self.exists(table):
@@ -380,9 +382,8 @@ class Lake:
         if mapped is None:
             actions, diverted = collect_add_actions(df, uri, s, self.target_file_rows, *(divert or (None, None)))
         else:
-            lineage = {"run_date": info.run_date, "input_versions": json.dumps(info.input_versions, sort_keys=True)}
-            actions, diverted = collect_mapped_add_actions(df, mapped, uri, s, self.target_file_rows,
-                                                           lineage if s.lineage else {}, *(divert or (None, None)))
+            fn = lambda t: with_lineage(mapped(t), s, info)  # noqa: E731 - runs in the executors
+            actions, diverted = collect_mapped_add_actions(df, fn, uri, s, self.target_file_rows, *(divert or (None, None)))
         if mode == "replace_date":
             bad = {a.partition_values.get("run_date") for a in actions} - {info.run_date.isoformat()}
             if bad:

@@ -17,10 +17,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from slimrec import prompts as P
+from slimrec.schemas.tables import spec
 
 log = logging.getLogger(__name__)
 
 QUARANTINE_COLUMN = "_quarantine"
+QUARANTINE_FIELDS = ["stage", "source", "source_row", "reason", "payload"]  # quarantine's own columns
 
 
 def build_sequences(interactions, cfg):
@@ -59,19 +61,8 @@ def user_rows(interactions, cfg):
     by rows (:func:`slimrec.spark.shuffle_partitions_for`), which adaptive execution may merge up to its
     advisory size (64 MB of shuffle data: 2.5M events in a partition at 5M events).
     """
-    from pyspark.sql import types as T
-
-    s, q = T.StringType(), T.StructType([
-        T.StructField("stage", T.StringType()), T.StructField("source", T.StringType()),
-        T.StructField("source_row", T.LongType()), T.StructField("reason", T.StringType()),
-        T.StructField("payload", T.StringType())])
-    schema = T.StructType([
-        T.StructField("user_id", s, False), T.StructField("item_ids", T.ArrayType(s, False), False),
-        T.StructField("history", T.ArrayType(s, False)), T.StructField("valid_target", s),
-        T.StructField("test_target", s), T.StructField("seq_len", T.IntegerType(), False),
-        T.StructField("last_event_ts", T.TimestampType()), T.StructField("seq_hash", s),
-        T.StructField(QUARANTINE_COLUMN, q),
-    ])
+    cols = ["user_id", "item_ids", "history", "valid_target", "test_target", "seq_len", "last_event_ts", "seq_hash"]
+    schema = _user_sequences_schema(cols, with_quarantine=True)
     return _map_partitions(events_by_user(interactions, cfg), user_rows_of(cfg), schema)
 
 
@@ -86,16 +77,23 @@ def user_item_sequences(interactions, cfg):
 
     Output: user_id, item_ids, last_event_ts, seq_len (:func:`sequences_of`, as :func:`user_rows`).
     """
-    from pyspark.sql import types as T
-
-    schema = T.StructType([
-        T.StructField("user_id", T.StringType(), False),
-        T.StructField("item_ids", T.ArrayType(T.StringType(), False), False),
-        T.StructField("last_event_ts", T.TimestampType()),
-        T.StructField("seq_len", T.IntegerType(), False),
-    ])
+    schema = _user_sequences_schema(["user_id", "item_ids", "last_event_ts", "seq_len"])
     args = (cfg.max_seq_len, cfg.dedup_consecutive_only)
     return _map_partitions(events_by_user(interactions, cfg), lambda t: sequences_of(t, *args), schema)
+
+
+def _user_sequences_schema(cols: list[str], with_quarantine: bool = False):
+    """The Spark schema of a kernel's output, in its column order: ``cols`` of user_sequences (types
+    from :mod:`slimrec.schemas.tables`), and the quarantine record's fields as the struct
+    :data:`QUARANTINE_COLUMN`."""
+    from pyspark.sql import types as T
+
+    us = spec("user_sequences").spark_schema()
+    fields = [us[c] for c in cols]
+    if with_quarantine:
+        q = spec("quarantine").spark_schema()
+        fields.append(T.StructField(QUARANTINE_COLUMN, T.StructType([q[c] for c in QUARANTINE_FIELDS])))
+    return T.StructType(fields)
 
 
 def events_by_user(interactions, cfg):
@@ -133,7 +131,7 @@ def _dense(col) -> np.ndarray:
     """An integer or timestamp column -> non-negative int64 in the same order: ``x - min`` when the
     range is small (a few times the row count), else ranks of the distinct values (a hash, then a sort
     of the distinct values only)."""
-    x = pc.cast(col, pa.int64()).to_numpy() if isinstance(col, pa.ChunkedArray) else col
+    x = pc.cast(col, pa.int64()).to_numpy()
     lo, hi = int(x.min()), int(x.max())
     if hi - lo <= 4 * len(x):
         return x.astype(np.int64) - lo
@@ -281,7 +279,7 @@ def leave_one_out_of(seq: pa.Table, min_seq_len: int) -> pa.Table:
          pa.nulls(n, pa.int64()),
          pa.array([f"sequence shorter than {min_seq_len} items after dedup/filtering"] * n, pa.string()),
          pa.array(payload, pa.string())],
-        names=["stage", "source", "source_row", "reason", "payload"],
+        names=QUARANTINE_FIELDS,
         mask=pa.array(~short),
     )
     return pa.table({

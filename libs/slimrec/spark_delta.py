@@ -193,12 +193,12 @@ def _writer_options(table_uri: str, spec, target_file_rows: int, divert_column, 
     return opts
 
 
-def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: int, constants: dict,
+def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: int,
                                divert_column: str | None = None, divert_dir: str | None = None) -> tuple[list, list[str]]:
     """:func:`collect_add_actions` of ``fn`` applied to each partition of ``df``, in one pass.
 
-    ``fn`` takes a partition as one Arrow table and returns the rows to write (``spec``'s columns
-    but ``constants``, the lineage values every row gets, and ``divert_column`` if given). The
+    ``fn`` takes a partition as one Arrow table and returns the rows to write (``spec``'s columns,
+    and ``divert_column`` if given). The
     Python worker that runs ``fn`` writes its output itself: the rows never go back to the JVM
     (for build_sequences at 5M events, 200K rows of two string lists each). A task that fails after
     writing leaves its files unreferenced, invisible to Delta readers, as a failed task of the
@@ -207,17 +207,12 @@ def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: i
     from slimrec.lake import make_add_action
 
     opts = _writer_options(table_uri, spec, target_file_rows, divert_column, divert_dir)
-    target = spec.arrow_schema()
-    consts = {k: pa.scalar(v, target.field(k).type) for k, v in constants.items()}
 
     def task(batches):
         batches = list(batches)
         if not batches:
             return
-        t = fn(pa.Table.from_batches(batches))
-        for k, v in consts.items():
-            t = t.append_column(k, pa.repeat(v, len(t)))
-        msg = _Writer(opts).write(iter(t.to_batches()))
+        msg = _Writer(opts).write(iter(fn(pa.Table.from_batches(batches)).to_batches()))
         yield pa.RecordBatch.from_pydict({"actions": [json.dumps(msg.actions)], "diverted": [json.dumps(msg.diverted)]})
 
     rows = df.mapInArrow(task, "actions string, diverted string").collect()

@@ -29,7 +29,7 @@ def _run(ctx: StageContext, n_in: int) -> StageResult:
     interactions = lake.read_spark(spark, "interactions")
     # Every user's row carries either its sequence or, when too short, its quarantine record, and the
     # writer routes each: a first write is one pass over the events (no cached intermediate, no second job).
-    users = user_rows(interactions, ctx.cfg.sequences)
+    seq_cfg = ctx.cfg.sequences
     info = ctx.commit_info("build_sequences", inputs)
     versions = {}
     engine = ctx.cfg.spark.delta_engine
@@ -37,7 +37,7 @@ def _run(ctx: StageContext, n_in: int) -> StageResult:
     if first_write and engine != "delta-spark":
         # The Python worker that builds a partition's rows writes them too: they never go back to
         # the JVM (bench.foundation, 5M events: warm median 4.1 s, against 4.6 s through the Data Source writer)
-        done = lake.write_mapped_diverting(events_by_user(interactions, ctx.cfg.sequences), user_rows_of(ctx.cfg.sequences),
+        done = lake.write_mapped_diverting(events_by_user(interactions, seq_cfg), user_rows_of(seq_cfg),
                                            "user_sequences", "overwrite", info, QUARANTINE_COLUMN)
         n_stale = 0
     elif first_write:
@@ -45,8 +45,9 @@ def _run(ctx: StageContext, n_in: int) -> StageResult:
         # fewer, larger tasks (at 5M events 20 files of 10K users took 1.4 s, 2 files 0.7 s). Each
         # written user has >= min_seq_len events, so n_in / min_seq_len bounds the rows: a task gets
         # at most about target_file_rows of them, and never fewer tasks than the cluster has cores.
-        max_users = n_in // max(1, ctx.cfg.sequences.min_seq_len)
-        users = users.coalesce(max(spark.sparkContext.defaultParallelism, -(-max_users // lake.target_file_rows)))
+        max_users = n_in // max(1, seq_cfg.min_seq_len)
+        tasks = max(spark.sparkContext.defaultParallelism, -(-max_users // lake.target_file_rows))
+        users = user_rows(interactions, seq_cfg).coalesce(tasks)
         done = lake.write_spark_diverting(users, "user_sequences", "overwrite", info, QUARANTINE_COLUMN, engine)
         n_stale = 0
     else:
@@ -54,7 +55,7 @@ def _run(ctx: StageContext, n_in: int) -> StageResult:
         # user's hash is null, never equal, so its quarantine record is always routed (MERGE keeps one).
         # Users of the table with no sequence now (gone from the interactions, filtered out, or too
         # short) are deleted first. Both need every user's row: computed once, kept for the two jobs.
-        users = users.persist()
+        users = user_rows(interactions, seq_cfg).persist()
         old = lake.read_spark(spark, "user_sequences").select("user_id", "seq_hash")
         kept = users.where(F.col(QUARANTINE_COLUMN).isNull()).select("user_id")
         stale = old.select("user_id").join(kept, "user_id", "left_anti").toArrow()
