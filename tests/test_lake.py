@@ -165,6 +165,21 @@ def test_session_conf_sets_and_restores(spark):
     assert spark.conf.get(unset_key) == default
 
 
+def test_arrow_batches_to_python_are_bounded_by_rows_not_bytes(spark):
+    """get_spark turns Spark's per-row byte measuring off (slimrec.spark): batches stay row-bounded."""
+    from slimrec.spark import session_conf
+
+    assert spark.conf.get("spark.sql.execution.arrow.maxBytesPerBatch") == str(2**31 - 1)
+
+    def sizes(batches):
+        for b in batches:
+            yield pa.RecordBatch.from_pydict({"n": [b.num_rows]})
+
+    with session_conf(spark, {"spark.sql.execution.arrow.maxRecordsPerBatch": "100"}):
+        got = [r.n for r in spark.range(0, 1050, numPartitions=1).mapInArrow(sizes, "n long").collect()]
+    assert sorted(got) == [50] + [100] * 10
+
+
 def test_executor_writer_streams_files_of_bounded_rows(tmp_path):
     """The executor-side writer, fed batch by batch: files per partition value of at most target_file_rows."""
     from slimrec.spark_delta import _Writer

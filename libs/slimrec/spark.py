@@ -35,6 +35,11 @@ def get_spark(cfg):
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
         .config("spark.sql.session.timeZone", "UTC")
         .config("spark.sql.execution.arrow.pyspark.enabled", "true")
+        # Batches to Python workers (mapInArrow, Python Data Source writes) are bounded by rows
+        # (maxRecordsPerBatch, 10,000). Under any byte limit but Int.MaxValue, Spark 4.2 measures the
+        # batch's Arrow buffers after every row it adds (BatchedPythonArrowInput): at 5M events that
+        # was 1.2 s of build_sequences' 4.3 s warm (bench.foundation, JFR samples).
+        .config("spark.sql.execution.arrow.maxBytesPerBatch", str(2**31 - 1))
         .config("spark.sql.shuffle.partitions", str(cfg.shuffle_partitions or 4))
         .config("spark.sql.adaptive.enabled", "true")
         .config("spark.ui.showConsoleProgress", "true")
