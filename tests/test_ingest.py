@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from slimrec import ingest
 from slimrec.config import load_config
 from slimrec.ingest import IngestError, parse_json_line
 from slimrec.lake import Lake
@@ -301,6 +302,47 @@ def test_events_csv_with_byte_order_mark_and_spaced_header(spark, tmp_path):
     assert [(r[0], r[1], r[3]) for r in _inter(ctx.lake)] == [("u1", "i1", 0), ("u1", "i2", 1)]
     assert ctx.lake.read_pandas("items").set_index("item_id").loc["i2"].title == "Red pen"
     assert result.extra["quarantined"] == 0
+
+
+def test_events_column_names_match_without_case_or_separators(spark, tmp_path):
+    """MovieLens' ratings.csv (userId, movieId) and movies.csv (movieId, title, genres): the catalogue is
+    told from the events by its columns, and the ids and genres are read."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,1029,3.0,1260759179\n"
+                                      "2,31,4.0,1260759100\n")
+    (data / "movies.csv").write_text('movieId,title,genres\n31,"Dangerous Minds (1995)",Drama\n'
+                                     '1029,"Dumbo (1941)",Animation|Children|Drama|Musical\n')
+    ctx, result = _ingest(spark, tmp_path / "lake", data)
+    assert [(r[0], r[1], r[2]) for r in _inter(ctx.lake)] == [
+        ("1", "31", _ts(1260759144)), ("1", "1029", _ts(1260759179)), ("2", "31", _ts(1260759100))]
+    dumbo = ctx.lake.read_pandas("items").set_index("item_id").loc["1029"]
+    assert dumbo.title == "Dumbo (1941)" and list(dumbo.categories) == ["Animation", "Children", "Drama", "Musical"]
+    assert result.extra["quarantined"] == 0
+
+
+def test_recbole_atomic_files(spark, tmp_path):
+    """RecBole's *.inter / *.item: tab-separated, every header with a :type suffix."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "ml.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                                   "196\t242\t3\t881250949\n196\t302\t3\t881250950\n")
+    (data / "ml.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                                  "242\tKolya\t1996\tComedy\n302\tL.A. Confidential\t1997\tCrime Film-Noir\n")
+    assert ingest.detect_format(data) == ("events", {"interactions": [data / "ml.inter"], "items": [data / "ml.item"]})
+    ctx, result = _ingest(spark, tmp_path / "lake", data)
+    assert [(r[0], r[1], r[2]) for r in _inter(ctx.lake)] == [("196", "242", _ts(881250949)), ("196", "302", _ts(881250950))]
+    assert ctx.lake.read_pandas("items").set_index("item_id").loc["302"].title == "L.A. Confidential"
+    assert result.extra["quarantined"] == 0
+
+
+def test_column_name_keys():
+    assert {ingest._name_key(c) for c in ("userId", "user_id", "User-ID", " user id", "\ufeffuser_id:token")} == {"userid"}
+    cols = ["t_dat", "customer_id", "article_id", "price"]  # H&M's transactions
+    assert [ingest._column(cols, names, "x", "f") for names in (ingest.USER_COLS, ingest.ITEM_COLS, ingest.TS_COLS)] == [
+        "customer_id", "article_id", "t_dat"]
+    # the order of preference holds across spellings: parent_asin before asin, whatever their case
+    assert ingest._column(["ASIN", "parentAsin", "user"], ingest.ITEM_COLS, "item id", "f") == "parentAsin"
 
 
 def test_timestamp_parsing_rules(spark):

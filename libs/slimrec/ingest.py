@@ -13,7 +13,10 @@ Formats (auto-detected from the folder, or named):
   ``parent_asin, title, store, categories, main_category``), whose item id is ``parent_asin``
   (the product its variants share, the key of its metadata).
 * ``events``: ``*.csv|*.tsv|*.parquet`` events with user/item/timestamp columns
-  (common names accepted) and an optional items file (name contains ``item``).
+  (common names accepted, matched without case or separators: ``userId``, ``user_id`` and
+  ``User-ID`` are one name) and an optional items file (item column and no user column, or a
+  name that contains ``item``). RecBole's atomic files (``*.inter`` and ``*.item``, tab-separated,
+  headers such as ``user_id:token``) are read the same way, the ``:type`` suffix dropped.
 
 Whole-input problems (missing folder, no recognisable files, unreadable JSON
 document) raise :class:`IngestError` with one line. Row problems become
@@ -27,6 +30,7 @@ import csv
 import gzip
 import json
 import logging
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -36,14 +40,19 @@ from slimrec.text import clean_text, item_text, sha1, split_categories
 
 log = logging.getLogger(__name__)
 
-USER_COLS = ("user_id", "user", "userid", "reviewerid", "customer_id", "visitorid")
-ITEM_COLS = ("item_id", "item", "itemid", "parent_asin", "asin", "product_id", "movie_id")
+# Column names a source may use, in order of preference; matched by _name_key (MovieLens' userId and
+# movieId, H&M's customer_id, article_id and t_dat, a session-based log's session_id).
+USER_COLS = ("user_id", "user", "reviewerID", "customer_id", "visitor_id", "session_id", "client_id")
+ITEM_COLS = ("item_id", "item", "parent_asin", "asin", "product_id", "movie_id", "article_id", "book_id",
+             "track_id", "isbn", "sku")
 # Amazon's item keys: the 2023 release's reviews hold both parent_asin (the product, the metadata's key)
 # and asin (the variant bought); the 2014/2018 dumps only asin.
 AMAZON_ITEM_KEYS = ("parent_asin", "asin", "item_id")
 AMAZON_USER_KEYS = ("reviewerid", "user_id")
-TS_COLS = ("event_ts", "timestamp", "ts", "time", "unixreviewtime", "datetime", "date")
-EVENT_EXT = (".csv", ".tsv", ".parquet", ".csv.gz", ".tsv.gz")
+TS_COLS = ("event_ts", "timestamp", "ts", "time", "unixReviewTime", "datetime", "event_time", "created_at",
+           "date", "t_dat")
+EVENT_EXT = (".csv", ".tsv", ".parquet", ".csv.gz", ".tsv.gz", ".inter", ".item")
+_TAB_EXT = (".tsv", ".tsv.gz", ".inter", ".item")  # tab-separated text (RecBole's atomic files too)
 
 
 class IngestError(ValueError):
@@ -101,14 +110,25 @@ def _header(path: Path) -> list[str] | None:
         opener = gzip.open if name.endswith(".gz") else open
         with opener(path, "rt", encoding="utf-8", errors="replace", newline="") as f:
             line = f.readline()
-        return next(csv.reader([line], delimiter="\t" if ".tsv" in name else ","))
+        return next(csv.reader([line], delimiter=_sep(name)))
     except (OSError, EOFError, ValueError, csv.Error, StopIteration):
         return None
 
 
+def _sep(name: str) -> str:
+    return "\t" if name.lower().endswith(_TAB_EXT) else ","
+
+
 def _clean_name(col: str) -> str:
-    """A header's column name without outer spaces or a UTF-8 byte-order mark (``\ufeffuser_id``, `` item_id``)."""
-    return col.strip().lstrip("\ufeff").strip()
+    """A header's column name without outer spaces, a UTF-8 byte-order mark (``\ufeffuser_id``,
+    `` item_id``) or a RecBole type suffix (``user_id:token``, ``timestamp:float``)."""
+    return re.sub(r":(token|float|token_seq|float_seq)$", "", col.strip().lstrip("\ufeff").strip())
+
+
+def _name_key(col: str) -> str:
+    """A column name as matched against USER_COLS, ITEM_COLS and TS_COLS: cleaned, lower case, without
+    separators, so ``userId``, ``user_id``, ``User-ID`` and ``user id`` are all ``userid``."""
+    return re.sub(r"[\s_\-.]", "", _clean_name(col).lower())
 
 
 def _is_catalogue(path: Path) -> bool:
@@ -116,10 +136,10 @@ def _is_catalogue(path: Path) -> bool:
     with user_id, parent_asin, timestamp is events); by its name where the columns cannot be read."""
     cols = _header(path)
     if cols:
-        low = {_clean_name(c).lower() for c in cols}
-        if low & set(USER_COLS):
+        keys = {_name_key(c) for c in cols}
+        if keys & {_name_key(n) for n in USER_COLS}:
             return False
-        if low & set(ITEM_COLS):
+        if keys & {_name_key(n) for n in ITEM_COLS}:
             return True
     return _is_catalogue_name(path.name)
 
@@ -350,10 +370,13 @@ def read_amazon(review_files: list[Path], meta_files: list[Path], chunk: int = 2
 
 
 def _column(df_cols: list[str], names: tuple[str, ...], what: str, source: str) -> str:
-    low = {c.lower(): c for c in df_cols}
+    """The first of ``names`` (by :func:`_name_key`) among ``df_cols``; a one-line error if none is."""
+    keys: dict[str, str] = {}
+    for c in df_cols:
+        keys.setdefault(_name_key(c), c)
     for n in names:
-        if n in low:
-            return low[n]
+        if _name_key(n) in keys:
+            return keys[_name_key(n)]
     raise IngestError(f"{source}: no {what} column (looked for {', '.join(names)}; found {', '.join(df_cols)})")
 
 
@@ -388,7 +411,7 @@ def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
             # which build_interactions converts. Delta tables here are written in microseconds.
             spark.conf.set("spark.sql.legacy.parquet.nanosAsLong", "true")
             return spark.read.parquet(str(f))
-        sep = "\t" if ".tsv" in name else ","
+        sep = _sep(name)
         # RFC 4180, as pandas and spreadsheets write it: a quote inside a quoted field is doubled. A
         # quoted field of a catalogue (a description) may hold line breaks: ``multiline`` reads such a
         # file whole, in one task; events files (ids and times) keep being split across tasks.
@@ -470,11 +493,12 @@ def normalise_items(raw_items: pd.DataFrame, max_text_chars: int, max_id_chars: 
             quarantine.append(_qrow(r.source_file, r.source_row, err, r.payload or ""))
             continue
         seen.add(item)
-        title = clean_text(_pick(rec, ("title", "name", "product_title")), max_text_chars)
+        title = clean_text(_pick(rec, ("title", "name", "product_title", "movie_title", "book_title", "prod_name")), max_text_chars)
         brand = clean_text(_pick(rec, ("brand", "manufacturer", "store")), 200)
         # the 2023 Amazon metadata often has empty categories and a main_category only
-        cats = split_categories(_pick(rec, ("categories", "category", "category_path", "genres", "main_category")))
-        desc = _pick(rec, ("description", "desc"))
+        cats = split_categories(_pick(rec, ("categories", "category", "category_path", "genres", "class",
+                                          "main_category", "product_type_name")))
+        desc = _pick(rec, ("description", "desc", "detail_desc"))
         if isinstance(desc, list):
             desc = " ".join(str(d) for d in desc)
         desc = clean_text(desc, max_text_chars)
