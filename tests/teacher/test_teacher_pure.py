@@ -204,6 +204,19 @@ def test_offline_cold_user_falls_back_to_own_category_then_popularity():
     assert "no brand is listed for them" in out.loc[0, "rationale"]
 
 
+def test_offline_teacher_on_a_catalogue_without_brands_or_categories():
+    """MovieLens has no brands: no label of a kind at all must not break the scoring."""
+    histories = [["A", "B"], ["A", "B"], ["A", "C"]]
+    c = OfflineTeacherConfig(window=1, n_items=2)
+    for drop in (["brand"], ["brand", "categories"]):
+        items = items_frame().assign(**{k: None for k in drop})
+        stats = build_stats(histories, items, c)
+        assert stats.brands == [] and (stats.cats == []) == ("categories" in drop)
+        out = OfflineTeacher(stats, c)(pd.DataFrame({"prompt_hash": ["h"], "prompt_item_ids": [["A"]]}))
+        assert list(out.loc[0, "grounded_item_ids"]) == ["B", "C"]  # B follows A twice, C once
+        assert "no brand stands out" in out.loc[0, "rationale"]
+
+
 def test_cut_right_after_the_step_3_header_is_truncated_not_a_parse_error():
     assert parse_rationale("Step 1: a\nStep 2: b\nStep 3: ", "length") == (
         None, "truncated: the answer hit the token limit inside step 3")

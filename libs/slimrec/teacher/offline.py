@@ -120,6 +120,7 @@ def _codes(labels: list[str]) -> tuple[np.ndarray, list[str]]:
 def _pmi(src: np.ndarray, dst: np.ndarray, w: np.ndarray, n: int, min_count: int) -> sp.csr_matrix:
     """Smoothed positive PMI ``log((n_ab + 1) / (n_a * n_b / N + 1))`` of label pairs; unknown (-1) dropped."""
     ok = (src >= 0) & (dst >= 0)
+    n = max(1, n)  # as wide as _project's weights: a catalogue without any brand (MovieLens) has no labels
     counts = sp.coo_matrix((w[ok], (src[ok], dst[ok])), shape=(n, n)).tocsr()
     counts.sum_duplicates()
     total = counts.sum()
