@@ -304,15 +304,22 @@ def test_events_csv_with_byte_order_mark_and_spaced_header(spark, tmp_path):
     assert result.extra["quarantined"] == 0
 
 
+def _dataset(tmp_path: Path, files: dict[str, str]) -> Path:
+    """A dataset folder holding ``files`` (name -> text)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, text in files.items():
+        (data / name).write_text(text)
+    return data
+
+
 def test_events_column_names_match_without_case_or_separators(spark, tmp_path):
     """MovieLens' ratings.csv (userId, movieId) and movies.csv (movieId, title, genres): the catalogue is
     told from the events by its columns, and the ids and genres are read."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,1029,3.0,1260759179\n"
-                                      "2,31,4.0,1260759100\n")
-    (data / "movies.csv").write_text('movieId,title,genres\n31,"Dangerous Minds (1995)",Drama\n'
-                                     '1029,"Dumbo (1941)",Animation|Children|Drama|Musical\n')
+    data = _dataset(tmp_path, {
+        "ratings.csv": "userId,movieId,rating,timestamp\n1,31,2.5,1260759144\n1,1029,3.0,1260759179\n2,31,4.0,1260759100\n",
+        "movies.csv": 'movieId,title,genres\n31,"Dangerous Minds (1995)",Drama\n1029,"Dumbo (1941)",Animation|Children|Drama|Musical\n',
+    })
     ctx, result = _ingest(spark, tmp_path / "lake", data)
     assert [(r[0], r[1], r[2]) for r in _inter(ctx.lake)] == [
         ("1", "31", _ts(1260759144)), ("1", "1029", _ts(1260759179)), ("2", "31", _ts(1260759100))]
@@ -323,12 +330,11 @@ def test_events_column_names_match_without_case_or_separators(spark, tmp_path):
 
 def test_recbole_atomic_files(spark, tmp_path):
     """RecBole's *.inter / *.item: tab-separated, every header with a :type suffix."""
-    data = tmp_path / "data"
-    data.mkdir()
-    (data / "ml.inter").write_text("user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
-                                   "196\t242\t3\t881250949\n196\t302\t3\t881250950\n")
-    (data / "ml.item").write_text("item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
-                                  "242\tKolya\t1996\tComedy\n302\tL.A. Confidential\t1997\tCrime Film-Noir\n")
+    data = _dataset(tmp_path, {
+        "ml.inter": "user_id:token\titem_id:token\trating:float\ttimestamp:float\n196\t242\t3\t881250949\n196\t302\t3\t881250950\n",
+        "ml.item": "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                   "242\tKolya\t1996\tComedy\n302\tL.A. Confidential\t1997\tCrime Film-Noir\n",
+    })
     assert ingest.detect_format(data) == ("events", {"interactions": [data / "ml.inter"], "items": [data / "ml.item"]})
     ctx, result = _ingest(spark, tmp_path / "lake", data)
     assert [(r[0], r[1], r[2]) for r in _inter(ctx.lake)] == [("196", "242", _ts(881250949)), ("196", "302", _ts(881250950))]
