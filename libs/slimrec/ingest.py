@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import functools
 import gzip
 import json
 import logging
@@ -51,6 +52,10 @@ AMAZON_ITEM_KEYS = ("parent_asin", "asin", "item_id")
 AMAZON_USER_KEYS = ("reviewerid", "user_id")
 TS_COLS = ("event_ts", "timestamp", "ts", "time", "unixReviewTime", "datetime", "event_time", "created_at",
            "date", "t_dat")
+# an item record's fields, in order of preference (matched by _name_key, as the columns above)
+ITEM_TITLE_KEYS = ("title", "name", "product_title", "movie_title", "book_title", "prod_name")
+ITEM_CATEGORY_KEYS = ("categories", "category", "category_path", "genres", "class", "main_category",
+                      "product_type_name")
 EVENT_EXT = (".csv", ".tsv", ".parquet", ".csv.gz", ".tsv.gz", ".inter", ".item")
 _TAB_EXT = (".tsv", ".tsv.gz", ".inter", ".item")  # tab-separated text (RecBole's atomic files too)
 
@@ -125,9 +130,11 @@ def _clean_name(col: str) -> str:
     return re.sub(r":(token|float|token_seq|float_seq)$", "", col.strip().lstrip("\ufeff").strip())
 
 
+@functools.lru_cache(maxsize=4096)  # per record in the JSON readers: a source repeats the same few keys
 def _name_key(col: str) -> str:
-    """A column name as matched against USER_COLS, ITEM_COLS and TS_COLS: cleaned, lower case, without
-    separators, so ``userId``, ``user_id``, ``User-ID`` and ``user id`` are all ``userid``."""
+    """A column or record key as matched against known names (USER_COLS, ITEM_COLS, TS_COLS, the item
+    fields :func:`_pick` reads): cleaned, lower case, without separators, so ``userId``, ``user_id``,
+    ``User-ID`` and ``user id`` are all ``userid``."""
     return re.sub(r"[\s_\-.]", "", _clean_name(col).lower())
 
 
@@ -137,9 +144,9 @@ def _is_catalogue(path: Path) -> bool:
     cols = _header(path)
     if cols:
         keys = {_name_key(c) for c in cols}
-        if keys & {_name_key(n) for n in USER_COLS}:
+        if any(_name_key(n) in keys for n in USER_COLS):
             return False
-        if keys & {_name_key(n) for n in ITEM_COLS}:
+        if any(_name_key(n) in keys for n in ITEM_COLS):
             return True
     return _is_catalogue_name(path.name)
 
@@ -227,9 +234,12 @@ def parse_json_line(line: str) -> tuple[dict | None, str | None]:
 
 
 def _pick(rec: dict, names: tuple[str, ...]):
-    low = {k.lower(): v for k, v in rec.items()}
+    """The value of the first of ``names`` (matched by :func:`_name_key`) that ``rec`` holds with a value."""
+    keys: dict[str, object] = {}
+    for k, v in rec.items():
+        keys.setdefault(_name_key(k), v)
     for n in names:  # the first name with a value; an empty string or list is no value
-        v = low.get(n)
+        v = keys.get(_name_key(n))
         if v is not None and not (isinstance(v, str | list | dict) and len(v) == 0):
             return v
     return None
@@ -375,8 +385,8 @@ def _column(df_cols: list[str], names: tuple[str, ...], what: str, source: str) 
     for c in df_cols:
         keys.setdefault(_name_key(c), c)
     for n in names:
-        if _name_key(n) in keys:
-            return keys[_name_key(n)]
+        if (c := keys.get(_name_key(n))) is not None:
+            return c
     raise IngestError(f"{source}: no {what} column (looked for {', '.join(names)}; found {', '.join(df_cols)})")
 
 
@@ -493,11 +503,10 @@ def normalise_items(raw_items: pd.DataFrame, max_text_chars: int, max_id_chars: 
             quarantine.append(_qrow(r.source_file, r.source_row, err, r.payload or ""))
             continue
         seen.add(item)
-        title = clean_text(_pick(rec, ("title", "name", "product_title", "movie_title", "book_title", "prod_name")), max_text_chars)
+        title = clean_text(_pick(rec, ITEM_TITLE_KEYS), max_text_chars)
         brand = clean_text(_pick(rec, ("brand", "manufacturer", "store")), 200)
         # the 2023 Amazon metadata often has empty categories and a main_category only
-        cats = split_categories(_pick(rec, ("categories", "category", "category_path", "genres", "class",
-                                          "main_category", "product_type_name")))
+        cats = split_categories(_pick(rec, ITEM_CATEGORY_KEYS))
         desc = _pick(rec, ("description", "desc", "detail_desc"))
         if isinstance(desc, list):
             desc = " ".join(str(d) for d in desc)
