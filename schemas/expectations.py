@@ -452,6 +452,14 @@ def _specific(table: str, th: Thresholds) -> tuple[list[Derived], list[Check]]:
         ]
         unknown("dq_unknown_item_ids", "item_ids", "items", "item_id")
         unknown("dq_unknown_run_id", "run_id", "recommender_runs", "run_id")
+    elif table == "experiments":
+        c += [_between("mean", "metric mean outside [0, 1]", 0, 1), *_non_negative("std", "n_users"),
+              _between("precision", "precision outside [0, 1]", 0, 1), _between("n_seeds", "no seed", 1),
+              *_non_negative("se_vs_text", "se_vs_reference", "se_vs_p0", "se_vs_prev"),
+              _in_set("metric", ("hr_10", "hr_20", "ndcg_10", "ndcg_20", "mrr"), "unknown metric name"),
+              _in_set("split", ("valid", "test"), "split other than valid or test"),
+              _in_set("kind", ("planted",), "unknown experiment kind")]
+        unknown("dq_unknown_run_id", "run_id", "recommender_runs", "run_id")
     elif table == "quarantine":
         pass  # the common checks: stage, source, reason present; key unique
     elif table == "dq_results":

@@ -322,6 +322,59 @@ def tables(lake: LakeOpt = "lake"):
     console.print(t)
 
 
+experiment_app = typer.Typer(no_args_is_help=True, help="Experiments on the pipeline (never defaults; flagged "
+                                                        "wherever their numbers appear).")
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("planted")
+def experiment_planted(
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", help="folder with the source files (leave out to use an ingested lake)")] = None,
+    lake: LakeOpt = "lake",
+    profile: ProfileOpt = "dev",
+    precisions: Annotated[str, typer.Option("--precisions", help="comma-separated planted precisions in [0, 1]")] = (
+        "0,0.1,0.25,0.5,1"),
+    run_date: DateOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    report_dir: Annotated[str, typer.Option("--report-dir", help="where the experiment's pages go")] = "reports",
+    verbose: bool = False,
+):
+    """Rationale-channel curve with a planted-signal teacher (LEAKS TARGETS BY DESIGN: an experiment, not a
+    result). With probability p a user's teacher rationale also names that user's held-out items; the shared
+    stages run once, then teacher_rationales (every user), embed and train_recommender once per p. Writes the
+    `experiments` table and reports/experiment-<id>.{html,md,json}."""
+    _setup_logging(verbose)
+    with _Command(lake) as cmd:
+        from slimrec.config import ConfigError, load_config
+
+        try:
+            ps = [float(x) for x in precisions.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"--precisions {precisions!r} is not a comma-separated list of numbers") from None
+        start = None
+        if dataset is None:
+            from slimrec.ingest import IngestError
+            from slimrec.lake import Lake
+
+            if not Lake(lake).exists("interactions"):
+                raise IngestError(f"{lake} holds no ingested data: pass --dataset DIR")
+            start = "build_sequences"
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset)
+        from slimrec.planted_experiment import format_checks, format_curve, run_planted, write_pages
+
+        def config_for(extra: list[str]):
+            return load_config(profile, config, [*(set_ or []), *extra])
+
+        with ctx.lake.lock():
+            exp = run_planted(ctx, ps, config_for, start, progress=lambda m: typer.echo(m, err=True))
+        typer.echo("\n" + format_curve(exp.rows))
+        typer.echo("\nChecks (full ranking, test NDCG@10, paired SE per user):\n" + format_checks(exp.checks))
+        paths = write_pages(exp, report_dir, " ".join(["slim", *sys.argv[1:]]))
+        typer.echo(f"\nseconds: {exp.seconds}\nexperiment {exp.experiment_id}: {', '.join(map(str, paths.values()))}")
+
+
 def stage_main(name: str) -> None:
     """Entry of the thin ``jobs/<table>.py`` files: ``slim stage NAME`` with the job's arguments."""
     app(["stage", name, *sys.argv[1:]])

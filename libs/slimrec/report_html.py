@@ -205,3 +205,43 @@ def render_html(lake, results, run_id: str, run_date, n_examples: int = 3) -> st
     parts.append("<h2>Example users</h2>" + _examples(lake, n_examples))
     parts.append("</body></html>")
     return "".join(parts)
+
+
+def _curve_chart(rows: pd.DataFrame) -> str:
+    """NDCG@10 against precision, one line per variant (error bars: std over seeds), one panel per protocol."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = rows[(rows.split == "test") & (rows.metric == "ndcg_10")]
+    protocols = [p for p in ("full", "sampled100") if p in set(t["protocol"])]
+    fig, axes = plt.subplots(1, max(1, len(protocols)), figsize=(6.5 * max(1, len(protocols)), 4), squeeze=False)
+    for ax, proto in zip(axes[0], protocols, strict=False):
+        s = t[t.protocol == proto]
+        for (b, v), g in s.groupby(["backbone", "variant"], sort=False):
+            g = g.sort_values("precision")
+            ax.errorbar(g["precision"], g["mean"], yerr=g["std"], marker="o", capsize=3,
+                        label=v if b == "none" else f"{b}/{v}")
+        ax.set_title(f"test NDCG@10, {proto} (LEAKAGE BY DESIGN)", color="#b00")
+        ax.set_xlabel("planted precision p")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, ncol=2)
+    return _png(fig)
+
+
+def planted_page(rows: pd.DataFrame, checks: list[dict], head_md: str, curve_txt: str, checks_txt: str) -> str:
+    """The planted-signal experiment's own page: red leakage banner, the curve plot, table and checks."""
+    from slimrec.teacher.planted import LEAKAGE_NOTE
+
+    chart = _curve_chart(rows) if len(rows) else "<p>(no results)</p>"
+    title = html.escape(head_md.splitlines()[0].lstrip("# "))
+    rest = html.escape("\n".join(head_md.splitlines()[3:]))
+    n_ok = sum(c["ok"] for c in checks)
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}"
+        ".leak{background:#fdd;color:#900;border:2px solid #b00;padding:.6em 1em;font-weight:bold}</style></head>"
+        f"<body><h1>{title}</h1><div class='leak'>{html.escape(LEAKAGE_NOTE)}</div><pre>{rest}</pre>{chart}"
+        f"<h2>Curve</h2><pre>{html.escape(curve_txt)}</pre>"
+        f"<h2>Checks ({n_ok} of {len(checks)} hold)</h2><pre>{html.escape(checks_txt)}</pre></body></html>"
+    )

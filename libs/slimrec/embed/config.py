@@ -57,7 +57,9 @@ class EmbedConfig(BaseModel):
         None, description="only student rationales of this model_version; None: each user's latest ok row"
     )
     teacher_model: str | None = Field(
-        None, description="only teacher rationales of this teacher_model; None: each user's latest ok row"
+        None,
+        description="only teacher rationales of this teacher_model; None: each user's latest ok row of a teacher "
+        "that is not a planted-signal experiment",
     )
     # ---------------------------------------------------------------- Ray Data (changes speed only)
     num_actors: int = Field(

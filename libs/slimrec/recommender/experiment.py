@@ -59,9 +59,24 @@ class ExperimentResult:
     best: tuple[str, str] | None
     recommendations: pd.DataFrame | None
     notes: dict = field(default_factory=dict)
+    results: list[dict] = field(default_factory=list)  # every evaluated model and baseline, per seed
 
     def table(self, split: str = "test") -> str:
         return results_table(self.metrics, split)
+
+    def per_user_test(self) -> pd.DataFrame:
+        """Long per-user test NDCG@10: backbone, variant, seed, protocol, user (row of the run's sorted user
+        ids), ndcg_10; what paired comparisons across runs (``slim experiment``) read back."""
+        frames = []
+        for r in self.results:
+            rows = r.get("per_user_rows")
+            for proto, vals in (r.get("per_user_test_ndcg_10") or {}).items():
+                users = np.arange(len(vals)) if rows is None else np.asarray(rows, dtype=np.int64)
+                frames.append(pd.DataFrame({"backbone": r["backbone"], "variant": r["variant"],
+                                            "seed": int(r["seed"]), "protocol": proto, "user": users,
+                                            "ndcg_10": np.asarray(vals, dtype=np.float64)}))
+        cols = ["backbone", "variant", "seed", "protocol", "user", "ndcg_10"]
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
 SERVING_FILE = "serving.json"
@@ -184,7 +199,7 @@ def run_experiment(
     if recs is not None:
         write_serving(root / run_id, data, cfg, recs, payloads, checkpoints)
     notes = run_notes(data, cfg, payloads, results, missing, best)
-    return ExperimentResult(metrics, payloads, checkpoints, missing, best, recs, notes)
+    return ExperimentResult(metrics, payloads, checkpoints, missing, best, recs, notes, results)
 
 
 def recommend(data, cfg, ev, payloads, checkpoints, best) -> pd.DataFrame:

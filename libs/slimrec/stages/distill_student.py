@@ -39,6 +39,7 @@ import pandas as pd
 from slimrec.pipeline import StageError
 from slimrec.stages.base import StageContext, StageResult
 from slimrec.student.config import StudentConfig
+from slimrec.teacher.planted import drop_planted
 from slimrec.student.data import (
     encode_pair,
     eval_subset,
@@ -113,6 +114,8 @@ def run(ctx: StageContext) -> StageResult:
     if inputs["prompts"] is None:
         raise StageError("distill_student needs the prompts table (student prompts); run build_prompts first")
     prompts = lake.read_pandas("prompts", version=inputs["prompts"], columns=["prompt_hash", "student_prompt", "run_date"])
+    if cfg.teacher_model is None:
+        teacher = drop_planted(teacher, "teacher_model")  # a planted experiment's answers only when named
     pairs = training_pairs(teacher, prompts, cfg.teacher_model)
     log.info("distill_student: %d teacher rows, %d ok pairs with a student prompt", len(teacher), len(pairs))
     if pairs.empty:

@@ -34,6 +34,7 @@ from slimrec.embed.texts import (
 )
 from slimrec.schemas.tables import spec as table_spec
 from slimrec.stages.base import StageContext, StageResult
+from slimrec.teacher.planted import drop_planted
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ def _rationale_candidates(ctx: StageContext, inputs: dict[str, int | None]) -> t
             continue
         raw = ctx.lake.read_pandas(table, version=inputs[table], columns=_RATIONALE_COLS + [version_col] + extra)
         version = cfg.student_model_version if source == "student" else cfg.teacher_model
+        if source == "teacher" and version is None:
+            raw = drop_planted(raw, version_col)  # a planted experiment's rows only when named
         rows = rationale_texts(raw, source, cfg.rationale_text, version_col, version)
         log.info("embed: %s: %d rows -> %d users with an ok rationale", table, len(raw), len(rows))
         frames.append(rows)
@@ -83,9 +86,12 @@ def run(ctx: StageContext) -> StageResult:
     todo_items = changed_rows(
         items, _existing(ctx, "item_embeddings", ["item_id", "text_hash"], enc.encoder_id), ITEM_KEY, ["text_hash"]
     )
-    # model_version too: the same text from another model is relabelled (rare; costs one encode).
+    # model_version too: the same text from another model is relabelled (its vector is reused below).
     old_r = _existing(ctx, "rationale_embeddings", ["user_id", "source", "model_version", "text_hash"], enc.encoder_id)
     todo_rat = changed_rows(rationales, old_r, RATIONALE_KEY, ["text_hash", "model_version"])
+    # A changed row whose text some row already has a vector for (another model wrote the same text, as a
+    # planted experiment's unplanted users do) takes that vector: same text, encoder and pooling, same vector.
+    todo_rat, reused = _reuse_by_text(ctx, todo_rat, enc.encoder_id)
 
     rows_in = len(items) + len(rationales)
     n_texts = int(todo_items["texts"].map(len).sum() + todo_rat["texts"].map(len).sum())
@@ -108,6 +114,14 @@ def run(ctx: StageContext) -> StageResult:
         versions["item_embeddings"] = lake.delete_keys("item_embeddings", gone, info)
         extra["items_deleted"] = len(gone)
         log.warning("embed: %d item vectors of items no longer in the catalogue: deleted", len(gone))
+    extra["rationales_reused"] = len(reused)
+    if not ctx.dry_run and n_texts == 0 and len(reused):
+        out = reused[_out_cols("rationale_embeddings")]
+        info = ctx.commit_info("embed", inputs, rows_encoded=0, rows_reused=len(out), encoder=enc.encoder_id,
+                               rationale_text=cfg.rationale_text)
+        versions["rationale_embeddings"] = lake.write_arrow("rationale_embeddings", out, "merge", info)
+        log.info("embed: nothing to encode; %d rationale vectors reused by text hash", len(out))
+        return StageResult("embed", versions, rows_in=rows_in, rows_out=len(out), extra=extra)
     if ctx.dry_run or n_texts == 0:
         if n_texts == 0:
             log.info("embed: nothing changed for encoder %s: no commit", enc.encoder_id)
@@ -130,13 +144,31 @@ def run(ctx: StageContext) -> StageResult:
         out = with_vectors(todo_items, vectors[is_item], enc.encoder_id, _out_cols("item_embeddings"))
         info = ctx.commit_info("embed", inputs, rows_encoded=len(out), **commit_extra)
         versions["item_embeddings"] = lake.write_arrow("item_embeddings", out, "merge", info)
-    if (~is_item).any():
+    if (~is_item).any() or len(reused):
         out = with_vectors(todo_rat, vectors[~is_item], enc.encoder_id, _out_cols("rationale_embeddings"))
+        out = pd.concat([out, reused[out.columns]], ignore_index=True) if len(reused) else out
         info = ctx.commit_info("embed", inputs, rows_encoded=len(out), **commit_extra)
         versions["rationale_embeddings"] = lake.write_arrow("rationale_embeddings", out, "merge", info)
     rows_out = len(work)
     log.info("embed: wrote %d item and %d rationale vectors", int(is_item.sum()), int((~is_item).sum()))
     return StageResult("embed", versions, rows_in=rows_in, rows_out=rows_out, extra=extra)
+
+
+def _reuse_by_text(ctx: StageContext, todo: pd.DataFrame, encoder_id: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(rows still to encode, rows given the stored vector of an identical text: output columns + texts)."""
+    cols = _out_cols("rationale_embeddings")
+    if todo.empty or ctx.force or not ctx.lake.exists("rationale_embeddings"):
+        return todo, pd.DataFrame(columns=cols)
+    old = ctx.lake.read_pandas("rationale_embeddings", columns=["text_hash", "embedding", "dim"],
+                               filters=[("encoder", "=", encoder_id)])
+    old = old[old["text_hash"].isin(set(todo["text_hash"]))].drop_duplicates("text_hash")
+    if old.empty:
+        return todo, pd.DataFrame(columns=cols)
+    hit = todo["text_hash"].isin(set(old["text_hash"]))
+    reused = todo[hit].drop(columns=["texts"]).merge(old, on="text_hash", how="left").assign(encoder=encoder_id)
+    log.info("embed: %d of %d changed rationales have an identical text already encoded: vectors reused",
+             int(hit.sum()), len(todo))
+    return todo[~hit].reset_index(drop=True), reused[cols]
 
 
 def _stale_items(lake, current: set):

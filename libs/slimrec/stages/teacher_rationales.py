@@ -34,6 +34,7 @@ from slimrec.stages.base import StageContext, StageResult, delete_rows_naming_un
 from slimrec.teacher.budget import Budget, estimate, price_of
 from slimrec.teacher.cache import CACHE_COLUMNS, RUN_COLUMNS, plan_requests, to_table_rows
 from slimrec.teacher.config import TeacherConfig
+from slimrec.teacher.planted import LEAKAGE_NOTE, planted_model_name, planted_targets
 from slimrec.teacher.sampling import stratified_sample
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,25 @@ PROMPT_COLUMNS = ["user_id", "run_date", "teacher_prompt", "prompt_version", "pr
 
 
 def teacher_model_of(cfg: TeacherConfig) -> str:
-    return cfg.offline.model_name if cfg.kind == "offline" else cfg.http.model
+    """The ``teacher_model`` column of this config's answers (a planted experiment's carries ``+planted-p<p>``)."""
+    if cfg.kind == "offline":
+        p = cfg.offline.planted_precision
+        return cfg.offline.model_name if p is None else planted_model_name(cfg.offline.model_name, p)
+    return cfg.http.model
+
+
+def _with_planted(ctx: StageContext, cfg: TeacherConfig, pending: pd.DataFrame, inputs: dict) -> pd.DataFrame:
+    """``pending`` plus ``planted_item_ids`` (planted experiment only: the users' held-out targets)."""
+    p = cfg.offline.planted_precision
+    log.warning("teacher: PLANTED-SIGNAL EXPERIMENT (precision %g): rationales name held-out targets; %s", p,
+                LEAKAGE_NOTE)
+    seqs = ctx.lake.read_pandas("user_sequences", version=inputs["user_sequences"],
+                                columns=["user_id", "valid_target", "test_target"])
+    planted = planted_targets(seqs, p, cfg.offline.planted_seed)
+    out = pending.merge(planted, on="user_id", how="left")
+    out["planted_item_ids"] = [x if isinstance(x, list) else [] for x in out["planted_item_ids"]]
+    log.info("teacher: planted %d of %d prompts", int(out["planted_item_ids"].map(len).gt(0).sum()), len(out))
+    return out
 
 
 def latest_prompts(prompts: pd.DataFrame, run_date, prompt_version: str | None) -> pd.DataFrame:
@@ -145,6 +164,8 @@ def run(ctx: StageContext) -> StageResult:
     budget = Budget.from_config(cfg, price)
     teacher, titles = _build_teacher(ctx, cfg, inputs)
     if cfg.kind == "offline":
+        if cfg.offline.planted_precision is not None:
+            pending = _with_planted(ctx, cfg, pending, inputs)
         batches = teacher.answer(pending, budget, cfg.commit_batch_size, cfg.chars_per_token)
     else:
         batches = teacher.answer(pending, budget)

@@ -29,6 +29,7 @@ from slimrec.recommender.experiment import run_experiment
 from slimrec.recommender.metrics import METRIC_NAMES
 from slimrec.recommender.runner import plan_groups
 from slimrec.stages.base import StageContext, StageResult
+from slimrec.teacher.planted import LEAKAGE_NOTE, is_planted
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ INPUTS = [
     "user_sequences", "items", "item_embeddings", "rationale_embeddings", "teacher_rationales", "student_rationales",
 ]
 OUTPUTS = ["metrics", "recommender_runs", "recommendations"]
+PER_USER_FILE = "per_user_test.parquet"  # beside the run's checkpoints: per-user test NDCG@10 of every result
 
 _COLUMNS = {
     "user_sequences": ["user_id", "history", "valid_target", "test_target"],
@@ -55,6 +57,19 @@ def _read(ctx: StageContext, table: str, version: int | None) -> pd.DataFrame | 
     df = ctx.lake.read_pandas(table, version=version, columns=_COLUMNS[table])
     log.info("%s: read %s v%s: %d rows", STAGE, table, version, len(df))
     return df
+
+
+def _teacher_rows(teacher: pd.DataFrame | None, emb: pd.DataFrame | None, teacher_model: str | None):
+    """Teacher answers and vectors of ``teacher_model`` only (``embed.teacher_model``, which the embed stage
+    encoded); None: every teacher except a planted-signal experiment's, whose rows never reach a default run."""
+    def keep(df, col):
+        if df is None or col not in df.columns:
+            return df
+        is_t = df["source"] == "teacher" if "source" in df.columns else pd.Series(True, index=df.index)
+        wrong = df[col] != teacher_model if teacher_model is not None else df[col].map(is_planted)
+        return df[~(is_t & wrong)]
+
+    return keep(teacher, "teacher_model"), keep(emb, "model_version")
 
 
 def _default_encoder(ctx: StageContext) -> str | None:
@@ -76,6 +91,9 @@ def run(ctx: StageContext) -> StageResult:
     started = datetime.now(tz=UTC)
     inputs = ctx.input_versions(INPUTS)
     frames = {t: _read(ctx, t, inputs[t]) for t in INPUTS}
+    teacher_model = ctx.cfg.embed.teacher_model
+    frames["teacher_rationales"], frames["rationale_embeddings"] = _teacher_rows(
+        frames["teacher_rationales"], frames["rationale_embeddings"], teacher_model)
     data, data_notes = build_rec_data(
         frames["user_sequences"],
         frames["items"],
@@ -95,12 +113,18 @@ def run(ctx: StageContext) -> StageResult:
     artifacts = Path(cfg.artifacts_dir) if Path(cfg.artifacts_dir).is_absolute() else Path(ctx.lake.root) / cfg.artifacts_dir
     res = run_experiment(data, cfg, ctx.run_id, artifacts, ray_address=ctx.cfg.ray_address)
     finished = datetime.now(tz=UTC)
+    per_user = artifacts / ctx.run_id / PER_USER_FILE
+    per_user.parent.mkdir(parents=True, exist_ok=True)
+    res.per_user_test().to_parquet(per_user, index=False)
     info = ctx.commit_info(STAGE, inputs, best=list(res.best) if res.best else None)
 
     metrics = res.metrics.assign(run_id=ctx.run_id, dataset=ctx.cfg.dataset_name)
     metrics["seed"] = metrics["seed"].astype("int32")
     versions = {"metrics": ctx.lake.write_arrow("metrics", metrics, "append", info)}
-    notes = {**res.notes, "data": data_notes, "artifacts": str(artifacts / ctx.run_id)}
+    notes = {**res.notes, "data": data_notes, "artifacts": str(artifacts / ctx.run_id),
+             "teacher_model": teacher_model}
+    if is_planted(teacher_model):
+        notes["leakage"] = LEAKAGE_NOTE
     runs = pd.DataFrame([{
         "run_id": ctx.run_id, "dataset": ctx.cfg.dataset_name, "config": cfg.model_dump_json(),
         "best_backbone": res.best[0] if res.best else None, "best_variant": res.best[1] if res.best else None,
@@ -117,7 +141,8 @@ def run(ctx: StageContext) -> StageResult:
 
     table = res.table("test")
     log.info("%s: results (test target)\n%s", STAGE, table)
-    extra.update(best=list(res.best) if res.best else None, run_id=ctx.run_id)
+    extra.update(best=list(res.best) if res.best else None, run_id=ctx.run_id, per_user_file=str(per_user),
+                 paired_reference=notes.get("paired_reference"))
     if res.best:
         b = res.metrics[(res.metrics.backbone == res.best[0]) & (res.metrics.variant == res.best[1])
                         & (res.metrics.split == "test")]

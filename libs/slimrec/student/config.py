@@ -158,7 +158,9 @@ class StudentConfig(_Frozen):
     tiny: TinyModelConfig = Field(default_factory=TinyModelConfig, description="builtin base model (base_model=builtin:...)")
     # ---------------------------------------------------------------- training pairs
     teacher_model: str | None = Field(
-        None, description="train on this teacher_model's rationales only; None: every teacher's ok rows"
+        None,
+        description="train on this teacher_model's rationales only; None: every teacher's ok rows except a "
+        "planted-signal experiment's",
     )
     heldout_fraction: float = Field(0.1, ge=0, lt=1, description="users held out (seeded hash of user_id) for val loss and quality")
     split_seed: int = Field(0, description="seed of the train / held-out split by user")

@@ -76,6 +76,13 @@ class OfflineTeacherConfig(_Frozen):
     n_brands: int = Field(3, ge=1, description="brands named in steps 1 and 2")
     min_pair_count: int = Field(2, ge=1, description="category/brand transitions seen fewer times are ignored in step 2")
     max_title_chars: int = Field(100, ge=10, description="item titles are cut to this length inside the rationale")
+    planted_precision: float | None = Field(
+        None, ge=0, le=1,
+        description="EXPERIMENT ONLY, LEAKS TARGETS: with this probability per user, step 3 also names the user's "
+        "validation and test items (slimrec.teacher.planted; `slim experiment planted` sets it). None: off. "
+        "The teacher_model becomes <model_name>+planted-p<p>, and reports flag its numbers as leakage",
+    )
+    planted_seed: int = Field(0, description="seed of the per-user planted draw (planted experiment only)")
 
 
 class TeacherConfig(_Frozen):

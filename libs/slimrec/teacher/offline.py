@@ -44,6 +44,7 @@ import scipy.sparse as sp
 from slimrec.prompts import sanitize_text
 from slimrec.teacher.budget import estimate_tokens
 from slimrec.teacher.config import OfflineTeacherConfig
+from slimrec.teacher.planted import insert_planted
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,8 @@ def _step3(titles: list[str]) -> str:
 class OfflineTeacher:
     """Callable batch function: prompts rows -> teacher answer rows. Load stats once, call per batch.
 
-    Input columns: ``prompt_hash``, ``prompt_item_ids`` (oldest first). Output
+    Input columns: ``prompt_hash``, ``prompt_item_ids`` (oldest first) and, in the planted-signal
+    experiment only, ``planted_item_ids`` (:mod:`slimrec.teacher.planted`). Output
     columns: ``prompt_hash``, ``rationale``, ``grounded_item_ids``,
     ``finish_reason`` ("stop"), ``latency_ms`` (batch time / rows).
     """
@@ -291,6 +293,8 @@ class OfflineTeacher:
         st, cfg = self.stats, self.cfg
         n = len(batch)
         prompt_items = list(batch["prompt_item_ids"])
+        planted = list(batch["planted_item_ids"]) if "planted_item_ids" in batch.columns else None
+        hashes = batch["prompt_hash"].tolist()
         u = _weights(prompt_items, st.code, cfg.recency_decay, len(st.item_ids))  # (B, n_items)
         item_scores = (u @ st.follow).tocsr()  # (B, n_items): what follows the user's recent items
         cat_w = _project(u, st.item_cat, len(st.cats))  # (B, n_cats): recency weight per category
@@ -326,6 +330,9 @@ class OfflineTeacher:
                         if c not in taken and st.title[c]:
                             chosen.append(c)
                             taken.add(c)
+            if planted is not None:  # experiment only (slimrec.teacher.planted): names held-out targets
+                codes_p = [st.code[str(x)] for x in (planted[r] if planted[r] is not None else []) if str(x) in st.code]
+                chosen = insert_planted(chosen, [c for c in codes_p if st.title[c]], cfg.n_items, str(hashes[r]))
             titles = [_QUOTES.sub("'", st.title[c]) for c in chosen]
             text = "\n".join(
                 [
