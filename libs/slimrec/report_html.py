@@ -36,6 +36,7 @@ tr.base td{color:#777;font-style:italic}
 .user{border:1px solid #ddd;padding:.6em 1em;margin:1em 0;border-radius:6px}
 .rat{white-space:pre-wrap;font-size:12px;background:#fafafa;padding:.5em}
 img{max-width:100%}
+.leak{background:#fdd;color:#900;border:2px solid #b00;padding:.6em 1em;font-weight:bold}
 """
 
 
@@ -203,6 +204,7 @@ def render_html(lake, results, run_id: str, run_date, n_examples: int = 3) -> st
     if any(len(s) for s in lengths.values()):
         parts.append("<h2>Rationale lengths</h2>" + _length_chart(lengths))
     parts.append("<h2>Example users</h2>" + _examples(lake, n_examples))
+    parts.append(_latest_experiment(lake))
     parts.append("</body></html>")
     return "".join(parts)
 
@@ -230,6 +232,21 @@ def _curve_chart(rows: pd.DataFrame) -> str:
     return _png(fig)
 
 
+def _latest_experiment(lake) -> str:
+    """The lake's latest planted-signal curve (``slim experiment planted``), flagged as leakage; "" if none."""
+    from slimrec.teacher.planted import LEAKAGE_NOTE
+
+    if not lake.exists("experiments"):
+        return ""
+    rows = lake.read_pandas("experiments")
+    if rows.empty:
+        return ""
+    last = rows.sort_values("run_id")["experiment_id"].iloc[-1]
+    rows = rows[rows.experiment_id == last]
+    return (f"<h2>Rationale-channel experiment {html.escape(last)} (planted-signal teacher)</h2>"
+            f"<div class='leak'>{html.escape(LEAKAGE_NOTE)}</div>" + _curve_chart(rows))
+
+
 def planted_page(rows: pd.DataFrame, checks: list[dict], head_md: str, curve_txt: str, checks_txt: str) -> str:
     """The planted-signal experiment's own page: red leakage banner, the curve plot, table and checks."""
     from slimrec.teacher.planted import LEAKAGE_NOTE
@@ -240,7 +257,7 @@ def planted_page(rows: pd.DataFrame, checks: list[dict], head_md: str, curve_txt
     n_ok = sum(c["ok"] for c in checks)
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{_CSS}"
-        ".leak{background:#fdd;color:#900;border:2px solid #b00;padding:.6em 1em;font-weight:bold}</style></head>"
+        "</style></head>"
         f"<body><h1>{title}</h1><div class='leak'>{html.escape(LEAKAGE_NOTE)}</div><pre>{rest}</pre>{chart}"
         f"<h2>Curve</h2><pre>{html.escape(curve_txt)}</pre>"
         f"<h2>Checks ({n_ok} of {len(checks)} hold)</h2><pre>{html.escape(checks_txt)}</pre></body></html>"

@@ -91,6 +91,15 @@ def world() -> dict[str, list[dict]]:
         for v in ("backbone", "slim")
         for p in ("full", "sampled100")
     ]
+    experiments = [
+        dict(experiment_id="planted-1", kind="planted", dataset="tiny", precision=p, run_id="r1",
+             teacher_model=f"offline-v1+planted-p{p:g}", backbone="sasrec", variant="teacher", protocol="full",
+             split="test", metric="ndcg_10", mean=0.1 + p / 2, std=0.01, n_seeds=3, n_users=2,
+             reference="sasrec/cooc_prior", diff_vs_text=p / 4, se_vs_text=0.01, diff_vs_reference=p / 5,
+             se_vs_reference=0.02, diff_vs_p0=p / 3, se_vs_p0=0.01, diff_vs_prev=None, se_vs_prev=None,
+             leakage="LEAKAGE BY DESIGN")
+        for p in (0.0, 0.5)
+    ]
     recommendations = [
         dict(user_id=u, item_ids=["i5", "i4"], scores=[0.9, 0.5], run_id="r1", backbone="sasrec", variant="slim")
         for u in ("u1", "u2")
@@ -127,6 +136,7 @@ def world() -> dict[str, list[dict]]:
             item_embeddings=item_embeddings,
             recommender_runs=runs,
             metrics=metrics,
+            experiments=experiments,
             recommendations=recommendations,
             quarantine=quarantine,
             dq_results=dq_results,
@@ -143,6 +153,7 @@ REFS = {
     "student_rationales": ["items", "student_models"],
     "item_embeddings": ["items"],
     "metrics": ["recommender_runs"],
+    "experiments": ["recommender_runs"],
     "recommendations": ["items", "recommender_runs"],
 }
 

@@ -110,3 +110,35 @@ def test_two_priors_coordinate_ascent_keeps_the_useless_one_at_zero(tiny_data):
     ev = Evaluator(tiny_data, tiny_cfg(prior_weight_grid=[0.0, 0.5, 3.0]))
     w, v = ev.choose_weights(ev.random_fn(3), [ev.random_fn(4), _planted(tiny_data, "target")])
     assert w[0] == 0.0 and w[1] > 0 and v == pytest.approx(1.0)
+
+
+def test_novel_grounded_prior_lifts_what_the_model_does_not_already_rank(tiny_data):
+    """A rationale names the model's own top items (decoys) and both held-out targets: the plain grounded
+    prior ties the target with the decoys; the novel part, weighted on validation, ranks it first."""
+    n = tiny_data.n_items
+    decoys = np.arange(n - 3, n + 1)  # the 4 last items: the model's favourites for every user
+
+    def model(split, users):
+        s = np.zeros((len(users), n + 1), np.float32)
+        s[:, decoys] = 1.0
+        return s
+
+    def grounded(split, users):
+        g = np.zeros((len(users), n + 1), np.float32)
+        g[:, decoys] = 1.0
+        g[np.arange(len(users)), tiny_data.targets("valid")[users]] = 1.0
+        g[np.arange(len(users)), tiny_data.targets("test")[users]] = 1.0
+        return g
+
+    ev = Evaluator(tiny_data, tiny_cfg(prior_weight_grid=[0.0, 1.0, 4.0]))
+    ev.grounded_fn = lambda source: grounded
+    plain = [ev.grounded_fn("teacher")]
+    both = [*plain, ev.grounded_novel_fn("teacher", model, len(decoys))]
+    w1, _ = ev.choose_weights(model, plain)
+    w2, _ = ev.choose_weights(model, both)
+    target_in_decoys = np.isin(tiny_data.targets("test"), decoys)
+    one = ev.per_user(model, plain, w1, splits=("test",), protocols=("full",))[("test", "full")]["ndcg_10"]
+    two = ev.per_user(model, both, w2, splits=("test",), protocols=("full",))[("test", "full")]["ndcg_10"]
+    assert w2[1] > 0
+    assert one[~target_in_decoys].mean() < 0.8  # tied with the decoys (unless they are history)
+    assert two[~target_in_decoys].min() == pytest.approx(1.0)

@@ -38,3 +38,12 @@ def test_leave_own_user_out_on_training_rows():
 def test_grounded_rows():
     g = grounded_rows(np.array([0, 2, 2]), np.array([3, 1]), np.array([0, 1]), 3)
     assert g.tolist() == [[0, 1, 0, 1], [0, 0, 0, 0]]
+
+
+def test_novel_rows_drop_the_models_own_top_items():
+    from slimrec.recommender.priors import novel_rows
+
+    g = np.array([[0, 1, 1, 1, 0], [0, 0, 1, 0, 1]], np.float32)
+    s = np.array([[99, 5, 1, 4, 3], [99, 0, 9, 5, 2]], np.float32)  # column 0 (padding) never counts
+    assert novel_rows(g, s, 2).tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, 1]]
+    assert novel_rows(g, s, 10).sum() == 0  # a top larger than the catalogue keeps nothing

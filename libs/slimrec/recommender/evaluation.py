@@ -30,7 +30,7 @@ import numpy as np
 
 from slimrec.recommender.data import RecData, csr_pad_left, excluded_mask_rows
 from slimrec.recommender.metrics import counts_from_scores, mean_metrics, rank_metrics
-from slimrec.recommender.priors import cooc_rows, grounded_rows, transition_counts
+from slimrec.recommender.priors import cooc_rows, grounded_rows, novel_rows, transition_counts
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,16 @@ class Evaluator:
 
         def fn(split, users):
             return grounded_rows(rat.grounded_ptr, rat.grounded_items, users, self.data.n_items)
+
+        return fn
+
+    def grounded_novel_fn(self, source: str, model_fn: ScoreFn, top_r: int) -> ScoreFn:
+        """The grounded prior restricted to named items OUTSIDE the model's own top ``top_r``: what the
+        rationale says beyond what the recommender already ranks high (see :mod:`priors`)."""
+        grounded = self.grounded_fn(source)
+
+        def fn(split, users):
+            return novel_rows(grounded(split, users), model_fn(split, users), top_r)
 
         return fn
 

@@ -215,9 +215,10 @@ def recommend(data, cfg, ev, payloads, checkpoints, best) -> pd.DataFrame:
     model = build_model(key, backbone, data, cfg)
     state = torch.load(Path(checkpoints[f"{backbone}/{seed}"]) / f"{key}.pt", map_location="cpu")
     model.load_state_dict(state)
-    names, fns = priors_for(variant, data, ev, cfg)
-    weights = tuple(res["weights"][n] for n in names)
-    items, scores = ev.top_k(score_fn_for(key, model, data, ev, torch.device("cpu")), fns, weights, cfg.top_k)
+    score = score_fn_for(key, model, data, ev, torch.device("cpu"))
+    names, fns = priors_for(variant, data, ev, cfg, score)
+    weights = tuple(res["weights"].get(n, 0.0) for n in names)
+    items, scores = ev.top_k(score, fns, weights, cfg.top_k)
     return top_k_frame(data, np.arange(data.n_users), items, scores, backbone=backbone, variant=variant, seed=seed)
 
 

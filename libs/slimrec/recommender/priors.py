@@ -12,7 +12,12 @@ contributed itself; validation and test rows use the full counts (their
 targets are not in any history).
 
 The grounded prior of candidate ``j`` is ``1`` when the user's rationale names
-``j`` in step 3 (``grounded_item_ids``), else ``0``.
+``j`` in step 3 (``grounded_item_ids``), else ``0``. Its *novel* part keeps only
+the named items that are not in the model's own top ``R`` for that user: the
+part of the rationale the recommender could not have said itself. Both are
+separate priors with weights chosen on validation, so a rationale whose extra
+items are right gets them lifted to the top, and one whose extra items are
+noise gets weight 0 for them.
 
 Example: histories ``[1, 2, 3]`` and ``[1, 2]``, window 1: ``C[1, 2] = 2``,
 ``C[2, 3] = 1``; for user 1's training row ``<1> -> 2`` the own-user-out count
@@ -64,6 +69,23 @@ def grounded_rows(ptr: np.ndarray, items: np.ndarray, users: np.ndarray, n_items
         r = np.repeat(np.arange(len(users)), lens)
         c = np.concatenate([items[ptr[u] : ptr[u + 1]] for u in users])
         out[r, c] = 1.0
+    return out
+
+
+def novel_rows(grounded: np.ndarray, scores: np.ndarray, top_r: int) -> np.ndarray:
+    """``grounded`` (B, N) with the columns of each row's ``top_r`` highest ``scores`` set to 0 (column 0,
+    padding, is never in the top).
+
+    >>> novel_rows(np.array([[0, 1, 1, 1.]]), np.array([[9, 3, 2, 1.]]), 1).tolist()
+    [[0.0, 0.0, 1.0, 1.0]]
+    """
+    out = np.array(grounded, dtype=np.float32, copy=True)
+    s = np.asarray(scores)[:, 1:]
+    r = min(top_r, s.shape[1])
+    if r <= 0 or not len(out):
+        return out
+    top = np.argpartition(-s, r - 1, axis=1)[:, :r] + 1
+    out[np.arange(len(out))[:, None], top] = 0.0
     return out
 
 

@@ -123,7 +123,9 @@ def data_source_of(key: str, cfg) -> str:
     return cfg.text_matching_source if key == "text_matching" else key
 
 
-def priors_for(variant: str, data: RecData, ev: Evaluator, cfg) -> tuple[list[str], list]:
+def priors_for(variant: str, data: RecData, ev: Evaluator, cfg, score_fn=None) -> tuple[list[str], list]:
+    """Names and score functions of ``variant``'s priors. ``score_fn``: the variant's model scores, which
+    the novel-grounded prior ranks against (without it that prior is left out)."""
     spec = variant_spec(variant, cfg)
     names, fns = [], []
     if spec.cooc:
@@ -134,6 +136,9 @@ def priors_for(variant: str, data: RecData, ev: Evaluator, cfg) -> tuple[list[st
         if rat.n_grounded_users:
             names.append(f"grounded_{spec.rationale}")
             fns.append(ev.grounded_fn(spec.rationale))
+            if cfg.grounded_novel_rank and score_fn is not None:
+                names.append(f"grounded_{spec.rationale}_novel")
+                fns.append(ev.grounded_novel_fn(spec.rationale, score_fn, cfg.grounded_novel_rank))
     return names, fns
 
 
@@ -169,7 +174,7 @@ def _rows(per_user: dict, mask: np.ndarray | None, subset: str) -> list[dict]:
 
 def evaluate_variant(variant: str, score_fn, data: RecData, ev: Evaluator, cfg) -> dict:
     """Choose prior weights on validation, then metrics on valid and test under both protocols."""
-    names, fns = priors_for(variant, data, ev, cfg)
+    names, fns = priors_for(variant, data, ev, cfg, score_fn)
     tmask = teacher_mask(data)
     spec = variant_spec(variant, cfg)
     # a teacher-rationale variant is only meaningful where the teacher answered (a sample of users)

@@ -146,7 +146,8 @@ def rescore(ctx, artifacts_root: str | Path, users: set[str] | None = None, writ
     model.load_state_dict(torch.load(manifest["checkpoint"], map_location="cpu"))
     model.eval()
     ev = Evaluator(data, cfg)
-    names, fns = priors_for(manifest["variant"], data, ev, cfg)
+    score = score_fn_for(manifest["model_key"], model, data, ev, torch.device("cpu"))
+    names, fns = priors_for(manifest["variant"], data, ev, cfg, score)
     # a prior the served model was not fitted with (no grounded items at training time) gets weight 0
     weights = tuple(float(manifest["weights"].get(n, 0.0)) for n in names)
     index = {u: i for i, u in enumerate(data.user_ids)}
@@ -154,7 +155,6 @@ def rescore(ctx, artifacts_root: str | Path, users: set[str] | None = None, writ
     not_scored = len(users) - len(rows)
     written = None
     if len(rows):
-        score = score_fn_for(manifest["model_key"], model, data, ev, torch.device("cpu"))
         with torch.no_grad():
             items, scores = ev.top_k(score, fns, weights, cfg.top_k, users=rows)
         recs = top_k_frame(data, rows, items, scores, run_id=last["run_id"], backbone=manifest["backbone"],

@@ -39,7 +39,6 @@ import pandas as pd
 from slimrec.pipeline import StageError
 from slimrec.stages.base import StageContext, StageResult
 from slimrec.student.config import StudentConfig
-from slimrec.teacher.planted import drop_planted
 from slimrec.student.data import (
     encode_pair,
     eval_subset,
@@ -48,6 +47,7 @@ from slimrec.student.data import (
     training_pairs,
     trim_items,
 )
+from slimrec.teacher.planted import drop_planted
 
 log = logging.getLogger(__name__)
 
