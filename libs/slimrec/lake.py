@@ -38,9 +38,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
-from deltalake.transaction import AddAction, create_table_with_add_actions
+from deltalake.transaction import create_table_with_add_actions
 
 from slimrec.config import LakeConfig
+from slimrec.delta_files import split_diverted
 from slimrec.schemas.tables import TableSpec, spec
 
 log = logging.getLogger(__name__)
@@ -320,8 +321,6 @@ class Lake:
             raise LakeError(f"{table}: DataFrame lacks the diverted column {column!r}")
         df = self._conform_spark(df, s, info, keep=[column])
         if mode == "merge" and engine != "delta-spark":
-            from slimrec.spark_delta import split_diverted
-
             data, diverted = split_diverted(df.toArrow(), column)
             version = self.write_arrow(table, data, "merge", info) if len(data) else None
             return SplitWrite(version, len(data), diverted if diverted is not None else pa.table({}))
@@ -478,13 +477,15 @@ class Lake:
         finally:
             fh.close()
 
-    # ------------------------------------------------------------------ stage completion records
+    # ------------------------------------------------------------------ stage and run records
     def _record_path(self, stage: str) -> str:
         return f"{self.root.rstrip('/')}/_stages/{stage}.json"
 
-    def stage_record(self, stage: str) -> dict[str, Any] | None:
-        """What :meth:`record_stage` last stored for ``stage``, or None."""
-        path = self._record_path(stage)
+    def _run_record_path(self, run_id: str) -> str:
+        return f"{self.root.rstrip('/')}/_runs/{run_id}.json"
+
+    @staticmethod
+    def _read_record(path: str) -> dict[str, Any] | None:
         if _is_remote(path):
             import pyarrow.fs as pafs
 
@@ -498,13 +499,9 @@ class Lake:
         except FileNotFoundError:
             return None
 
-    def record_stage(self, stage: str, record: dict[str, Any]) -> None:
-        """Store that ``stage`` finished (and passed its gate), replacing the previous record atomically.
-
-        A stage writes its tables in several commits; a run killed between two of them leaves no
-        record, so the rerun runs the stage again instead of skipping it on the first commit's metadata.
-        """
-        path = self._record_path(stage)
+    @staticmethod
+    def _write_record(path: str, record: dict[str, Any]) -> None:
+        """Replace the JSON file at ``path`` atomically (a reader sees the old or the new record)."""
         data = json.dumps(record, sort_keys=True, default=str)
         if _is_remote(path):
             import pyarrow.fs as pafs
@@ -520,6 +517,27 @@ class Lake:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def stage_record(self, stage: str) -> dict[str, Any] | None:
+        """What :meth:`record_stage` last stored for ``stage``, or None."""
+        return self._read_record(self._record_path(stage))
+
+    def record_stage(self, stage: str, record: dict[str, Any]) -> None:
+        """Store that ``stage`` finished (and passed its gate), replacing the previous record atomically.
+
+        A stage writes its tables in several commits; a run killed between two of them leaves no
+        record, so the rerun runs the stage again instead of skipping it on the first commit's metadata.
+        """
+        self._write_record(self._record_path(stage), record)
+
+    def run_record(self, run_id: str) -> dict[str, Any] | None:
+        """What :meth:`record_run` stored for ``run_id`` (the command and machine), or None."""
+        return self._read_record(self._run_record_path(run_id))
+
+    def record_run(self, run_id: str, record: dict[str, Any]) -> None:
+        """Store how run ``run_id`` was started (command line, machine, start time): the results page
+        (:mod:`slimrec.results_page`) names them beside the figures that run wrote."""
+        self._write_record(self._run_record_path(run_id), record)
 
     # ------------------------------------------------------------------ listing
     def tables(self) -> list[dict[str, Any]]:
@@ -545,17 +563,6 @@ def _delta_schema(arrow_schema: pa.Schema):
     from deltalake import Schema
 
     return Schema.from_arrow(arrow_schema)
-
-
-def make_add_action(path: str, size: int, partition_values: dict[str, str | None], stats: dict) -> AddAction:
-    return AddAction(
-        path=path,
-        size=size,
-        partition_values=partition_values,
-        modification_time=int(datetime.now(tz=UTC).timestamp() * 1000),
-        data_change=True,
-        stats=json.dumps(stats),
-    )
 
 
 def duckdb_connection():

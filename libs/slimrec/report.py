@@ -9,103 +9,26 @@ from pathlib import Path
 
 import pandas as pd
 
+from slimrec.report_html import render_html
+from slimrec.results import (  # noqa: F401 - re-exported: callers import these from here
+    METRIC_COLS,
+    latest_metrics,
+    latest_missing,
+    latest_paired,
+    latest_run,
+    metrics_summary,
+    paired_reference,
+    paired_title,
+    stage_table,
+)
 from slimrec.stages.base import StageResult
 
 log = logging.getLogger(__name__)
-
-METRIC_COLS = ["ndcg_10", "hr_10", "ndcg_20", "hr_20", "mrr"]
-
-
-def stage_table(results: list[StageResult]) -> pd.DataFrame:
-    rows = []
-    for r in results:
-        rows.append({
-            "stage": r.stage,
-            "status": "skipped" if r.skipped else "ran",
-            "seconds": r.extra.get("seconds", 0.0),
-            "rows_in": r.rows_in,
-            "rows_out": r.rows_out,
-            "cost_usd": r.extra.get("cost_usd", 0.0),
-            "note": r.extra.get("reason", ""),
-        })
-    return pd.DataFrame(rows)
-
-
-def metrics_summary(metrics: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """Mean and std over seeds per (backbone, variant, protocol); full ranking first.
-
-    Input: rows of the ``metrics`` table for one run. Output columns:
-    protocol, backbone, variant, seeds, then ``<metric>_mean`` / ``<metric>_std``.
-    """
-    if metrics.empty:
-        return pd.DataFrame()
-    m = metrics[metrics["split"] == split]
-    if m.empty:
-        return pd.DataFrame()
-    g = m.groupby(["protocol", "backbone", "variant"])
-    out = g[METRIC_COLS].agg(["mean", "std"])
-    out.columns = [f"{a}_{b}" for a, b in out.columns]
-    out.insert(0, "seeds", g.size())
-    out = out.reset_index().fillna({f"{c}_std": 0.0 for c in METRIC_COLS})
-    order = {"full": 0, "sampled100": 1}
-    out["_p"] = out["protocol"].map(order).fillna(9)
-    return out.sort_values(["_p", "backbone", "ndcg_10_mean"], ascending=[True, True, False]).drop(columns="_p")
-
-
-def latest_run(lake) -> pd.Series | None:
-    """The most recent ``recommender_runs`` row (run_id, notes, finished_ts), or None."""
-    if not lake.exists("recommender_runs"):
-        return None
-    runs = lake.read_pandas("recommender_runs", columns=["run_id", "notes", "finished_ts"])
-    return None if runs.empty else runs.sort_values("finished_ts").iloc[-1]
-
-
-def latest_metrics(lake) -> pd.DataFrame:
-    """Metrics rows of the most recent train_recommender run, or an empty frame."""
-    run = latest_run(lake)
-    if run is None or not lake.exists("metrics"):
-        return pd.DataFrame()
-    m = lake.read_pandas("metrics")
-    return m[m["run_id"] == run["run_id"]]
-
-
-def _latest_notes(lake) -> dict:
-    """The notes (JSON) of the latest train_recommender run, or {} before any."""
-    run = latest_run(lake)
-    return {} if run is None else json.loads(run["notes"] or "{}")
-
-
-def latest_paired(lake) -> pd.DataFrame:
-    """Paired per-user comparisons against the strongest no-LLM model or baseline (chosen on validation)
-    stored by the latest train_recommender run; its name is in the ``reference`` column."""
-    notes = _latest_notes(lake)
-    # runs written before the reference was chosen on validation compared with cooc_prior
-    rows = pd.DataFrame(notes.get("paired_vs_reference") or notes.get("paired_vs_cooc_prior") or [])
-    if rows.empty:
-        return rows
-    rows["_p"] = rows["protocol"].map({"full": 0, "sampled100": 1}).fillna(9)
-    return rows.sort_values(["_p", "backbone", "mean_diff"], ascending=[True, True, False]).drop(columns="_p")
-
-
-def latest_missing(lake) -> dict[str, str]:
-    """{variant: why it did not run} of the latest train_recommender run (empty when all ran)."""
-    return dict(_latest_notes(lake).get("missing_variants") or {})
 
 
 def format_missing(missing: dict[str, str]) -> str:
     """One line per variant that was configured but could not run, or "" when none."""
     return "\n".join(f"not run: {v}: {why}" for v, why in missing.items())
-
-
-def paired_reference(paired: pd.DataFrame) -> str | None:
-    """The name of what ``paired`` (:func:`latest_paired`) compares with, or None when it is empty."""
-    return None if paired.empty else str(paired["reference"].iloc[0])
-
-
-def paired_title(paired: pd.DataFrame) -> str:
-    ref = paired_reference(paired)
-    return (f"Against {ref}, the strongest model or baseline without an LLM on validation (full-ranking NDCG@10)"
-            if ref else "Against the strongest model or baseline without an LLM")
 
 
 def format_paired(paired: pd.DataFrame) -> str:
@@ -167,8 +90,6 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
     }
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
     paths["json"].write_text(json.dumps(payload, indent=2, default=str))
-    from slimrec.report_html import render_html
-
     paths["html"] = stem.with_suffix(".html")
     paths["html"].write_text(render_html(lake, results, run_id, run_date))
     paths["md"].write_text(

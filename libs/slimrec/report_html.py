@@ -14,7 +14,7 @@ import logging
 
 import pandas as pd
 
-from slimrec.report import (
+from slimrec.results import (
     METRIC_COLS,
     latest_metrics,
     latest_missing,

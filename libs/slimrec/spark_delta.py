@@ -29,47 +29,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pyspark.sql.datasource import DataSource, DataSourceArrowWriter, WriterCommitMessage
 
+from slimrec.delta_files import file_stats, make_add_action, partition_value, split_diverted
+
 
 @dataclass
 class FilesWritten(WriterCommitMessage):
     actions: list[dict]
     diverted: list[str]  # files under divert_dir
-
-
-def _stats(t: pa.Table) -> dict:
-    """Delta file stats: numRecords, nullCount, min/max of scalar columns."""
-    mins, maxs, nulls = {}, {}, {}
-    for name in t.column_names:
-        col = t.column(name)
-        nulls[name] = col.null_count
-        ty = col.type
-        if pa.types.is_list(ty) or pa.types.is_binary(ty) or len(t) == col.null_count:
-            continue
-        if pa.types.is_string(ty):
-            continue  # string min/max are optional in Delta; skip to keep stats small
-        mm = pc.min_max(col)
-        lo, hi = mm["min"].as_py(), mm["max"].as_py()
-        if hasattr(lo, "isoformat"):
-            lo, hi = lo.isoformat(), hi.isoformat()
-        if isinstance(lo, float) and (lo != lo or hi != hi):
-            continue
-        mins[name], maxs[name] = lo, hi
-    return {"numRecords": len(t), "minValues": mins, "maxValues": maxs, "nullCount": nulls}
-
-
-def split_diverted(t: pa.Table, column: str) -> tuple[pa.Table, pa.Table | None]:
-    """``t`` -> (rows whose struct ``column`` is null, without it; the others' ``column`` fields, or None)."""
-    col = t[column]
-    if col.null_count == len(t):
-        return t.drop_columns([column]), None
-    hit = pc.is_valid(col)
-    return t.filter(pc.invert(hit)).drop_columns([column]), pa.Table.from_struct_array(col.filter(hit).combine_chunks())
-
-
-def _partition_value(v) -> str | None:
-    if v is None:
-        return None
-    return v.isoformat() if hasattr(v, "isoformat") else str(v)
 
 
 class _Writer(DataSourceArrowWriter):
@@ -96,7 +62,7 @@ class _Writer(DataSourceArrowWriter):
         full = os.path.join(self.root, rel)
         os.makedirs(os.path.dirname(full), exist_ok=True)
         pq.write_table(t, full, compression="snappy", coerce_timestamps="us")
-        return {"path": rel, "size": os.path.getsize(full), "partition_values": pvals, "stats": _stats(t)}
+        return {"path": rel, "size": os.path.getsize(full), "partition_values": pvals, "stats": file_stats(t)}
 
     def _split(self, t: pa.Table) -> list[tuple[dict, pa.Table]]:
         """``t`` -> (partition values, rows without the partition columns) per partition value present."""
@@ -109,7 +75,7 @@ class _Writer(DataSourceArrowWriter):
             for k, v in key.items():
                 m = pc.is_null(t[k]) if v is None else pc.equal(t[k], pa.scalar(v, t.schema.field(k).type))
                 mask = m if mask is None else pc.and_(mask, m)
-            groups.append(({k: _partition_value(v) for k, v in key.items()}, t.filter(mask).drop(self.partition_by)))
+            groups.append(({k: partition_value(v) for k, v in key.items()}, t.filter(mask).drop(self.partition_by)))
         return groups
 
     def write(self, iterator):
@@ -204,8 +170,6 @@ def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: i
     writing leaves its files unreferenced, invisible to Delta readers, as a failed task of the
     Data Source path can.
     """
-    from slimrec.lake import make_add_action
-
     opts = _writer_options(table_uri, spec, target_file_rows, divert_column, divert_dir)
 
     def task(batches):
@@ -228,8 +192,6 @@ def collect_add_actions(df, table_uri: str, spec, target_file_rows: int, divert_
     Returns the add-actions and the paths of the files that hold the diverted rows (see the module
     docstring; none without ``divert_column``).
     """
-    from slimrec.lake import make_add_action
-
     with tempfile.TemporaryDirectory(prefix="slimrec-manifest-") as d:
         manifest = os.path.join(d, "actions.json")
         opts = _writer_options(table_uri, spec, target_file_rows, divert_column, divert_dir) | {"manifest": manifest}
