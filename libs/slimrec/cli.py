@@ -1,7 +1,7 @@
 """The ``slim`` command line.
 
 ``slim ingest``, ``slim stage NAME``, ``slim run``, ``slim refresh``,
-``slim validate``, ``slim tables``. Every command takes ``--lake DIR`` and the
+``slim replay``, ``slim validate``, ``slim tables``, ``slim report``, ``slim experiment planted``. Every command takes ``--lake DIR`` and the
 config options ``--profile``, ``--config FILE`` and ``--set key=value``.
 Known errors print one line (``error: ...``) and exit 2; an unexpected one
 prints one line and the path of a log file holding the traceback.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import shlex
 import sys
 import traceback
 from datetime import UTC, date, datetime
@@ -19,7 +21,9 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="slimrec: SLIM as a batch pipeline on Spark, Ray and Delta.")
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="slimrec: SLIM as a batch pipeline on Spark, Ray and Delta.",
+                  epilog="Example: slim run --dataset data/amazon_office_2014 --lake lake --profile dev")
 log = logging.getLogger("slimrec")
 
 LakeOpt = Annotated[str, typer.Option("--lake", help="lake root folder (one Delta table per sub-folder)")]
@@ -81,8 +85,28 @@ def _fail(exc: BaseException, lake: str | None) -> None:
     raise typer.Exit(1)
 
 
+def _machine() -> str:
+    """Host name, CPU model and count, memory: what a results page says a figure was measured on."""
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    try:
+        mem = f", {os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30:.0f} GiB"
+    except (ValueError, OSError, AttributeError):
+        mem = ""
+    return f"{platform.node()}: {os.cpu_count()} CPUs{' (' + model + ')' if model else ''}{mem}, {platform.system()}"
+
+
+def _command_line() -> str:
+    argv = sys.argv
+    return shlex.join(["slim", *argv[1:]]) if Path(argv[0]).name == "slim" else shlex.join(argv)
+
+
 def _context(lake: str, profile: str, config: Path | None, sets: list[str] | None, run_date: str | None,
-             dataset: str | None = None, dry_run: bool = False, force: bool = False):
+             dataset: str | None = None, dry_run: bool = False, force: bool = False, record: bool = False):
     from slimrec.config import load_config
     from slimrec.lake import Lake
     from slimrec.stages.base import StageContext
@@ -93,6 +117,9 @@ def _context(lake: str, profile: str, config: Path | None, sets: list[str] | Non
                        run_date=_parse_date(run_date), dry_run=dry_run, force=force,
                        dataset_dir=dataset)
     log.info("config (profile %s, hash %s): %s", profile, cfg.config_hash(), cfg.as_json())
+    if record and not dry_run:  # the results page names the command and machine beside this run's figures
+        ctx.lake.record_run(ctx.run_id, {"command": _command_line(), "machine": _machine(), "profile": profile,
+                                         "started": datetime.now(tz=UTC).isoformat(timespec="seconds")})
     return ctx
 
 
@@ -119,7 +146,7 @@ class _Command:
         return False
 
 
-@app.command()
+@app.command(epilog="Example: slim ingest --dataset data/amazon_office_2014 --lake lake")
 def ingest(
     dataset: Annotated[str, typer.Option("--dataset", help="folder with the source files")],
     lake: LakeOpt = "lake",
@@ -142,7 +169,7 @@ def ingest(
                    f"{r.extra.get('quarantined')} quarantined -> {ctx.lake.root}")
 
 
-@app.command()
+@app.command(epilog="Example: slim stage teacher_rationales --lake lake --dry-run")
 def stage(
     name: Annotated[str, typer.Argument(help="ingest | build_sequences | build_prompts | teacher_rationales | "
                                              "distill_student | student_rationales | embed | train_recommender")],
@@ -159,7 +186,7 @@ def stage(
     """Run one stage, then its quality gate."""
     _setup_logging(verbose)
     with _Command(lake) as cmd:
-        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, dry_run=dry_run)
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, dry_run=dry_run, record=True)
         from slimrec.pipeline import run_stage
 
         with ctx.lake.lock():
@@ -167,7 +194,7 @@ def stage(
         typer.echo(f"{name}: rows in {r.rows_in}, rows out {r.rows_out}, tables {r.tables}, {r.extra}")
 
 
-@app.command()
+@app.command(epilog="Example: slim run --dataset data/amazon_office_2014 --lake lake --profile dev")
 def run(
     dataset: Annotated[str | None, typer.Option(
         "--dataset", help="folder with the source files (leave out to rerun an ingested lake from build_sequences)")] = None,
@@ -193,7 +220,7 @@ def run(
                 raise IngestError(f"{lake} holds no ingested data: pass --dataset DIR")
             typer.echo(f"no --dataset: {lake} is already ingested, so the run starts at build_sequences", err=True)
             start = "build_sequences"
-        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, force=force)
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, force=force, record=True)
         from slimrec.pipeline import run_pipeline
         from slimrec.report import (
             format_metrics,
@@ -227,7 +254,8 @@ def run(
         typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
 
 
-@app.command()
+@app.command(epilog="Example: slim refresh --run-date 2024-02-01 --events replay/events-2024-02-01.csv "
+                          "--lake lake")
 def refresh(
     events: Annotated[str, typer.Option("--events", help="the day's events file (CSV/Parquet: user, item, timestamp)")],
     lake: LakeOpt = "lake",
@@ -242,7 +270,7 @@ def refresh(
     """Daily refresh: merge the day's events, redo only what they change, rescore affected users."""
     _setup_logging(verbose)
     with _Command(lake) as cmd:
-        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date)
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, record=True)
         from slimrec.refresh import refresh as do_refresh
         from slimrec.report import format_stages, stage_table, write_report
 
@@ -254,7 +282,7 @@ def refresh(
         typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
 
 
-@app.command()
+@app.command(epilog="Example: slim replay --lake lake-src --out replay --days 3 --share 0.2")
 def replay(
     lake: LakeOpt = "lake",
     out: Annotated[str, typer.Option("--out", help="folder for base/ and events-YYYY-MM-DD.csv files")] = "replay",
@@ -274,7 +302,7 @@ def replay(
                    + "; ".join(f"{d}: {v['events']} events, {v['users']} users" for d, v in counts["days"].items()))
 
 
-@app.command()
+@app.command(epilog="Example: slim validate user_sequences --lake lake --docs gx-docs")
 def validate(
     table: Annotated[str, typer.Argument(help="table name, e.g. user_sequences")],
     lake: LakeOpt = "lake",
@@ -300,7 +328,7 @@ def validate(
             raise typer.Exit(1)
 
 
-@app.command()
+@app.command(epilog="Example: slim tables --lake lake")
 def tables(lake: LakeOpt = "lake"):
     """List the lake's tables: Delta version, rows, last commit time and stage."""
     _setup_logging()
@@ -322,12 +350,32 @@ def tables(lake: LakeOpt = "lake"):
     console.print(t)
 
 
+@app.command(epilog="Example: slim report --lake lake")
+def report(
+    lake: LakeOpt = "lake",
+    out: Annotated[str, typer.Option("--out", help="the results page to write")] = "docs/results.md",
+    readme: Annotated[str, typer.Option("--readme", help="README whose results markers get the small table")] = (
+        "README.md"),
+    no_readme: Annotated[bool, typer.Option("--no-readme", help="write only --out; leave the README")] = False,
+):
+    """Regenerate the results page (docs/results.md) and the README's results table from the lake's latest
+    train_recommender run: date, command, machine, mean ± std over seeds, both protocols, paired differences."""
+    _setup_logging()
+    with _Command(lake):
+        from slimrec.lake import Lake
+        from slimrec.results_page import write_results
+
+        paths = write_results(Lake(lake), out, None if no_readme else readme, label=lake)
+        typer.echo(f"results: {', '.join(map(str, paths))}")
+
+
 experiment_app = typer.Typer(no_args_is_help=True, help="Experiments on the pipeline (never defaults; flagged "
-                                                        "wherever their numbers appear).")
+                                                        "wherever their numbers appear).",
+                             epilog="Example: slim experiment planted --lake lake --precisions 0,0.5,1")
 app.add_typer(experiment_app, name="experiment")
 
 
-@experiment_app.command("planted")
+@experiment_app.command("planted", epilog="Example: slim experiment planted --lake lake --precisions 0,0.5,1")
 def experiment_planted(
     dataset: Annotated[str | None, typer.Option(
         "--dataset", help="folder with the source files (leave out to use an ingested lake)")] = None,
@@ -361,7 +409,7 @@ def experiment_planted(
             if not Lake(lake).exists("interactions"):
                 raise IngestError(f"{lake} holds no ingested data: pass --dataset DIR")
             start = "build_sequences"
-        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset)
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, record=True)
         from slimrec.planted_experiment import format_checks, format_curve, run_planted, write_pages
 
         def config_for(extra: list[str]):
