@@ -5,7 +5,8 @@ Each ``bench/<name>.py`` ends with ``record(name, rows)``: rows are dicts with
 measured in the same run, ``baseline`` (its name), ``baseline_value`` and
 ``ratio`` (value / baseline_value). ``record`` prints them and writes
 ``bench/results/<name>.json``; ``python -m bench.run_all`` (``make bench``)
-runs every benchmark and prints one table. Benchmarks never assert times.
+runs every benchmark, prints one table and regenerates ``docs/benchmarks.md``
+(:mod:`bench.docs`). Benchmarks never assert times.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,10 +33,12 @@ def git_commit() -> str:
 
 
 def row(case: str, metric: str, value: float, unit: str, baseline: str | None = None,
-        baseline_value: float | None = None) -> dict:
+        baseline_value: float | None = None, spread: str | None = None) -> dict:
+    """One figure; ``spread`` says how much it moved over repeats where they were measured (e.g. "± 0.03 s
+    std over 5 runs"), shown in docs/benchmarks.md."""
     ratio = (value / baseline_value) if baseline_value not in (None, 0) else None
     return {"case": case, "metric": metric, "value": value, "unit": unit, "baseline": baseline,
-            "baseline_value": baseline_value, "ratio": ratio}
+            "baseline_value": baseline_value, "ratio": ratio, "spread": spread}
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -50,6 +55,7 @@ def record(name: str, rows: list[dict], extra: dict | None = None) -> Path:
     for r in rows:
         r["bench"] = name
     payload = {"bench": name, "commit": git_commit(), "machine": f"{platform.node()} {os.cpu_count()} cpus",
+               "command": shlex.join(["python", "-m", f"bench.{name}", *sys.argv[1:]]),
                "at": time.strftime("%Y-%m-%dT%H:%M:%S"), "rows": rows, "extra": extra or {}}
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str))

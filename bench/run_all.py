@@ -4,7 +4,8 @@
 
 Each benchmark runs in its own process (its own Spark/Ray) and writes
 ``bench/results/<name>.json`` through :func:`bench.common.record`; this
-harness merges them into ``bench/results/all-<commit>.json``. Figures are
+harness merges them into ``bench/results/all-<commit>.json`` and regenerates
+``docs/benchmarks.md`` from the latest result of every benchmark (:mod:`bench.docs`). Figures are
 ratios against baselines measured in the same run; nothing is asserted.
 """
 
@@ -17,6 +18,7 @@ import sys
 import time
 
 from bench.common import RESULTS, format_rows, git_commit
+from bench.docs import write_benchmarks_md
 
 BENCHES = ["foundation", "teacher", "student", "embed", "recommender"]
 
@@ -44,6 +46,8 @@ def main() -> int:
     out = RESULTS / f"all-{git_commit()}.json"
     out.write_text(json.dumps({"commit": git_commit(), "rows": rows, "failed": failed}, indent=2, default=str))
     print(f"-> {out}")
+    if rows:
+        print(f"-> {write_benchmarks_md()}")
     if failed:
         print("benchmarks that failed: " + ", ".join(failed), file=sys.stderr)
     return 1 if failed else 0

@@ -1,0 +1,40 @@
+"""docs/benchmarks.md is generated from bench/results/*.json: provenance and rows, nothing typed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # bench/ is a folder of the checkout, not part of the installed package
+
+from bench.docs import benchmarks_markdown  # noqa: E402
+
+
+def test_page_names_date_machine_command_and_rows(tmp_path):
+    (tmp_path / "teacher.json").write_text(json.dumps({
+        "bench": "teacher", "commit": "abc1234", "machine": "box 2 cpus", "at": "2026-01-02T03:04:05",
+        "command": "python -m bench.teacher --quick",
+        "rows": [{"case": "rps 20", "metric": "achieved_rps", "value": 19.5, "unit": "req/s",
+                  "baseline": "configured limit", "baseline_value": 20.0, "ratio": 0.975, "spread": None}]}))
+    (tmp_path / "all-abc1234.json").write_text(json.dumps({"rows": []}))  # the merged file is not a section
+    page = benchmarks_markdown(tmp_path)
+    assert "## teacher" in page and "## all-abc1234" not in page
+    assert "- date: 2026-01-02T03:04:05" in page and "- machine: box 2 cpus" in page
+    assert "- command: `python -m bench.teacher --quick`" in page and "`abc1234`" in page
+    assert "| rps 20 | achieved_rps | 19.5 | req/s |  | configured limit | 20 | 0.975 |" in page
+    assert "Not run yet: `python -m bench.foundation`" in page
+
+
+def test_no_results_is_one_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `make bench`"):
+        benchmarks_markdown(tmp_path)
+    r = subprocess.run([sys.executable, "-c", "import sys; from bench import docs; docs.RESULTS = None; "
+                        "from pathlib import Path; docs.OUT = Path(sys.argv[1]) / 'b.md'; "
+                        "docs.write_benchmarks_md.__defaults__ = (Path(sys.argv[1]), docs.OUT); sys.exit(docs.main())",
+                        str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: no benchmark results")
