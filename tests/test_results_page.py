@@ -90,3 +90,17 @@ def test_slim_report_without_results_is_one_line(tmp_path):
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "holds no train_recommender results" in lines[0]
     assert "Traceback" not in r.output and not (tmp_path / "r.md").exists()
+
+
+def test_cli_records_command_and_machine_but_not_for_a_dry_run(tmp_lake, monkeypatch):
+    from types import SimpleNamespace
+
+    from slimrec import cli
+
+    monkeypatch.setattr(cli.sys, "argv", ["/venv/bin/slim", "run", "--dataset", "my data", "--lake", "lake"])
+    cli._record_run(SimpleNamespace(dry_run=False, lake=tmp_lake, run_id="abc"), "dev")
+    rec = tmp_lake.run_record("abc")
+    assert rec["command"] == "slim run --dataset 'my data' --lake lake" and rec["profile"] == "dev"
+    assert "CPUs" in rec["machine"]
+    cli._record_run(SimpleNamespace(dry_run=True, lake=tmp_lake, run_id="dry"), "dev")
+    assert tmp_lake.run_record("dry") is None

@@ -106,7 +106,7 @@ def _command_line() -> str:
 
 
 def _context(lake: str, profile: str, config: Path | None, sets: list[str] | None, run_date: str | None,
-             dataset: str | None = None, dry_run: bool = False, force: bool = False, record: bool = False):
+             dataset: str | None = None, dry_run: bool = False, force: bool = False):
     from slimrec.config import load_config
     from slimrec.lake import Lake
     from slimrec.stages.base import StageContext
@@ -117,10 +117,15 @@ def _context(lake: str, profile: str, config: Path | None, sets: list[str] | Non
                        run_date=_parse_date(run_date), dry_run=dry_run, force=force,
                        dataset_dir=dataset)
     log.info("config (profile %s, hash %s): %s", profile, cfg.config_hash(), cfg.as_json())
-    if record and not dry_run:  # the results page names the command and machine beside this run's figures
+    return ctx
+
+
+def _record_run(ctx, profile: str) -> None:
+    """Keep the command line and machine of this run id in the lake (the results page names them beside
+    the run's figures). Called once the lake lock is held: a run refused by the lock writes nothing."""
+    if not ctx.dry_run:
         ctx.lake.record_run(ctx.run_id, {"command": _command_line(), "machine": _machine(), "profile": profile,
                                          "started": datetime.now(tz=UTC).isoformat(timespec="seconds")})
-    return ctx
 
 
 def _close(ctx) -> None:
@@ -186,10 +191,11 @@ def stage(
     """Run one stage, then its quality gate."""
     _setup_logging(verbose)
     with _Command(lake) as cmd:
-        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, dry_run=dry_run, record=True)
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, dry_run=dry_run)
         from slimrec.pipeline import run_stage
 
         with ctx.lake.lock():
+            _record_run(ctx, profile)
             r = run_stage(name, ctx, check=not no_check)
         typer.echo(f"{name}: rows in {r.rows_in}, rows out {r.rows_out}, tables {r.tables}, {r.extra}")
 
@@ -220,7 +226,7 @@ def run(
                 raise IngestError(f"{lake} holds no ingested data: pass --dataset DIR")
             typer.echo(f"no --dataset: {lake} is already ingested, so the run starts at build_sequences", err=True)
             start = "build_sequences"
-        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, force=force, record=True)
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, force=force)
         from slimrec.pipeline import run_pipeline
         from slimrec.report import (
             format_metrics,
@@ -240,6 +246,7 @@ def run(
             typer.echo(f"[{i + 1}/{n}] {name}", err=True)
 
         with ctx.lake.lock():
+            _record_run(ctx, profile)
             results = run_pipeline(ctx, start, stop, progress=progress)
         typer.echo("\n" + format_stages(stage_table(results)))
         typer.echo("\nResults (test target, mean±std over seeds; full ranking over all items minus the user's "
@@ -270,11 +277,12 @@ def refresh(
     """Daily refresh: merge the day's events, redo only what they change, rescore affected users."""
     _setup_logging(verbose)
     with _Command(lake) as cmd:
-        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, record=True)
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date)
         from slimrec.refresh import refresh as do_refresh
         from slimrec.report import format_stages, stage_table, write_report
 
         with ctx.lake.lock():
+            _record_run(ctx, profile)
             results = do_refresh(ctx, events, retrain=retrain,
                                  progress=lambda i, n, name: typer.echo(f"[{i + 1}/{n}] {name}", err=True))
         typer.echo("\n" + format_stages(stage_table(results)))
@@ -409,13 +417,14 @@ def experiment_planted(
             if not Lake(lake).exists("interactions"):
                 raise IngestError(f"{lake} holds no ingested data: pass --dataset DIR")
             start = "build_sequences"
-        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, record=True)
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset)
         from slimrec.planted_experiment import format_checks, format_curve, run_planted, write_pages
 
         def config_for(extra: list[str]):
             return load_config(profile, config, [*(set_ or []), *extra])
 
         with ctx.lake.lock():
+            _record_run(ctx, profile)
             exp = run_planted(ctx, ps, config_for, start, progress=lambda m: typer.echo(m, err=True))
         typer.echo("\n" + format_curve(exp.rows))
         typer.echo("\nChecks (full ranking, test NDCG@10, paired SE per user):\n" + format_checks(exp.checks))
