@@ -142,3 +142,27 @@ def test_novel_grounded_prior_lifts_what_the_model_does_not_already_rank(tiny_da
     assert w2[1] > 0
     assert one[~target_in_decoys].mean() < 0.8  # tied with the decoys (unless they are history)
     assert two[~target_in_decoys].min() == pytest.approx(1.0)
+
+
+def test_novelty_is_measured_on_the_input_the_rationale_was_written_from(tiny_data):
+    """The reference score differs by split: on the validation input (the rationale's history) it ranks
+    item A first, on the test input item B. A rationale naming A and B: at the test position the novel part
+    is B (A was obvious from the rationale's history), not A."""
+    a, b = 1, 2
+    users = np.arange(3)
+
+    def ref(split, us):
+        s = np.zeros((len(us), tiny_data.n_items + 1), np.float32)
+        s[:, a if split == "valid" else b] = 5.0
+        return s
+
+    def grounded(split, us):
+        g = np.zeros((len(us), tiny_data.n_items + 1), np.float32)
+        g[:, [a, b]] = 1.0
+        return g
+
+    ev = Evaluator(tiny_data, tiny_cfg())
+    ev.grounded_fn = lambda source: grounded
+    for split in ("valid", "test"):
+        n = ev.grounded_novel_fn("teacher", ref, 1)(split, users)
+        assert (n[:, a] == 0).all() and (n[:, b] == 1).all() and n.sum() == len(users)

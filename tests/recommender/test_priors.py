@@ -47,3 +47,12 @@ def test_novel_rows_drop_the_models_own_top_items():
     s = np.array([[99, 5, 1, 4, 3], [99, 0, 9, 5, 2]], np.float32)  # column 0 (padding) never counts
     assert novel_rows(g, s, 2).tolist() == [[0, 0, 1, 0, 0], [0, 0, 0, 0, 1]]
     assert novel_rows(g, s, 10).sum() == 0  # a top larger than the catalogue keeps nothing
+
+
+def test_novel_rows_with_a_floor_count_only_predicted_items_as_top():
+    from slimrec.recommender.priors import novel_rows
+
+    g = np.array([[0, 1, 1, 1, 1]], np.float32)
+    s = np.array([[0, 2.0, 0, 0, 0.5]], np.float32)  # a sparse prior: it predicts items 1 and 4 only
+    assert novel_rows(g, s, 3, floor=0.0).tolist() == [[0, 0, 1, 1, 0]]
+    assert novel_rows(g, s, 3).sum() == 1  # without the floor, one zero-score item is "top" by accident

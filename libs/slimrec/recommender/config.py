@@ -135,10 +135,12 @@ class RecommenderConfig(BaseModel):
         True, description="teacher/slim variants add w * [item named in the rationale's step 3], w chosen on validation"
     )
     grounded_novel_rank: int | None = Field(
-        20,
+        50,
         ge=1,
-        description="teacher/slim variants also add w_n * [named item outside the model's own top R] (the part "
-        "of the rationale the model does not already rank high), w_n chosen on validation; null: one grounded prior",
+        description="teacher/slim variants also add w_m * [named item outside the model's top R] and w_t * [named "
+        "item outside the transition prior's top R], both on the history the rationale was written from (what the "
+        "rationale says that no-LLM scores do not already rank high); weights chosen on validation; null: one "
+        "grounded prior",
     )
     text_matching_source: Literal["student", "teacher"] = Field(
         "student", description="rationales used by the ID-agnostic text_matching variant"

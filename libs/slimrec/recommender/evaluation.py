@@ -38,6 +38,9 @@ ScoreFn = Callable[[str, np.ndarray], np.ndarray]
 PROTOCOLS = ("full", "sampled100")
 _SPLIT_CODE = {"valid": 1, "test": 2, "serve": 3}
 SPLITS = ("valid", "test")
+# The input a rationale is written from: prompts see the history before both held-out targets, which is
+# the validation split's input (the test and serve inputs are longer by the validation target).
+CONTEXT_SPLIT = "valid"
 
 
 def _user_seed(user_id: str) -> int:
@@ -97,13 +100,15 @@ class Evaluator:
 
         return fn
 
-    def grounded_novel_fn(self, source: str, model_fn: ScoreFn, top_r: int) -> ScoreFn:
-        """The grounded prior restricted to named items OUTSIDE the model's own top ``top_r``: what the
-        rationale says beyond what the recommender already ranks high (see :mod:`priors`)."""
+    def grounded_novel_fn(self, source: str, ref_fn: ScoreFn, top_r: int, floor: float | None = None) -> ScoreFn:
+        """The grounded prior restricted to named items OUTSIDE the top ``top_r`` of ``ref_fn`` (the model,
+        or the transition prior with ``floor=0``) on the rationale's own input (:data:`CONTEXT_SPLIT`),
+        whatever split is scored: what the rationale says beyond what a no-LLM score already ranks high
+        from the same history (see :mod:`priors`)."""
         grounded = self.grounded_fn(source)
 
         def fn(split, users):
-            return novel_rows(grounded(split, users), model_fn(split, users), top_r)
+            return novel_rows(grounded(split, users), ref_fn(CONTEXT_SPLIT, users), top_r, floor)
 
         return fn
 

@@ -12,12 +12,18 @@ contributed itself; validation and test rows use the full counts (their
 targets are not in any history).
 
 The grounded prior of candidate ``j`` is ``1`` when the user's rationale names
-``j`` in step 3 (``grounded_item_ids``), else ``0``. Its *novel* part keeps only
-the named items that are not in the model's own top ``R`` for that user: the
-part of the rationale the recommender could not have said itself. Both are
-separate priors with weights chosen on validation, so a rationale whose extra
-items are right gets them lifted to the top, and one whose extra items are
-noise gets weight 0 for them.
+``j`` in step 3 (``grounded_item_ids``), else ``0``. Its *novel* parts keep only
+the named items that a no-LLM score does not already put in its top ``R`` for
+that user: the part of the rationale the recommender could not have said
+itself. Two references: the model's own scores and the transition prior. Both
+are taken on the input the rationale was written from (the history before the
+held-out targets, the ``valid`` split's input), for every split: at the test
+position the input is one item longer, and the items that were obvious from
+the rationale's history are no longer the top of the longer input, so novelty
+measured there would call every named item new. Each part is a separate prior
+with its weight chosen on validation, so a rationale whose extra items are
+right gets them lifted to the top, and one whose extra items are noise gets
+weight 0 for them.
 
 Example: histories ``[1, 2, 3]`` and ``[1, 2]``, window 1: ``C[1, 2] = 2``,
 ``C[2, 3] = 1``; for user 1's training row ``<1> -> 2`` the own-user-out count
@@ -72,11 +78,15 @@ def grounded_rows(ptr: np.ndarray, items: np.ndarray, users: np.ndarray, n_items
     return out
 
 
-def novel_rows(grounded: np.ndarray, scores: np.ndarray, top_r: int) -> np.ndarray:
+def novel_rows(grounded: np.ndarray, scores: np.ndarray, top_r: int, floor: float | None = None) -> np.ndarray:
     """``grounded`` (B, N) with the columns of each row's ``top_r`` highest ``scores`` set to 0 (column 0,
-    padding, is never in the top).
+    padding, is never in the top). With ``floor``, a column counts as top only if its score is above it
+    (a sparse prior such as transitions has fewer than ``top_r`` items it predicts at all; the rest tie at 0
+    and are not "predicted").
 
     >>> novel_rows(np.array([[0, 1, 1, 1.]]), np.array([[9, 3, 2, 1.]]), 1).tolist()
+    [[0.0, 0.0, 1.0, 1.0]]
+    >>> novel_rows(np.array([[0, 1, 1, 1.]]), np.array([[0, 3, 0, 0.]]), 2, floor=0.0).tolist()
     [[0.0, 0.0, 1.0, 1.0]]
     """
     out = np.array(grounded, dtype=np.float32, copy=True)
@@ -84,8 +94,12 @@ def novel_rows(grounded: np.ndarray, scores: np.ndarray, top_r: int) -> np.ndarr
     r = min(top_r, s.shape[1])
     if r <= 0 or not len(out):
         return out
-    top = np.argpartition(-s, r - 1, axis=1)[:, :r] + 1
-    out[np.arange(len(out))[:, None], top] = 0.0
+    top = np.argpartition(-s, r - 1, axis=1)[:, :r]
+    rows = np.broadcast_to(np.arange(len(out))[:, None], top.shape)
+    if floor is not None:
+        keep = s[rows, top] > floor
+        rows, top = rows[keep], top[keep]
+    out[rows, top + 1] = 0.0
     return out
 
 

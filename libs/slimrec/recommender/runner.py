@@ -10,13 +10,15 @@ variant        model                   score (weights chosen on validation)
 base           ids                     model
 text           ids + item text         model
 cooc_prior     text (or joint)         model + w_c * log(1 + transitions)
-teacher        text + teacher fusion   model + w_g * grounded(teacher)   [teacher users]
-slim           text + student fusion   model + w_g * grounded(student)
-teacher_cooc   teacher model           model + w_c * cooc + w_g * grounded(teacher)
-slim_cooc      slim model              model + w_c * cooc + w_g * grounded(student)
+teacher        text + teacher fusion   model + grounded(teacher)                  [teacher users]
+slim           text + student fusion   model + grounded(student)
+teacher_cooc   teacher model           model + w_c * cooc + grounded(teacher)
+slim_cooc      slim model              model + w_c * cooc + grounded(student)
 text_matching  g_t only (no backbone)  cos(g_t(rationale_u), g_t(text_i))
 =============  ======================  =================================================
 
+``grounded(r)`` is ``w_g * named + w_m * named-not-in-model-top-R + w_t * named-not-in-transition-top-R``
+(``grounded_prior``, ``grounded_novel_rank``; novelty on the rationale's own input, see :mod:`priors`).
 Rationale models start from the text model when ``rationale_warm_start``.
 The teacher's rows are computed over the users with a teacher rationale only
 (the teacher answers a sample); every other variant is also reported on that
@@ -139,6 +141,9 @@ def priors_for(variant: str, data: RecData, ev: Evaluator, cfg, score_fn=None) -
             if cfg.grounded_novel_rank and score_fn is not None:
                 names.append(f"grounded_{spec.rationale}_novel")
                 fns.append(ev.grounded_novel_fn(spec.rationale, score_fn, cfg.grounded_novel_rank))
+            if cfg.grounded_novel_rank:
+                names.append(f"grounded_{spec.rationale}_novel_cooc")
+                fns.append(ev.grounded_novel_fn(spec.rationale, ev.cooc_fn(), cfg.grounded_novel_rank, floor=0.0))
     return names, fns
 
 
