@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
                             repetition_penalty=cfg.infer.repetition_penalty, kv_cache=cfg.infer.kv_cache)
         wall = time.perf_counter() - t0
         n_tok = sum(o[2] for o in outs)
-        statuses = pd.Series([(parse_rationale(t, f)[1] or "ok").split(":")[0] for t, f, _ in outs]).value_counts()
+        statuses = pd.Series([(parse_rationale(t, f)[1] or "ok").split(":")[0] for t, f, *_ in outs]).value_counts()
         report["inference"] = {
             "users": len(ids), "batch_size": cfg.infer.batch_size, "threads": args.threads,
             "prompt_tokens_mean": round(float(np.mean([len(x) for x in ids])), 1),

@@ -2,7 +2,8 @@
 
 A rationale is free text in which the three steps of the chain-of-thought
 prompt appear in order, each introduced by ``Step 1``, ``Step 2``,
-``Step 3`` (``Step 1:``, ``**Step 1.**``, ``1)`` ... are accepted)::
+``Step 3`` (``Step 1:``, ``**Step 1.**``, ``1)`` ... are accepted: an HTTP
+teacher writes free text)::
 
     Step 1: The user buys office phones and labels from VTech and Brother.
     Step 2: Categories: Cordless Telephones; Label Makers. Brands: VTech, Brother.
@@ -10,6 +11,11 @@ prompt appear in order, each introduced by ``Step 1``, ``Step 2``,
 
 :func:`parse_rationale` never raises on model output: it returns
 ``(ParsedRationale | None, error | None)`` so a bad answer becomes a status.
+
+The exact shape the offline teacher writes and the constrained student must
+write is declared in :mod:`slimrec.rationale_shape`; the step-3 title bounds
+and the "no items" phrase come from there, and every string that shape's
+grammar accepts parses here with its titles as ``item_names``.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from slimrec.rationale_shape import MAX_TITLE_CHARS, MIN_TITLE_CHARS, NO_ITEMS
+
 STATUSES = ("ok", "parse_error", "empty", "truncated", "failed", "skipped_budget")
 
 _STEP_RE = re.compile(r"(?im)^[\s*#>_-]*(?:step\s*([123])|([123])[.)])\s*(?:\([^)\n]*\))?\s*[:.\-)]*\**\s*")
-_QUOTED_RE = re.compile(r"[\"“]([^\"”\n]{3,200})[\"”]")
+_QUOTED_RE = re.compile(rf"[\"“]([^\"”\n]{{{MIN_TITLE_CHARS},{MAX_TITLE_CHARS}}})[\"”]")
 
 
 @dataclass(frozen=True)
@@ -36,6 +44,8 @@ def _split_items(step3: str) -> tuple[str, ...]:
     if quoted:
         return tuple(q.strip() for q in quoted)
     body = step3.split(":", 1)[1] if ":" in step3[:40] else step3
+    if body.strip(" .").casefold() == NO_ITEMS:
+        return ()
     parts = re.split(r";|\n|\s\d+\.\s", body)
     return tuple(p.strip(" .-*\t") for p in parts if len(p.strip(" .-*\t")) >= 3)
 

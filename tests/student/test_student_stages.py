@@ -7,7 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from slimrec.rationale import STATUSES
+from slimrec.rationale import STATUSES, parse_rationale
 from slimrec.stages import distill_student, student_rationales
 from slimrec.stages.base import StageResult
 from student_helpers import histories, items_frame, make_ctx, prompts_frame, small_student_config, write_lake
@@ -108,6 +108,12 @@ def test_inference_is_incremental(distilled):
     assert all(set(ids) <= item_ids for ids in rows["grounded_item_ids"])
     assert sum(len(ids) > 0 for ids in ok["grounded_item_ids"]) > 0  # step-3 titles ground to catalogue ids
     assert (rows["output_tokens"] > 0).all()
+    # constrained decoding (the default): every answer parses, none is cut, every named title is an item
+    assert first.extra["constrained"] and first.extra["grammar_titles"] == len(item_ids)
+    assert first.extra["statuses"] == {"ok": len(hists)}
+    named = [len(set(p.item_names)) for p in (parse_rationale(t)[0] for t in rows["rationale"])]
+    assert [len(ids) for ids in rows["grounded_item_ids"]] == named
+    assert (rows["output_tokens"] <= first.extra["max_new_tokens"]).all()
     v1 = lake.version("student_rationales")
 
     # Same prompts, same model: nothing to generate, no commit.
@@ -129,3 +135,22 @@ def test_inference_is_incremental(distilled):
     assert rows[rows["run_date"] == day2]["user_id"].tolist() == [changed]
     dry = student_rationales.run(make_ctx(lake, day2, scfg, dry_run=True))
     assert dry.extra["users_to_generate"] == 0
+
+
+def test_constrained_inference_without_xgrammar_stops_with_the_reason(distilled, monkeypatch):
+    import sys
+
+    from slimrec.lake import CommitInfo
+    from slimrec.pipeline import StageError
+
+    lake, run_date, hists, scfg, _ = distilled
+    day = run_date + timedelta(days=5)  # one user with a new prompt: something to generate
+    lake.write_arrow("prompts", prompts_frame({"u003": hists["u003"] + ["i18"]}, items_frame()), "replace_date",
+                     CommitInfo("fixture", day))
+    before = lake.version("student_rationales")
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar -> ImportError
+    dry = student_rationales.run(make_ctx(lake, day, scfg, dry_run=True))  # the plan needs no library
+    assert dry.extra["users_to_generate"] == 1 and dry.extra["est_output_tokens_max"] == dry.extra["max_new_tokens"]
+    with pytest.raises(StageError, match="needs xgrammar.*constrained=false"):
+        student_rationales.run(make_ctx(lake, day, scfg))
+    assert lake.version("student_rationales") == before  # nothing written, nothing decoded unconstrained

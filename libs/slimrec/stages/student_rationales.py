@@ -11,9 +11,14 @@
    an actor pool of :class:`~slimrec.student.generate.TransformersGenerator`
    (CPU default, fractional CPUs per actor) or
    :class:`~slimrec.student.generate.VllmGenerator` (GPUs, ``infer.engine=vllm``).
+   With ``infer.constrained`` (the default) both engines decode under the
+   grammar of :mod:`slimrec.rationale_shape`, built here from the ``items``
+   table (:func:`constraint`): three steps within their length bounds, step 3
+   naming only catalogue titles, ``max_new_tokens`` derived from the bounds.
 5. Each answer is split into its steps (:func:`~slimrec.student.generate.parse_outputs`;
    a bad answer is a status, never an exception), step-3 titles are grounded
-   to catalogue item_ids, and every ``infer.write_batch_rows`` rows are MERGEd
+   to catalogue item_ids (exactly when constrained, fuzzily otherwise), and
+   every ``infer.write_batch_rows`` rows are MERGEd
    on (user_id, run_date, model_version): a crash loses at most the rows in
    flight, and a rerun generates only what is still missing.
 
@@ -28,10 +33,12 @@ import json
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import pandas as pd
 
 from slimrec.pipeline import StageError
+from slimrec.rationale_shape import CatalogueTitles
 from slimrec.stages.base import StageContext, StageResult, delete_rows_naming_unknown_items
 from slimrec.student.config import StudentConfig
 
@@ -103,9 +110,44 @@ def to_rows(parsed: pd.DataFrame, grounded: list[list[str]], model_version: str)
     )
 
 
-def _generator(cfg: StudentConfig, model: dict):
+@dataclass(frozen=True)
+class Constraint:
+    """What constrained decoding needs from the driver: the grammar text, its token bound, the titles it names."""
+
+    ebnf: str
+    max_new_tokens: int
+    titles: CatalogueTitles
+    build_seconds: float
+
+
+def constraint(cfg: StudentConfig, items: pd.DataFrame) -> Constraint:
+    """The grammar of this run's rationales over the ``items`` table (``item_id``, ``title``)."""
+    from slimrec.rationale_shape import grammar_ebnf, max_new_tokens
+    from slimrec.student.config import rationale_shape
+
+    t0 = time.perf_counter()
+    shape = rationale_shape(cfg)
+    titles = CatalogueTitles(items, cfg.infer.title_max_chars)
+    ebnf = grammar_ebnf(shape, titles.titles)
+    bound = max_new_tokens(shape, titles.titles)
+    if cfg.infer.engine == "vllm" and cfg.max_prompt_tokens + bound > cfg.vllm.max_model_len:
+        raise StageError(f"student_rationales: prompt ({cfg.max_prompt_tokens}) + the grammar's longest rationale "
+                         f"({bound} tokens) exceed vllm.max_model_len={cfg.vllm.max_model_len}; raise it or lower "
+                         "student.infer.step1_max_chars / step2_max_chars / max_items")
+    secs = time.perf_counter() - t0
+    log.info("student_rationales: grammar over %d catalogue titles (%d items cannot be named), %s, "
+             "max_new_tokens %d, %d EBNF chars, built in %.2f s", len(titles), titles.dropped, shape, bound,
+             len(ebnf), secs)
+    return Constraint(ebnf, bound, titles, secs)
+
+
+def _generator(cfg: StudentConfig, model: dict, con: Constraint | None = None):
     """(callable class, constructor kwargs, Ray resources) for the configured engine."""
     infer = cfg.infer.model_dump(mode="json")
+    if cfg.infer.constrained and con is None:
+        raise StageError("student_rationales: infer.constrained=true needs the grammar (stages.student_rationales"
+                         ".constraint)")
+    grammar = {"grammar": con.ebnf, "max_new_tokens": con.max_new_tokens} if cfg.infer.constrained else {}
     if cfg.infer.engine == "vllm":
         from slimrec.student.generate import VllmGenerator, vllm_max_lora_rank
 
@@ -116,27 +158,27 @@ def _generator(cfg: StudentConfig, model: dict):
             raise StageError(f"student_rationales: {e}") from None
         kwargs = dict(base_path=model["base_model"], adapter_path=model["adapter_path"], infer=infer,
                       vllm_cfg=cfg.vllm.model_dump(mode="json"), max_prompt_tokens=cfg.max_prompt_tokens,
-                      lora_rank=rank)
+                      lora_rank=rank, **grammar)
         gpus = cfg.infer.gpus_per_actor or float(cfg.vllm.tensor_parallel_size)
         return VllmGenerator, kwargs, {"num_cpus": cfg.infer.cpus_per_actor, "num_gpus": gpus}
     from slimrec.student.generate import TransformersGenerator
 
     kwargs = dict(base_path=model["base_model"], adapter_path=model["adapter_path"], infer=infer,
-                  max_prompt_tokens=cfg.max_prompt_tokens)
+                  max_prompt_tokens=cfg.max_prompt_tokens, **grammar)
     res = {"num_cpus": cfg.infer.cpus_per_actor}
     if cfg.infer.gpus_per_actor:
         res["num_gpus"] = cfg.infer.gpus_per_actor
     return TransformersGenerator, kwargs, res
 
 
-def generate_dataset(todo: pd.DataFrame, cfg: StudentConfig, model: dict):
+def generate_dataset(todo: pd.DataFrame, cfg: StudentConfig, model: dict, con: Constraint | None = None):
     """Ray Dataset of raw answers for ``todo`` (sorted by prompt length; one block per generate batch)."""
     import ray
 
     todo = todo.assign(_len=todo["student_prompt"].str.len()).sort_values("_len").drop(columns="_len")
     bs = cfg.infer.batch_size
     blocks = [todo.iloc[i : i + bs].reset_index(drop=True) for i in range(0, len(todo), bs)]
-    cls, kwargs, res = _generator(cfg, model)
+    cls, kwargs, res = _generator(cfg, model, con)
     ds = ray.data.from_pandas(blocks)
     return ds.map_batches(
         cls,
@@ -148,12 +190,10 @@ def generate_dataset(todo: pd.DataFrame, cfg: StudentConfig, model: dict):
     )
 
 
-def _grounder(ctx: StageContext, items_version: int | None):
+def _grounder(items: pd.DataFrame):
     from slimrec.teacher.grounding import TitleIndex
 
-    if items_version is None:
-        return None
-    return TitleIndex(ctx.lake.read_pandas("items", version=items_version, columns=["item_id", "title"]))
+    return TitleIndex(items) if len(items) else None
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -180,13 +220,29 @@ def run(ctx: StageContext) -> StageResult:
                    "users_unchanged": len(prompts) - len(todo), "engine": cfg.infer.engine}
     log.info("student_rationales: model %s, %d users with a prompt, %d to generate, %d unchanged",
              version, len(prompts), len(todo), len(prompts) - len(todo))
+    items = (lake.read_pandas("items", version=inputs["items"], columns=["item_id", "title"])
+             if inputs["items"] is not None else pd.DataFrame(columns=["item_id", "title"]))
+    con = constraint(cfg, items) if cfg.infer.constrained else None
+    if con is not None:
+        extra.update(constrained=True, grammar_titles=len(con.titles), grammar_items_unnameable=con.titles.dropped,
+                     grammar_ebnf_chars=len(con.ebnf), grammar_build_seconds=round(con.build_seconds, 2),
+                     max_new_tokens=con.max_new_tokens)
+    else:
+        extra.update(constrained=False, max_new_tokens=cfg.infer.max_new_tokens)
     if ctx.dry_run or todo.empty:
-        bound = len(todo) * cfg.infer.max_new_tokens
+        bound = len(todo) * extra["max_new_tokens"]
         extra.update(est_output_tokens_max=bound, est_gpu_hours_at_10k_tok_s=round(bound / 1e4 / 3600, 4))
         return StageResult(STAGE, tables={STAGE: deleted_version} if deleted_version is not None else {},
                            rows_in=len(prompts), skipped=todo.empty and not ctx.dry_run, extra=extra)
 
-    grounder = _grounder(ctx, inputs["items"])
+    if con is not None:
+        from slimrec.student.constrain import ConstraintUnavailable, require_xgrammar
+
+        try:  # on the driver, before any actor starts: constrained decoding never silently becomes unconstrained
+            require_xgrammar()
+        except ConstraintUnavailable as e:
+            raise StageError(f"student_rationales: {e}") from None
+    grounder = con.titles if con is not None else _grounder(items)
     ctx.ray()
     info = ctx.commit_info(STAGE, inputs, model_version=version)
     t0 = time.perf_counter()
@@ -199,7 +255,10 @@ def run(ctx: StageContext) -> StageResult:
         buf = []
         parsed = parse_outputs(raw)
         names = parsed["item_names"].tolist()
-        ground = grounder.ground(names, cfg.infer.grounding_min_score) if grounder else [[] for _ in names]
+        if con is not None:  # constrained: a named title is a catalogue title, grounded exactly
+            ground = grounder.ground(names)
+        else:
+            ground = grounder.ground(names, cfg.infer.grounding_min_score) if grounder else [[] for _ in names]
         rows = to_rows(parsed, ground, version)
         table_version = lake.write_arrow(STAGE, rows, "merge", info)
         written += len(rows)
@@ -209,7 +268,7 @@ def run(ctx: StageContext) -> StageResult:
         log.info("student_rationales: %d/%d rows written (%.0f output tokens/s, statuses %s)",
                  written, len(todo), tokens / max(el, 1e-9), dict(statuses))
 
-    for out in generate_dataset(todo, cfg, model).iter_batches(batch_size=None, batch_format="pandas"):
+    for out in generate_dataset(todo, cfg, model, con).iter_batches(batch_size=None, batch_format="pandas"):
         buf.append(out)
         if sum(len(b) for b in buf) >= cfg.infer.write_batch_rows:
             flush()

@@ -100,7 +100,25 @@ class InferSettings(_Frozen):
     engine: Literal["transformers", "vllm"] = Field(
         "transformers", description="transformers: CPU/GPU actors with HF generate; vllm: GPU actors with vllm.LLM + LoRA"
     )
-    max_new_tokens: int = Field(200, ge=1, description="generated tokens per rationale at most (beyond: status truncated)")
+    constrained: bool = Field(
+        True,
+        description="grammar-constrained decoding (xgrammar; vLLM's structured outputs): every answer has the "
+        "three steps of slimrec.rationale_shape and step 3 names only catalogue titles. Needs xgrammar: the stage "
+        "fails with the reason when it cannot load, it never decodes unconstrained instead",
+    )
+    max_new_tokens: int = Field(
+        200, ge=1, description="unconstrained only: generated tokens per rationale at most (beyond: status truncated). "
+        "Constrained, it is derived from the grammar's bounds (its longest rationale in bytes + the end token)")
+    step1_max_chars: int = Field(380, ge=1, description="constrained: step 1's body, characters at most (offline "
+                                 "teacher on the bundled data: 363 at most)")
+    step2_max_chars: int = Field(240, ge=1, description="constrained: step 2's body, characters at most (offline "
+                                 "teacher on the bundled data: 216 at most)")
+    max_items: int | None = Field(
+        None, ge=1, description="constrained: step-3 titles at most; None: student.max_target_items (what it was "
+        "trained to write), or 10 when that is None too")
+    title_max_chars: int = Field(
+        100, ge=10, description="constrained: catalogue titles are cut to this length in step-3 slots, as the offline "
+        "teacher cuts them (teacher.offline.max_title_chars)")
     kv_cache: Literal["static", "dynamic"] = Field(
         "static",
         description="transformers generate's KV cache: static (preallocated for prompt + max_new_tokens) or dynamic "
@@ -132,7 +150,8 @@ class InferSettings(_Frozen):
         True, description="rerun users whose last row for this prompt and model has status failed (exceptions)"
     )
     grounding_min_score: float = Field(
-        88.0, ge=0, le=100, description="fuzzy title match score (rapidfuzz, 0-100) to ground a step-3 title"
+        88.0, ge=0, le=100, description="unconstrained only: fuzzy title match score (rapidfuzz, 0-100) to ground a "
+        "step-3 title; constrained titles ground exactly"
     )
 
 
@@ -192,3 +211,12 @@ class StudentConfig(_Frozen):
     model_version: str = Field("latest", description="adapter used by student_rationales: latest (newest registered) or a model_version")
     infer: InferSettings = Field(default_factory=InferSettings, description="student_rationales inference")
     vllm: VllmSettings = Field(default_factory=VllmSettings, description="vLLM engine (infer.engine=vllm, GPUs)")
+
+
+def rationale_shape(cfg: StudentConfig):
+    """The :class:`~slimrec.rationale_shape.RationaleShape` the student's decoding is constrained to."""
+    from slimrec.rationale_shape import RationaleShape
+
+    items = cfg.infer.max_items or cfg.max_target_items or 10
+    return RationaleShape(step1_max_chars=cfg.infer.step1_max_chars, step2_max_chars=cfg.infer.step2_max_chars,
+                          max_items=items)

@@ -5,10 +5,19 @@ in ``__init__``, ``__call__`` turns a batch of prompts into raw answers.
 
 Input batch columns: ``user_id``, ``prompt_hash``, ``student_prompt``.
 Output (:data:`RAW_COLUMNS`): ``user_id``, ``prompt_hash``, ``rationale``,
-``finish_reason`` (stop | length | error), ``output_tokens``, ``latency_ms``
-(the batch's wall time / its rows), ``error`` (the exception of a failed
-batch, else None). A failed batch becomes rows with ``finish_reason=error``,
-never an exception that kills the run.
+``finish_reason`` (stop | length | error | dead_end), ``output_tokens``,
+``latency_ms`` (the batch's wall time / its rows), ``error`` (the exception of
+a failed batch, or a row's grammar dead end, else None). A failed batch becomes
+rows with ``finish_reason=error``, never an exception that kills the run.
+
+Constrained decoding (``infer.constrained``, the default): both engines take
+the EBNF of :func:`slimrec.rationale_shape.grammar_ebnf` and the
+``max_new_tokens`` derived from it; transformers masks logits with xgrammar
+(:mod:`slimrec.student.constrain`), vLLM gets the same text as
+``SamplingParams(structured_outputs=StructuredOutputsParams(grammar=...))``
+on its xgrammar backend. An actor asked to constrain without a grammar, or
+without the library, fails at start with the reason: it never decodes
+unconstrained instead.
 
 :func:`parse_outputs` is the post-processing (a plain function): it splits
 each answer into its steps with :func:`slimrec.rationale.parse_rationale`
@@ -33,10 +42,13 @@ RAW_COLUMNS = ["user_id", "prompt_hash", "rationale", "finish_reason", "output_t
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                  device: str = "cpu", repetition_penalty: float = 1.0,
-                 kv_cache: str = "static") -> list[tuple[str, str, int]]:
-    """(text, finish_reason, n_tokens) per prompt, generated ``batch_size`` at a time, left padded.
+                 kv_cache: str = "static", grammar=None) -> list[tuple]:
+    """(text, finish_reason, n_tokens, error) per prompt, generated ``batch_size`` at a time, left padded.
 
-    ``finish_reason`` is ``stop`` when the model wrote EOS, else ``length``. The
+    ``finish_reason`` is ``stop`` when the model wrote EOS, else ``length``;
+    with a ``grammar`` (:class:`~slimrec.student.constrain.StudentGrammar`)
+    every token is masked to what the grammar allows, and a row the grammar
+    could not continue is ``dead_end`` with the reason in ``error`` (else None). The
     caller orders prompts by length when it wants batches that pad little. ``kv_cache``:
     ``static`` preallocates each call's cache (prompt + ``max_new_tokens``), ``dynamic`` grows it by
     concatenation every step: 63% of the CPU time of a batch of 64 in a profile of the tiny student, whose
@@ -59,13 +71,19 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
             kwargs.update(temperature=temperature, top_p=top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
+        proc = grammar.processor() if grammar is not None else None
+        if proc is not None:
+            kwargs["logits_processor"] = [proc]
         with torch.inference_mode():
             gen = model.generate(**batch, **kwargs)  # (B, T_prompt + T_new)
         new = gen[:, batch["input_ids"].shape[1] :].tolist()
-        for row in new:
+        for r, row in enumerate(new):
             n = row.index(eos) if eos in row else len(row)
             finish = "stop" if n < len(row) else "length"
-            out.append((tokenizer.decode(row[:n], skip_special_tokens=True), finish, n + (finish == "stop")))
+            err = proc.dead.get(r) if proc is not None else None
+            if err is not None:
+                finish = "dead_end"
+            out.append((tokenizer.decode(row[:n], skip_special_tokens=True), finish, n + (n < len(row)), err))
     return out
 
 
@@ -81,7 +99,8 @@ class TransformersGenerator:
     ``infer`` is :class:`~slimrec.student.config.InferSettings` (or its dict).
     """
 
-    def __init__(self, base_path: str, adapter_path: str | None, infer, max_prompt_tokens: int):
+    def __init__(self, base_path: str, adapter_path: str | None, infer, max_prompt_tokens: int,
+                 grammar: str | None = None, max_new_tokens: int | None = None):
         import torch
 
         from slimrec.student.config import InferSettings
@@ -95,6 +114,13 @@ class TransformersGenerator:
         self.tokenizer = load_tokenizer(base_path, padding_side="left")
         self.model = load_student(base_path, adapter_path, dtype, self.device, merge=self.infer.merge_adapter)
         self.max_prompt_tokens = max_prompt_tokens
+        self.max_new_tokens, self.grammar = _constraint(self.infer, grammar, max_new_tokens)
+        if self.grammar is not None:
+            from slimrec.student.constrain import StudentGrammar
+
+            vocab = int(self.model.get_output_embeddings().weight.shape[0])  # logits' last dim, (V,)
+            self.grammar = StudentGrammar(grammar, self.tokenizer, vocab, threads=_threads(self.infer.torch_threads,
+                                                                                           self.infer.num_actors))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         t0 = time.perf_counter()
@@ -102,19 +128,29 @@ class TransformersGenerator:
         try:
             ids = [fit_prompt_ids(self.tokenizer, p, self.max_prompt_tokens) for p in batch["student_prompt"]]
             order = sorted(range(n), key=lambda i: len(ids[i]))  # similar lengths share a generate call
-            res = generate_ids(self.model, self.tokenizer, [ids[i] for i in order], self.infer.max_new_tokens,
+            res = generate_ids(self.model, self.tokenizer, [ids[i] for i in order], self.max_new_tokens,
                                self.infer.batch_size, self.infer.do_sample, self.infer.temperature,
                                self.infer.top_p, self.infer.seed, self.device, self.infer.repetition_penalty,
-                               self.infer.kv_cache)
+                               self.infer.kv_cache, grammar=self.grammar)
             outs: list = [None] * n
             for i, r in zip(order, res, strict=True):
                 outs[i] = r
             err = None
         except Exception as e:  # noqa: BLE001 - one bad batch becomes failed rows, not a dead run
             log.exception("student generation failed for a batch of %d", n)
-            outs, err = [(None, "error", 0)] * n, f"failed: {type(e).__name__}: {e}"[:500]
+            outs, err = [(None, "error", 0, None)] * n, f"failed: {type(e).__name__}: {e}"[:500]
         ms = (time.perf_counter() - t0) * 1000.0 / max(1, n)
         return _raw_frame(batch, outs, ms, err)
+
+
+def _constraint(infer, grammar: str | None, max_new_tokens: int | None) -> tuple[int, str | None]:
+    """(max_new_tokens, grammar or None) for an actor; constrained without a grammar is an error, not a fallback."""
+    if not infer.constrained:
+        return infer.max_new_tokens, None
+    if not grammar or not max_new_tokens:
+        raise ValueError("student.infer.constrained=true but the actor got no grammar and max_new_tokens "
+                         "(built by the stage from the items table: slimrec.rationale_shape)")
+    return int(max_new_tokens), grammar
 
 
 # vLLM validates max_lora_rank against a fixed set (vllm/config/lora.py, ``MaxLoRARanks``).
@@ -141,9 +177,10 @@ class VllmGenerator:
     """
 
     def __init__(self, base_path: str, adapter_path: str | None, infer, vllm_cfg, max_prompt_tokens: int,
-                 lora_rank: int):
+                 lora_rank: int, grammar: str | None = None, max_new_tokens: int | None = None):
         from vllm import LLM, SamplingParams
         from vllm.lora.request import LoRARequest
+        from vllm.sampling_params import StructuredOutputsParams
 
         from slimrec.student.config import InferSettings, VllmSettings
         from slimrec.student.models import load_tokenizer, set_offline
@@ -153,7 +190,13 @@ class VllmGenerator:
         v = vllm_cfg if isinstance(vllm_cfg, VllmSettings) else VllmSettings.model_validate(vllm_cfg)
         self.tokenizer = load_tokenizer(base_path, padding_side="left")
         self.max_prompt_tokens = max_prompt_tokens
+        max_new, grammar = _constraint(self.infer, grammar, max_new_tokens)
+        engine: dict = {}
+        if grammar is not None:
+            # vLLM 0.32 (vllm/config/structured_outputs.py): the same xgrammar the CPU path uses
+            engine["structured_outputs_config"] = {"backend": "xgrammar"}
         self.llm = LLM(
+            **engine,
             model=base_path,
             tokenizer=base_path,
             enable_lora=adapter_path is not None,
@@ -170,9 +213,10 @@ class VllmGenerator:
         self.params = SamplingParams(
             temperature=self.infer.temperature if self.infer.do_sample else 0.0,
             top_p=self.infer.top_p if self.infer.do_sample else 1.0,
-            max_tokens=self.infer.max_new_tokens,
+            max_tokens=max_new,
             repetition_penalty=self.infer.repetition_penalty,
             seed=self.infer.seed if self.infer.do_sample else None,
+            structured_outputs=StructuredOutputsParams(grammar=grammar) if grammar is not None else None,
         )
         self.lora = LoRARequest("student", 1, adapter_path) if adapter_path else None
 
@@ -187,11 +231,11 @@ class VllmGenerator:
             for r in results:
                 o = r.outputs[0]
                 finish = "stop" if o.finish_reason == "stop" else "length"
-                outs.append((o.text, finish, len(o.token_ids)))
+                outs.append((o.text, finish, len(o.token_ids), None))
             err = None
         except Exception as e:  # noqa: BLE001
             log.exception("vLLM generation failed for a batch of %d", n)
-            outs, err = [(None, "error", 0)] * n, f"failed: {type(e).__name__}: {e}"[:500]
+            outs, err = [(None, "error", 0, None)] * n, f"failed: {type(e).__name__}: {e}"[:500]
         ms = (time.perf_counter() - t0) * 1000.0 / max(1, n)
         return _raw_frame(batch, outs, ms, err)
 
@@ -205,7 +249,7 @@ def _raw_frame(batch: pd.DataFrame, outs: list, ms: float, err: str | None) -> p
             "finish_reason": [o[1] for o in outs],
             "output_tokens": [int(o[2]) for o in outs],
             "latency_ms": ms,
-            "error": err,
+            "error": [err if err is not None else o[3] for o in outs],
         }
     )
 
@@ -213,15 +257,18 @@ def _raw_frame(batch: pd.DataFrame, outs: list, ms: float, err: str | None) -> p
 def parse_outputs(raw: pd.DataFrame) -> pd.DataFrame:
     """Raw answers -> ``step1..3``, ``item_names`` (step-3 titles), ``status``, ``error``.
 
-    ``finish_reason=error`` rows are ``failed`` with the batch's error; the
-    rest go through :func:`parse_rationale` (``length`` -> ``truncated`` when
-    step 3 was cut). Example: ``"Step 1: a\\nStep 2: b\\nStep 3: \\"Pen\\""``,
-    stop -> ok, item_names ``["Pen"]``.
+    ``finish_reason=error`` rows are ``failed`` with the batch's error;
+    ``dead_end`` rows (the grammar could not go on) are ``parse_error`` with
+    that reason; the rest go through :func:`parse_rationale` (``length`` ->
+    ``truncated`` when step 3 was cut). Example:
+    ``"Step 1: a\\nStep 2: b\\nStep 3: \\"Pen\\""``, stop -> ok, item_names ``["Pen"]``.
     """
     step1, step2, step3, names, status, error = [], [], [], [], [], []
     for text, finish, err in zip(raw["rationale"], raw["finish_reason"], raw["error"], strict=True):
         if finish == "error":
             p, e = None, err or "failed: generation error"
+        elif finish == "dead_end":
+            p, e = None, f"parse_error: {err or 'grammar dead end'}"
         else:
             p, e = parse_rationale(text, finish)
         step1.append(p.step1 if p else None)

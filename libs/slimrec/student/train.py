@@ -80,7 +80,7 @@ def overlap_report(model, tokenizer, eval_set: dict, cfg: dict, device: str) -> 
     s_txt, b_txt = [x[0] for x in student], [x[0] for x in base]
     s_t, b_t = mean_overlap(s_txt, targets), mean_overlap(b_txt, targets)
     s_f, b_f = mean_overlap(s_txt, full), mean_overlap(b_txt, full)
-    ok = sum(parse_rationale(t, f)[1] is None for t, f, _ in student)
+    ok = sum(parse_rationale(t, f)[1] is None for t, f, *_ in student)
     dep_s, dep_t = prompt_dependence(s_txt, targets), prompt_dependence(targets, targets)
     return {
         "heldout_eval_users": len(ids),

@@ -1,0 +1,228 @@
+"""The rationale's shape, declared once: the grammar that constrains the student, its token bound, its titles.
+
+The offline teacher writes, and the student is trained to write::
+
+    Step 1: <free text>
+    Step 2: <free text>
+    Step 3: Recommended items: "<catalogue title>"; "<catalogue title>".
+
+(or ``Step 3: Recommended items: none stand out.``). From :class:`RationaleShape`
+and the catalogue come
+
+* :func:`grammar_ebnf`: an EBNF grammar (the GBNF dialect xgrammar and vLLM's
+  ``StructuredOutputsParams(grammar=...)`` read) whose step-3 slots accept only
+  catalogue titles, as a trie of rules (shared prefixes written once);
+* :func:`max_output_bytes` / :func:`max_new_tokens`: the longest text the
+  grammar accepts, in UTF-8 bytes. A token of any tokenizer covers at least one
+  byte, so ``max_new_tokens`` = that + 1 (the end token) cannot cut a
+  rationale mid-step;
+* :class:`CatalogueTitles`: ``items`` rows -> the titles as the teacher renders
+  them in step 3 (:func:`render_title`) and the item id each one grounds to.
+
+The parser (:mod:`slimrec.rationale`) takes its step-3 bounds
+(:data:`MIN_TITLE_CHARS`, :data:`MAX_TITLE_CHARS`) and the empty phrase
+(:data:`NO_ITEMS`) from here; a test decodes random walks through the compiled
+grammar and parses every one.
+
+Free text (steps 1 and 2) is printable ASCII without the double quote: every
+character is one byte, which keeps the token bound tight (any UTF-8 character
+would triple it). Titles keep their own characters, non-ASCII included.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+
+from slimrec.prompts import sanitize_text
+
+STEP_LABELS = ("Step 1: ", "\nStep 2: ", "\nStep 3: ")
+ITEMS_LEAD = "Recommended items: "
+NO_ITEMS = "none stand out"
+ITEM_SEP = "; "
+END = "."
+MIN_TITLE_CHARS = 3  # a quoted step-3 name shorter than this is not read as a title
+MAX_TITLE_CHARS = 200
+# Printable ASCII without '"' (0x22): quotes delimit titles in step 3 only.
+TEXT_CHAR_CLASS = "[ -!#-~]"
+TEXT_FIRST_CLASS = "[!#-~]"  # a step starts with a visible character, so its body is never empty
+_QUOTES = re.compile("[\"\u201c\u201d\u201e]")  # the offline teacher's set: a quote inside a title would cut it
+
+
+@dataclass(frozen=True)
+class RationaleShape:
+    """Length bounds of a rationale (characters of each step's body; titles per step 3)."""
+
+    step1_max_chars: int = 380
+    step2_max_chars: int = 240
+    max_items: int = 2
+
+    def __post_init__(self):
+        if min(self.step1_max_chars, self.step2_max_chars, self.max_items) < 1:
+            raise ValueError(f"rationale shape bounds must be >= 1: {self}")
+
+
+def render_title(title: str | None, max_chars: int) -> str:
+    """A catalogue title as the teacher writes it inside step-3 quotes (one line, no double quotes).
+
+    >>> render_title('Pen "Fine"\\nBlue', 100)
+    "Pen 'Fine' Blue"
+    """
+    return _QUOTES.sub("'", sanitize_text(title, max_chars))
+
+
+class CatalogueTitles:
+    """Step-3 titles of a catalogue: rendered titles (sorted, unique) and the item id each grounds to.
+
+    ``items`` has ``item_id`` and ``title``. Titles that render shorter than
+    :data:`MIN_TITLE_CHARS` or longer than :data:`MAX_TITLE_CHARS` cannot be
+    named (``dropped`` counts those items). Several items with the same rendered
+    title ground to the smallest item_id.
+    """
+
+    def __init__(self, items: pd.DataFrame, max_title_chars: int):
+        df = items[["item_id", "title"]].dropna()
+        rendered = [render_title(t, max_title_chars) for t in df["title"]]
+        ids: dict[str, str] = {}
+        dropped = 0
+        for item_id, t in sorted(zip(df["item_id"].astype(str), rendered, strict=True)):
+            if not MIN_TITLE_CHARS <= len(t) <= MAX_TITLE_CHARS:
+                dropped += 1
+                continue
+            ids.setdefault(t, item_id)
+        self.item_ids = ids
+        self.titles: list[str] = sorted(ids)
+        self.dropped = dropped + int(items["title"].isna().sum())
+
+    def __len__(self) -> int:
+        return len(self.titles)
+
+    def ground(self, names_lists: Iterable[Sequence[str]]) -> list[list[str]]:
+        """Exact title -> item_id (in order, no repeats); a name not in the catalogue is skipped."""
+        out = []
+        for names in names_lists:
+            ids: list[str] = []
+            for n in names or ():
+                i = self.item_ids.get(n)
+                if i is not None and i not in ids:
+                    ids.append(i)
+            out.append(ids)
+        return out
+
+
+def _literal(s: str) -> str:
+    """An EBNF string literal: backslash, quote and control characters escaped."""
+    out = []
+    for ch in s:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\x{ord(ch):02x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _trie_rules(titles: Sequence[str], prefix: str = "t") -> list[str]:
+    """Rules of a radix trie over ``titles``: ``t0`` accepts exactly the titles.
+
+    Each rule is a branching node: one alternative per outgoing edge (its label,
+    then the child's rule), plus ``""`` when a title ends there. Built iteratively
+    over the sorted titles, so a 50,000-title catalogue needs no recursion.
+    """
+    rules: list[str] = []
+    counter = [0]
+
+    def new_name() -> str:
+        name = f"{prefix}{counter[0]}"
+        counter[0] += 1
+        return name
+
+    # Work items: (rule name, sorted titles below it, characters already consumed)
+    root = new_name()
+    stack = [(root, sorted(set(titles)), 0)]
+    while stack:
+        name, group, depth = stack.pop()
+        alts = []
+        ends_here = False
+        i = 0
+        while i < len(group):
+            if len(group[i]) == depth:
+                ends_here = True
+                i += 1
+                continue
+            first = group[i][depth]
+            j = i
+            while j < len(group) and len(group[j]) > depth and group[j][depth] == first:
+                j += 1
+            sub = group[i:j]
+            # longest common prefix of this branch from ``depth``: the edge label
+            lo, hi = sub[0], sub[-1]
+            k = depth
+            while k < len(lo) and k < len(hi) and lo[k] == hi[k]:
+                k += 1
+            label = lo[depth:k]
+            if len(sub) == 1 and k == len(lo):
+                alts.append(_literal(label))
+            else:
+                child = new_name()
+                alts.append(f"{_literal(label)} {child}")
+                stack.append((child, sub, k))
+            i = j
+        if ends_here:
+            alts.append('""')
+        rules.append(f"{name} ::= " + " | ".join(alts))
+    return rules
+
+
+def grammar_ebnf(shape: RationaleShape, titles: Sequence[str]) -> str:
+    """The EBNF grammar of a rationale whose step-3 slots accept only ``titles`` (root rule ``root``).
+
+    ``titles`` are rendered titles (:attr:`CatalogueTitles.titles`); with none,
+    step 3 can only say :data:`NO_ITEMS`.
+    """
+    bad = [t for t in titles if '"' in t or not MIN_TITLE_CHARS <= len(t) <= MAX_TITLE_CHARS]
+    if bad:
+        raise ValueError(f"{len(bad)} titles cannot sit in step-3 quotes, e.g. {bad[0]!r}")
+    s1, s2, s3 = (_literal(x) for x in STEP_LABELS)
+    lines = [
+        f"root ::= {s1} step1 {s2} step2 {s3} step3",
+        f"step1 ::= {TEXT_FIRST_CLASS} {TEXT_CHAR_CLASS}{{0,{shape.step1_max_chars - 1}}}",
+        f"step2 ::= {TEXT_FIRST_CLASS} {TEXT_CHAR_CLASS}{{0,{shape.step2_max_chars - 1}}}",
+    ]
+    if titles:
+        more = f" ({_literal(ITEM_SEP)} item){{0,{shape.max_items - 1}}}" if shape.max_items > 1 else ""
+        lines += [
+            f"step3 ::= {_literal(ITEMS_LEAD)} (item{more} | {_literal(NO_ITEMS)}) {_literal(END)}",
+            'item ::= "\\"" t0 "\\""',
+            *_trie_rules(titles),
+        ]
+    else:
+        lines.append(f"step3 ::= {_literal(ITEMS_LEAD + NO_ITEMS + END)}")
+    return "\n".join(lines) + "\n"
+
+
+def max_output_bytes(shape: RationaleShape, titles: Sequence[str]) -> int:
+    """UTF-8 bytes of the longest rationale :func:`grammar_ebnf` accepts."""
+    fixed = sum(len(x.encode()) for x in STEP_LABELS) + len(ITEMS_LEAD.encode()) + len(END.encode())
+    longest = max((len(t.encode()) for t in titles), default=0)
+    items = shape.max_items * (longest + 2) + (shape.max_items - 1) * len(ITEM_SEP) if titles else 0
+    return fixed + shape.step1_max_chars + shape.step2_max_chars + max(items, len(NO_ITEMS))
+
+
+def max_new_tokens(shape: RationaleShape, titles: Sequence[str]) -> int:
+    """Generated tokens that always hold a whole rationale: one token per byte at worst, plus the end token."""
+    return max_output_bytes(shape, titles) + 1
+
+
+def format_rationale(step1: str, step2: str, titles: Sequence[str]) -> str:
+    """A rationale in the declared shape (what the grammar accepts when the parts fit its bounds).
+
+    >>> format_rationale("a", "b", ["Pen A", "Pen B"])
+    'Step 1: a\\nStep 2: b\\nStep 3: Recommended items: "Pen A"; "Pen B".'
+    """
+    items = ITEM_SEP.join(f'"{t}"' for t in titles) if titles else NO_ITEMS
+    return f"{STEP_LABELS[0]}{step1}{STEP_LABELS[1]}{step2}{STEP_LABELS[2]}{ITEMS_LEAD}{items}{END}"

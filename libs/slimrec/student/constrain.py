@@ -1,0 +1,133 @@
+"""Grammar-constrained decoding of the student with xgrammar, for HF ``generate`` on CPU or GPU.
+
+The grammar is the EBNF of :func:`slimrec.rationale_shape.grammar_ebnf`; the
+same text goes to vLLM's structured outputs on the GPU path, whose pinned
+version (0.32.0) requires ``xgrammar==0.2.8``, the version pinned here.
+
+* :func:`require_xgrammar`: the library or a :class:`ConstraintUnavailable`
+  that says how to install it. Constrained decoding never falls back to
+  unconstrained decoding silently: ``student.infer.constrained=false`` is the
+  only way to turn it off.
+* :class:`StudentGrammar`: the grammar compiled once against the student's
+  tokenizer (in each actor's ``__init__``); :meth:`StudentGrammar.processor`
+  gives one :class:`GrammarLogitsProcessor` per ``generate`` call.
+* :class:`GrammarLogitsProcessor`: a ``transformers.LogitsProcessor`` that
+  masks every token the grammar does not allow (one xgrammar matcher per row,
+  all rows filled in one batched call). A row for which no token of the
+  vocabulary continues the grammar (a tokenizer that cannot spell a title) is
+  a dead end: it is ended with the end token and reported in ``dead``, so the
+  stage writes it with a status and a reason instead of losing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+log = logging.getLogger(__name__)
+
+XGRAMMAR_PIN = "xgrammar==0.2.8"
+
+
+class ConstraintUnavailable(RuntimeError):
+    """Constrained decoding was asked for and its library cannot be used."""
+
+
+def require_xgrammar():
+    """The ``xgrammar`` module, or :class:`ConstraintUnavailable` with the reason and the fix."""
+    try:
+        import xgrammar
+    except Exception as e:  # noqa: BLE001 - an ImportError or a broken native library: both are "cannot constrain"
+        raise ConstraintUnavailable(
+            f"student.infer.constrained=true needs xgrammar, which failed to load ({type(e).__name__}: {e}); "
+            f"install it ({XGRAMMAR_PIN}) or set student.infer.constrained=false to decode unconstrained"
+        ) from e
+    return xgrammar
+
+
+class StudentGrammar:
+    """An EBNF grammar compiled for one tokenizer; ``compile_seconds`` and ``memory_bytes`` say what it cost.
+
+    ``vocab_size`` is the model's output size (the logits' last dimension),
+    which may exceed the tokenizer's: the extra ids are never allowed.
+    """
+
+    def __init__(self, ebnf: str, tokenizer, vocab_size: int, threads: int = 2):
+        xgr = require_xgrammar()
+        self._xgr = xgr
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise ValueError("constrained decoding needs a tokenizer with an end token (eos_token_id)")
+        self.eos = int(eos)
+        info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size, stop_token_ids=[self.eos])
+        t0 = time.perf_counter()
+        compiler = xgr.GrammarCompiler(info, max_threads=max(1, threads), cache_enabled=False)
+        self.compiled = compiler.compile_grammar(ebnf)
+        self.compile_seconds = time.perf_counter() - t0
+        self.memory_bytes = int(self.compiled.memory_size_bytes)
+        self.vocab_size = vocab_size
+        self.threads = max(1, threads)
+        log.info("student grammar compiled in %.2f s (%.1f MB, %d EBNF chars, vocab %d)",
+                 self.compile_seconds, self.memory_bytes / 1e6, len(ebnf), vocab_size)
+
+    def processor(self) -> GrammarLogitsProcessor:
+        return GrammarLogitsProcessor(self)
+
+
+def _logits_processor_base():
+    from transformers import LogitsProcessor
+
+    return LogitsProcessor
+
+
+class GrammarLogitsProcessor(_logits_processor_base()):
+    """Masks disallowed tokens for every row of one ``generate`` call (make a new one per call).
+
+    ``dead``: row -> reason, for rows the grammar could not continue; those rows
+    were ended with the end token at that step.
+    """
+
+    def __init__(self, grammar: StudentGrammar):
+        self.g = grammar
+        self.matchers: list = []
+        self.batch = None
+        self.bitmask = None
+        self.steps = 0
+        self.dead: dict[int, str] = {}
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        xgr = self.g._xgr
+        n = input_ids.shape[0]
+        if self.batch is None:  # first step: the prompt only, nothing sampled yet
+            self.batch = xgr.BatchGrammarMatcher(max_threads=self.g.threads)
+            self.matchers = [xgr.GrammarMatcher(self.g.compiled) for _ in range(n)]
+            self.bitmask = xgr.allocate_token_bitmask(n, self.g.vocab_size)  # (B, ceil(V / 32)) int32
+        elif n != len(self.matchers):
+            raise RuntimeError(f"batch changed from {len(self.matchers)} to {n} rows inside one generate call")
+        else:
+            live = [i for i in range(n) if i not in self.dead and not self.matchers[i].is_terminated()]
+            if live:
+                last = input_ids[live, -1].tolist()
+                accepted = xgr.BatchGrammarMatcher.batch_accept_token([self.matchers[i] for i in live], last)
+                for i, ok, tok in zip(live, accepted, last, strict=True):
+                    if not ok:
+                        self.dead[i] = f"grammar dead end: token {tok} rejected after {self.steps} tokens"
+        self.steps += 1
+        live = [i for i in range(n) if i not in self.dead and not self.matchers[i].is_terminated()]
+        self.bitmask.fill_(-1)  # finished rows: anything (generate pads them); no all-masked row under sampling
+        if live:
+            self.batch.batch_fill_next_token_bitmask([self.matchers[i] for i in live], self.bitmask, indices=live)
+            allowed_any = self.bitmask[live].ne(0).any(dim=1).tolist()
+            for i, ok in zip(live, allowed_any, strict=True):
+                if not ok:
+                    self.dead[i] = f"grammar dead end: no token continues the rationale after {self.steps - 1} tokens"
+        for i in self.dead:  # ended now: only the end token may follow
+            self.bitmask[i].zero_()
+            self.bitmask[i, self.g.eos // 32] = torch.tensor(1 << (self.g.eos % 32), dtype=torch.int64).to(torch.int32)
+        device = scores.device
+        if device.type not in ("cpu", "cuda"):
+            scores = scores.to("cpu")
+        xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
+        return scores.to(device)

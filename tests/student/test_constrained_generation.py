@@ -1,0 +1,95 @@
+"""Constrained decoding with transformers on CPU: every answer parses and names catalogue items, or says why not."""
+
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+import pytest
+from slimrec.rationale import parse_rationale
+from slimrec.rationale_shape import CatalogueTitles, RationaleShape, grammar_ebnf, max_new_tokens
+from slimrec.student.config import InferSettings
+from slimrec.student.generate import TransformersGenerator, parse_outputs
+
+pytest.importorskip("xgrammar")
+
+
+@pytest.fixture(scope="module")
+def catalogue():
+    from student_helpers import items_frame
+
+    items = items_frame()
+    ct = CatalogueTitles(items, 100)
+    shape = RationaleShape(step1_max_chars=60, step2_max_chars=40, max_items=2)
+    return items, ct, grammar_ebnf(shape, ct.titles), max_new_tokens(shape, ct.titles)
+
+
+def _batch(pairs: pd.DataFrame, n: int) -> pd.DataFrame:
+    return pairs.head(n)[["user_id", "student_prompt"]].assign(prompt_hash=[f"h{i}" for i in range(n)])
+
+
+def test_untrained_base_under_the_grammar_writes_only_parseable_grounded_rationales(tiny_base, catalogue):
+    base, _, pairs = tiny_base
+    _, ct, ebnf, bound = catalogue
+    infer = InferSettings(batch_size=4, torch_threads=1, num_actors=1, max_new_tokens=40)
+    gen = TransformersGenerator(base, None, infer.model_dump(mode="json"), max_prompt_tokens=96,
+                                grammar=ebnf, max_new_tokens=bound)
+    assert gen.max_new_tokens == bound and gen.grammar.compile_seconds >= 0
+    raw = gen(_batch(pairs, 6))
+    assert raw["finish_reason"].tolist() == ["stop"] * 6  # the grammar ends every answer before the bound
+    assert (raw["output_tokens"] <= bound).all() and raw["error"].isna().all()
+    parsed = parse_outputs(raw)
+    assert parsed["status"].tolist() == ["ok"] * 6, parsed["error"].tolist()
+    grounded = ct.ground(parsed["item_names"])
+    for names, ids in zip(parsed["item_names"], grounded, strict=True):
+        assert len(ids) == len(set(names))  # every named title is a catalogue item
+
+    # the same base without the grammar, cut at 40 tokens, does not write three steps
+    free = TransformersGenerator(base, None, {**infer.model_dump(mode="json"), "constrained": False},
+                                 max_prompt_tokens=96)
+    assert free.grammar is None and free.max_new_tokens == 40
+    assert (parse_outputs(free(_batch(pairs, 6)))["status"] != "ok").any()
+
+
+def test_a_constrained_actor_without_grammar_or_library_refuses_to_start(tiny_base, catalogue, monkeypatch):
+    base, _, _ = tiny_base
+    _, _, ebnf, bound = catalogue
+    infer = InferSettings(torch_threads=1).model_dump(mode="json")
+    with pytest.raises(ValueError, match="got no grammar"):
+        TransformersGenerator(base, None, infer, max_prompt_tokens=96)
+    from slimrec.student.constrain import ConstraintUnavailable
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar -> ImportError
+    with pytest.raises(ConstraintUnavailable, match="needs xgrammar"):
+        TransformersGenerator(base, None, infer, max_prompt_tokens=96, grammar=ebnf, max_new_tokens=bound)
+
+
+def test_a_grammar_dead_end_ends_the_row_with_a_reason(tiny_base, catalogue):
+    import torch
+    from slimrec.student.constrain import StudentGrammar
+    from slimrec.student.models import load_tokenizer
+
+    base, _, _ = tiny_base
+    _, _, ebnf, _ = catalogue
+    tok = load_tokenizer(base)
+    g = StudentGrammar(ebnf, tok, len(tok), threads=1)
+    proc = g.processor()
+    step1 = tok("Step 1:", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([[5, 6], [5, 6]])
+    proc(ids, torch.zeros(2, len(tok)))  # first call: the prompt, nothing accepted
+    # row 0 follows the grammar; row 1 gets a token the grammar forbids (as if forced by another processor)
+    bad = tok('"', add_special_tokens=False)["input_ids"][0]
+    ids = torch.cat([ids, torch.tensor([[step1[0]], [bad]])], dim=1)
+    out = proc(ids, torch.zeros(2, len(tok)))
+    assert set(proc.dead) == {1} and "grammar dead end" in proc.dead[1]
+    assert torch.isfinite(out[1]).sum() == 1 and torch.isfinite(out[1, tok.eos_token_id])  # only the end token
+    assert torch.isfinite(out[0]).sum() >= 1 and not torch.isfinite(out[0, tok.eos_token_id])
+
+    raw = pd.DataFrame({"user_id": ["u0", "u1", "u2"], "prompt_hash": ["a", "b", "c"],
+                        "rationale": ['Step 1: a\nStep 2: b\nStep 3: Recommended items: none stand out.', "Step", ""],
+                        "finish_reason": ["stop", "dead_end", "stop"], "output_tokens": [9, 2, 1],
+                        "latency_ms": 1.0, "error": [None, proc.dead[1], None]})
+    parsed = parse_outputs(raw)
+    assert parsed["status"].tolist() == ["ok", "parse_error", "empty"]  # no row lost, each with its reason
+    assert parsed["error"][1].startswith("parse_error: grammar dead end")
+    assert parsed["item_names"][0] == [] and parse_rationale(raw["rationale"][0])[0].item_names == ()
