@@ -17,7 +17,11 @@ What it does, on the bundled data and without Spark or a lake:
 5. generation on ``--gen-prompts`` held-out prompts: batched (``infer.batch_size``)
    versus one prompt at a time, and the configured KV cache (``infer.kv_cache``)
    versus the other one, same prompts, greedy: output tokens/s and how many
-   outputs are identical.
+   outputs are identical;
+6. constrained decoding (:mod:`slimrec.rationale_shape`, xgrammar): the grammar's
+   build time and memory over the bundled catalogue (and over ``--grammar-scale``
+   generated titles), then the same prompts batched with and without the
+   grammar: parse rate, grounded titles, output tokens/s and their ratio.
 
 Numbers depend on the machine's load: the report prints the load average
 and CPU seconds next to wall seconds.
@@ -55,6 +59,89 @@ def offline_pairs(dataset: str, users: int, seed: int) -> tuple[pd.DataFrame, pd
     return items, prompts, teacher
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def generated_items(items: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
+    """``n`` made-up items whose titles are 3-14 words drawn from the catalogue's titles (a bigger catalogue)."""
+    rng = np.random.default_rng(seed)
+    words = np.array([w for t in items["title"].dropna() for w in str(t).split()])
+    lens = rng.integers(3, 15, size=n)
+    titles = [" ".join(rng.choice(words, size=k)) for k in lens]
+    return pd.DataFrame({"item_id": [f"gen{i:07d}" for i in range(n)], "title": titles})
+
+
+def grammar_cost(tok, vocab_size: int, items: pd.DataFrame, cfg, threads: int) -> tuple:
+    """(figures, compiled grammar, constraint): the stage's grammar over ``items`` compiled for ``tok``."""
+    from slimrec.stages.student_rationales import constraint
+    from slimrec.student.constrain import StudentGrammar
+
+    con = constraint(cfg, items)
+    r0 = _rss_mb()
+    g = StudentGrammar(con.ebnf, tok, vocab_size, threads=threads)
+    return {"items": len(items), "titles": len(con.titles), "ebnf_chars": len(con.ebnf),
+            "ebnf_rules": con.ebnf.count("::="), "ebnf_build_seconds": round(con.build_seconds, 2),
+            "compile_seconds": round(g.compile_seconds, 2), "compiled_mb": round(g.memory_bytes / 1e6, 1),
+            "rss_growth_mb": round(_rss_mb() - r0, 1), "max_new_tokens": con.max_new_tokens,
+            "tokenizer_vocab": vocab_size, "threads": threads, "load_avg": os.getloadavg()}, g, con
+
+
+def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con) -> dict:
+    """Same prompts, batched, greedy: with the grammar (its derived bound) and without (``infer.max_new_tokens``)."""
+    from slimrec.rationale import parse_rationale
+    from slimrec.student.generate import generate_ids
+
+    out = {}
+    for name, g, bound in (("unconstrained", None, cfg.infer.max_new_tokens), ("constrained", grammar,
+                                                                                con.max_new_tokens)):
+        t0, c0 = time.perf_counter(), time.process_time()
+        res = generate_ids(model, tok, ids, bound, cfg.infer.batch_size, repetition_penalty=cfg.infer.repetition_penalty,
+                           kv_cache=cfg.infer.kv_cache, grammar=g)
+        wall = time.perf_counter() - t0
+        parsed = [parse_rationale(t, f) if f != "dead_end" else (None, "parse_error: dead end") for t, f, *_ in res]
+        statuses = pd.Series([(e or "ok").split(":")[0] for _, e in parsed]).value_counts().to_dict()
+        names = [list(p.item_names) if p else [] for p, _ in parsed]
+        named = sum(len(n) for n in names)
+        grounded = sum(len(x) for x in con.titles.ground(names))
+        n_tok = sum(r[2] for r in res)
+        out[name] = {"prompts": len(ids), "max_new_tokens": bound, "batch_size": cfg.infer.batch_size,
+                     "output_tokens": n_tok, "seconds": round(wall, 2), "cpu_seconds": round(time.process_time() - c0, 2),
+                     "tokens_per_s": round(n_tok / wall, 1), "rationales_per_s": round(len(ids) / wall, 2),
+                     "parse_ok_rate": round(statuses.get("ok", 0) / len(ids), 3), "statuses": statuses,
+                     "titles_named": named, "titles_grounded_exactly": grounded}
+    out["tokens_per_s_ratio_constrained_vs_unconstrained"] = round(
+        out["constrained"]["tokens_per_s"] / out["unconstrained"]["tokens_per_s"], 2)
+    out["rationales_per_s_ratio_constrained_vs_unconstrained"] = round(
+        out["constrained"]["rationales_per_s"] / out["unconstrained"]["rationales_per_s"], 2)
+    return out
+
+
+def constrained_only(args, cfg, items: pd.DataFrame, held: pd.DataFrame, report: dict) -> dict:
+    """Step 6 alone, on a student distilled elsewhere (``--base`` + ``--adapter``, e.g. a lake's student_models row)."""
+    from slimrec.student.data import fit_prompt_ids
+    from slimrec.student.models import load_student, load_tokenizer
+
+    tok = load_tokenizer(args.base, padding_side="left")
+    model = load_student(args.base, args.adapter, None, "cpu", merge=cfg.infer.merge_adapter).eval()
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    report["student"] = {"base": args.base, "adapter": args.adapter}
+    report["grammar"], grammar, con = grammar_cost(tok, vocab, items, cfg, args.threads)
+    if args.grammar_scale:
+        report["grammar_scaled"] = grammar_cost(tok, vocab, generated_items(items, args.grammar_scale, args.seed),
+                                                cfg, args.threads)[0]
+    c_df = held.drop_duplicates("user_id").head(args.constrained_prompts)
+    ids = sorted((fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in c_df["student_prompt"]), key=len)
+    report["constrained"] = constrained_vs_free(model, tok, ids, cfg, grammar, con)
+    report["load_avg_end"] = os.getloadavg()
+    print(json.dumps({k: report[k] for k in ("grammar", "grammar_scaled", "constrained", "load_avg_start",
+                                             "load_avg_end") if k in report}, indent=1, default=str))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="data/amazon_office_2014")
@@ -66,6 +153,13 @@ def main(argv: list[str] | None = None) -> dict:
                     help="users (any, seeded) generated batched like the stage does, timed and extrapolated to all")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (the stage: cores / actors)")
     ap.add_argument("--profile", default="dev")
+    ap.add_argument("--grammar-scale", type=int, default=0,
+                    help="also compile the grammar over this many generated titles (0: only the bundled catalogue)")
+    ap.add_argument("--constrained-prompts", type=int, default=64,
+                    help="held-out prompts generated with and without the grammar (0: skip)")
+    ap.add_argument("--adapter", default=None,
+                    help="an already distilled adapter (with --base): skip steps 2-5, measure constrained decoding only")
+    ap.add_argument("--base", default=None, help="the adapter's base model directory (with --adapter)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override, e.g. student.train.epochs=2")
     ap.add_argument("--out", default="bench/results/student.json")
     args = ap.parse_args(argv)
@@ -98,6 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     pairs["target"] = [trim_items(r, cfg.max_target_items) for r in pairs["rationale"]]
     train_df, held = split_by_user(pairs, cfg.heldout_fraction, cfg.split_seed)
     report["data_seconds"] = round(time.perf_counter() - t0, 1)
+    if args.adapter:
+        return constrained_only(args, cfg, items, held, report)
 
     t0, c0 = time.perf_counter(), time.process_time()
     corpus = build_corpus(items, pairs["student_prompt"].tolist(), pairs["rationale"].tolist(), cfg.tiny)
@@ -156,6 +252,16 @@ def main(argv: list[str] | None = None) -> dict:
         gen["batched"]["tokens_per_s"] / gen[other]["tokens_per_s"], 2)
     report["generation"] = gen
 
+    if args.constrained_prompts:
+        vocab = int(merged.get_output_embeddings().weight.shape[0])
+        report["grammar"], grammar, con = grammar_cost(tok, vocab, items, cfg, args.threads)
+        if args.grammar_scale:
+            report["grammar_scaled"] = grammar_cost(tok, vocab, generated_items(items, args.grammar_scale, args.seed),
+                                                    cfg, args.threads)[0]
+        c_df = held.drop_duplicates("user_id").head(args.constrained_prompts)
+        c_ids = sorted((fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in c_df["student_prompt"]), key=len)
+        report["constrained"] = constrained_vs_free(merged, tok, c_ids, cfg, grammar, con)
+
     if args.infer_users:
         users = prompts.sample(n=min(args.infer_users, len(prompts)), random_state=args.seed + 1)
         ids = sorted((fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in users["student_prompt"]), key=len)
@@ -192,6 +298,20 @@ def main(argv: list[str] | None = None) -> dict:
         inf = report["inference"]
         print(f"inference: {inf['users']} users in {inf['seconds']} s ({inf['tokens_per_s']} tok/s, {inf['threads']} threads), "
               f"statuses {inf['statuses']}; all {inf['all_users']} users: about {inf['est_seconds_all_users']} s")
+    if "constrained" in report:
+        c, gr = report["constrained"], report["grammar"]
+        print(f"grammar: {gr['titles']} titles, {gr['ebnf_chars']} EBNF chars, compile {gr['compile_seconds']} s, "
+              f"{gr['compiled_mb']} MB compiled (RSS +{gr['rss_growth_mb']} MB), max_new_tokens {gr['max_new_tokens']}")
+        if "grammar_scaled" in report:
+            gs = report["grammar_scaled"]
+            print(f"grammar at {gs['titles']} titles: compile {gs['compile_seconds']} s, {gs['compiled_mb']} MB "
+                  f"(RSS +{gs['rss_growth_mb']} MB)")
+        for k in ("unconstrained", "constrained"):
+            print(f"{k}: parse ok {c[k]['parse_ok_rate']:.1%} {c[k]['statuses']}, {c[k]['tokens_per_s']} tok/s, "
+                  f"{c[k]['rationales_per_s']} rationales/s, titles named {c[k]['titles_named']} grounded "
+                  f"{c[k]['titles_grounded_exactly']}")
+        print(f"constrained / unconstrained: tokens/s x{c['tokens_per_s_ratio_constrained_vs_unconstrained']}, "
+              f"rationales/s x{c['rationales_per_s_ratio_constrained_vs_unconstrained']}")
     print(f"load average start {report['load_avg_start']} end {report['load_avg_end']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))

@@ -16,7 +16,7 @@ from slimrec.student.data import (
     trim_items,
 )
 from slimrec.student.generate import parse_outputs
-from slimrec.student.metrics import lcs_len, prompt_dependence, rouge_l, token_f1
+from slimrec.student.metrics import item_overlap, lcs_len, prompt_dependence, rouge_l, token_f1
 from student_helpers import small_student_config
 
 # ---------------------------------------------------------------- metrics, by hand
@@ -43,6 +43,27 @@ def test_token_f1_by_hand():
 
 def _teacher(rows):
     return pd.DataFrame(rows, columns=["prompt_hash", "teacher_model", "user_id", "rationale", "status"])
+
+
+def test_item_overlap_by_hand():
+    # user 1: predicted {a, b}, teacher {a}; user 2: predicted {c, c}, teacher {c, d}; user 3: nothing vs {e}
+    got = item_overlap([["a", "b"], ["c", "c"], []], [["a"], ["c", "d"], ["e"]])
+    assert got == {"item_precision": 2 / 3, "item_recall": 2 / 4}  # hits a, c; 3 predicted ids, 4 teacher ids
+    assert item_overlap([[]], [[]]) == {"item_precision": 0.0, "item_recall": 0.0}
+
+
+def test_constrained_eval_set_takes_the_teachers_first_ids():
+    from slimrec.stages.distill_student import constrained_eval_set
+    from student_helpers import items_frame
+
+    cfg = small_student_config(max_target_items=2)
+    eval_df = pd.DataFrame({"prompt_hash": ["h1", "h2", "h3"], "teacher_model": ["t", "t", "t"]})
+    teacher = pd.DataFrame({"prompt_hash": ["h1", "h2"], "teacher_model": ["t", "t"],
+                            "grounded_item_ids": [["i01", "i02", "i03"], []]})
+    got = constrained_eval_set(cfg, items_frame(), eval_df, teacher)
+    assert got["teacher_item_ids"] == [["i01", "i02"], [], []]  # h3 has no teacher row
+    assert got["title_ids"]["Pilot Gel Pen Set Black 100"] == "i00" and len(got["title_ids"]) == 20
+    assert got["grammar"].startswith("root ::= ") and got["grammar_max_new_tokens"] > 0
 
 
 def test_training_pairs_keeps_ok_rows_with_a_student_prompt():

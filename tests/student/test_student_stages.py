@@ -51,6 +51,12 @@ def test_distill_registers_the_adapter_with_lineage_and_quality(distilled):
     metrics = json.loads(row["metrics"])
     assert len(metrics["history"]["val_loss"]) == scfg.train.epochs  # validation loss per epoch
     assert metrics["history"]["train_loss"][-1] < metrics["history"]["train_loss"][0]
+    # fidelity under the inference grammar, adapter and base side by side: every answer parses by construction
+    for who in ("student", "base"):
+        assert metrics[f"heldout_constrained_parse_ok_rate_{who}"] == 1.0
+        assert metrics[f"heldout_constrained_dead_ends_{who}"] == 0
+        assert 0 <= metrics[f"heldout_constrained_item_precision_{who}"] <= 1
+    assert metrics["heldout_constrained_rouge_l_student"] > metrics["heldout_constrained_rouge_l_base"]
     # The adapter must clearly beat the same base without it on held-out users (the stage enforces min_rouge_gain).
     assert row["heldout_rouge_l_student"] >= row["heldout_rouge_l_base"] + scfg.min_rouge_gain
     # Ray Train kept per-epoch checkpoints of the run.

@@ -102,6 +102,24 @@ def _registered(ctx: StageContext, model_version: str) -> bool:
     return t.num_rows > 0
 
 
+def constrained_eval_set(cfg: StudentConfig, items: pd.DataFrame, eval_df: pd.DataFrame,
+                         teacher: pd.DataFrame) -> dict:
+    """The quality check's grammar (as student_rationales builds it) and the teacher's ids per held-out pair.
+
+    ``teacher_item_ids``: the teacher row's ``grounded_item_ids`` cut to ``max_target_items`` (the trimmed
+    target names the teacher's first titles, best first).
+    """
+    from slimrec.stages.student_rationales import constraint
+
+    con = constraint(cfg, items)
+    key = ["prompt_hash", "teacher_model"]
+    ids = eval_df[key].merge(teacher.drop_duplicates(key)[[*key, "grounded_item_ids"]], on=key, how="left")
+    k = cfg.max_target_items
+    truth = [list(x)[:k] if x is not None and not isinstance(x, float) else [] for x in ids["grounded_item_ids"]]
+    return {"grammar": con.ebnf, "grammar_max_new_tokens": con.max_new_tokens, "title_ids": con.titles.item_ids,
+            "teacher_item_ids": truth}
+
+
 def run(ctx: StageContext) -> StageResult:
     from slimrec.student.models import adapter_dir, load_tokenizer, models_dir, runs_dir
 
@@ -110,7 +128,8 @@ def run(ctx: StageContext) -> StageResult:
     inputs = ctx.input_versions(INPUTS)
     t0 = time.perf_counter()
     teacher = lake.read_pandas("teacher_rationales", version=inputs["teacher_rationales"],
-                               columns=["prompt_hash", "teacher_model", "user_id", "rationale", "status"])
+                               columns=["prompt_hash", "teacher_model", "user_id", "rationale", "status",
+                                        "grounded_item_ids"])
     if inputs["prompts"] is None:
         raise StageError("distill_student needs the prompts table (student prompts); run build_prompts first")
     prompts = lake.read_pandas("prompts", version=inputs["prompts"], columns=["prompt_hash", "student_prompt", "run_date"])
@@ -156,6 +175,8 @@ def run(ctx: StageContext) -> StageResult:
         "targets": eval_df["target"].tolist(),
         "full": eval_df["rationale"].tolist(),
     }
+    if cfg.infer.constrained and items is not None:
+        eval_set.update(constrained_eval_set(cfg, items, eval_df, teacher))
     config = {
         "base_path": base_path,
         "train": train_ex,
@@ -228,5 +249,6 @@ def run(ctx: StageContext) -> StageResult:
                                              "heldout_token_f1_base", "heldout_rouge_l_student_other_users",
                                              "heldout_distinct_share_student", "heldout_parse_ok_rate_student",
                                              "peak_rss_mb")})
+    extra.update({k: v for k, v in metrics.items() if k.startswith("heldout_constrained_")})
     extra["epoch_seconds"] = (metrics.get("history") or {}).get("epoch_seconds")
     return StageResult(STAGE, tables={"student_models": v}, rows_in=len(pairs), rows_out=1, extra=extra)

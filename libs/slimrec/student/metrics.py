@@ -82,3 +82,18 @@ def prompt_dependence(candidates: Sequence[str | None], references: Sequence[str
     return {"own": mean_overlap(candidates, references)["rouge_l"],
             "other_users": mean_overlap(candidates, shifted)["rouge_l"],
             "distinct_share": len(set(candidates)) / n, "n": n}
+
+
+def item_overlap(predicted: Sequence[Sequence[str]], expected: Sequence[Sequence[str]]) -> dict[str, float]:
+    """Micro-averaged precision and recall of grounded item ids (each user's list as a set).
+
+    >>> item_overlap([["a", "b"], ["c"]], [["a"], ["d", "e"]])
+    {'item_precision': 0.3333333333333333, 'item_recall': 0.3333333333333333}
+    """
+    hits = n_pred = n_true = 0
+    for p, t in zip(predicted, expected, strict=True):
+        ps, ts = set(p or ()), set(t or ())
+        hits += len(ps & ts)
+        n_pred += len(ps)
+        n_true += len(ts)
+    return {"item_precision": hits / n_pred if n_pred else 0.0, "item_recall": hits / n_true if n_true else 0.0}

@@ -101,7 +101,53 @@ def overlap_report(model, tokenizer, eval_set: dict, cfg: dict, device: str) -> 
         "samples": [
             {"teacher": targets[i], "student": s_txt[i], "base": b_txt[i]} for i in range(min(3, len(ids)))
         ],
+        **constrained_report(model, tokenizer, eval_set, kw, order),
     }
+
+
+def constrained_report(model, tokenizer, eval_set: dict, kw: dict, order: list[int]) -> dict[str, Any]:
+    """Fidelity under the stage's grammar (when ``eval_set`` has one), with the adapter and without it.
+
+    ``eval_set``: ``grammar`` (EBNF), ``grammar_max_new_tokens``, ``title_ids`` (step-3 title -> item_id),
+    ``teacher_item_ids`` (the ids the trimmed teacher rationale names). Per model: parse rate,
+    micro precision / recall of the grounded step-3 ids against the teacher's, ROUGE-L against
+    the trimmed teacher rationale, and how many answers hit a grammar dead end.
+    """
+    from slimrec.rationale import parse_rationale
+    from slimrec.student.constrain import StudentGrammar
+    from slimrec.student.generate import generate_ids
+    from slimrec.student.metrics import item_overlap, mean_overlap
+
+    if not eval_set.get("grammar"):
+        return {}
+    vocab = int(model.get_output_embeddings().weight.shape[0])  # logits' last dim
+    grammar = StudentGrammar(eval_set["grammar"], tokenizer, vocab, threads=1)
+    ids = [eval_set["prompt_ids"][i] for i in order]
+    targets = [eval_set["targets"][i] for i in order]
+    truth = [eval_set["teacher_item_ids"][i] for i in order]
+    title_ids = eval_set["title_ids"]
+    kw = {**kw, "max_new_tokens": eval_set["grammar_max_new_tokens"], "grammar": grammar}
+    out: dict[str, Any] = {"heldout_constrained_grammar_compile_seconds": round(grammar.compile_seconds, 2)}
+    for who in ("student", "base"):
+        t0 = time.perf_counter()
+        if who == "student":
+            res = generate_ids(model, tokenizer, ids, **kw)
+        else:
+            with model.disable_adapter():
+                res = generate_ids(model, tokenizer, ids, **kw)
+        secs = time.perf_counter() - t0
+        parsed = [parse_rationale(t, f)[0] if f != "dead_end" else None for t, f, *_ in res]
+        pred = [[title_ids[n] for n in p.item_names if n in title_ids] if p else [] for p in parsed]
+        ov = item_overlap(pred, truth)
+        out.update({
+            f"heldout_constrained_parse_ok_rate_{who}": sum(p is not None for p in parsed) / len(ids),
+            f"heldout_constrained_dead_ends_{who}": sum(r[1] == "dead_end" for r in res),
+            f"heldout_constrained_item_precision_{who}": ov["item_precision"],
+            f"heldout_constrained_item_recall_{who}": ov["item_recall"],
+            f"heldout_constrained_rouge_l_{who}": mean_overlap([r[0] for r in res], targets)["rouge_l"],
+            f"heldout_constrained_generate_seconds_{who}": round(secs, 2),
+        })
+    return out
 
 
 def core_train(config: dict, rank: int = 0, world: int = 1, device: str = "cpu",
