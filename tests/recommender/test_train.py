@@ -129,7 +129,9 @@ def test_group_runs_every_variant(tiny_data, tmp_path):
     assert len(m) == len(m.drop_duplicates(["backbone", "variant", "protocol", "split", "seed"]))
     assert "cooc_prior" in results_table(m)
     slim_cooc = next(r for r in results if r["variant"] == "slim_cooc")
-    assert set(slim_cooc["weights"]) == {"cooc", "grounded_student"}
+    # the grounded prior and its two novelty parts (against the model and against the transition prior)
+    assert set(slim_cooc["weights"]) == {"cooc", "grounded_student", "grounded_student_novel",
+                                         "grounded_student_novel_cooc"}
 
 
 def test_joint_prior_group_and_time_budget(tiny_data):
