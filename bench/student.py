@@ -118,15 +118,12 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con) -> 
     return out
 
 
-def constrained_only(args, cfg, items: pd.DataFrame, held: pd.DataFrame, report: dict) -> dict:
-    """Step 6 alone, on a student distilled elsewhere (``--base`` + ``--adapter``, e.g. a lake's student_models row)."""
+def grammar_and_constrained(report: dict, model, tok, items, held, cfg, args) -> None:
+    """Grammar build cost (catalogue, and ``--grammar-scale`` generated titles) and constrained against free
+    generation on ``--constrained-prompts`` held-out prompts, into ``report``."""
     from slimrec.student.data import fit_prompt_ids
-    from slimrec.student.models import load_student, load_tokenizer
 
-    tok = load_tokenizer(args.base, padding_side="left")
-    model = load_student(args.base, args.adapter, None, "cpu", merge=cfg.infer.merge_adapter).eval()
     vocab = int(model.get_output_embeddings().weight.shape[0])
-    report["student"] = {"base": args.base, "adapter": args.adapter}
     report["grammar"], grammar, con = grammar_cost(tok, vocab, items, cfg, args.threads)
     if args.grammar_scale:
         report["grammar_scaled"] = grammar_cost(tok, vocab, generated_items(items, args.grammar_scale, args.seed),
@@ -134,6 +131,16 @@ def constrained_only(args, cfg, items: pd.DataFrame, held: pd.DataFrame, report:
     c_df = held.drop_duplicates("user_id").head(args.constrained_prompts)
     ids = sorted((fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in c_df["student_prompt"]), key=len)
     report["constrained"] = constrained_vs_free(model, tok, ids, cfg, grammar, con)
+
+
+def constrained_only(args, cfg, items: pd.DataFrame, held: pd.DataFrame, report: dict) -> dict:
+    """Step 6 alone, on a student distilled elsewhere (``--base`` + ``--adapter``, e.g. a lake's student_models row)."""
+    from slimrec.student.models import load_student, load_tokenizer
+
+    tok = load_tokenizer(args.base, padding_side="left")
+    model = load_student(args.base, args.adapter, None, "cpu", merge=cfg.infer.merge_adapter).eval()
+    report["student"] = {"base": args.base, "adapter": args.adapter}
+    grammar_and_constrained(report, model, tok, items, held, cfg, args)
     report["load_avg_end"] = os.getloadavg()
     print(json.dumps({k: report[k] for k in ("grammar", "grammar_scaled", "constrained", "load_avg_start",
                                              "load_avg_end") if k in report}, indent=1, default=str))
@@ -253,14 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["generation"] = gen
 
     if args.constrained_prompts:
-        vocab = int(merged.get_output_embeddings().weight.shape[0])
-        report["grammar"], grammar, con = grammar_cost(tok, vocab, items, cfg, args.threads)
-        if args.grammar_scale:
-            report["grammar_scaled"] = grammar_cost(tok, vocab, generated_items(items, args.grammar_scale, args.seed),
-                                                    cfg, args.threads)[0]
-        c_df = held.drop_duplicates("user_id").head(args.constrained_prompts)
-        c_ids = sorted((fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in c_df["student_prompt"]), key=len)
-        report["constrained"] = constrained_vs_free(merged, tok, c_ids, cfg, grammar, con)
+        grammar_and_constrained(report, merged, tok, items, held, cfg, args)
 
     if args.infer_users:
         users = prompts.sample(n=min(args.infer_users, len(prompts)), random_state=args.seed + 1)
