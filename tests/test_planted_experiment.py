@@ -75,3 +75,57 @@ def test_checks_fail_a_lossy_channel_and_a_leaking_student():
     assert "NO" in text and "leakage check" in text
     curve = format_curve(rows)
     assert curve.startswith("!! ") and "sampled100" in curve and f"{USERS:>6}" in curve
+
+
+# ------------------------------------------------------------------------------------------ resume
+def _finished_point(lake, tmp_path, run_id, p, config, versions, with_file=True):
+    """What train_recommender leaves for one precision: metrics rows, a recommender_runs row, a per-user file."""
+    import json
+    from datetime import UTC, date, datetime
+
+    from slimrec.lake import CommitInfo
+
+    info = CommitInfo("test", date(2024, 1, 2), run_id)
+    art = tmp_path / run_id
+    art.mkdir(parents=True, exist_ok=True)
+    pt = _point(p, {"text": np.full(10, 0.1), "teacher": np.full(10, 0.1 + p)}, seeds=(0,))
+    if with_file:
+        pt.per_user.to_parquet(art / "per_user_test.parquet", index=False)
+    m = pt.metrics.assign(run_id=run_id, dataset="d")
+    m["seed"] = m["seed"].astype("int32")
+    lake.write_arrow("metrics", m, "append", info)
+    notes = {"teacher_model": f"offline-cooc-v1+planted-p{p:g}", "artifacts": str(art),
+             "paired_reference": "sasrec/cooc_prior", "data": {"teacher_rationale_users": 10}}
+    now = datetime(2024, 1, 2, tzinfo=UTC)
+    lake.write_arrow("recommender_runs", pd.DataFrame({
+        "run_id": [run_id], "dataset": ["d"], "config": [json.dumps(config)], "best_backbone": ["sasrec"],
+        "best_variant": ["teacher"], "n_users": [10], "n_items": [5], "notes": [json.dumps(notes)],
+        "started_ts": [now], "finished_ts": [now], "input_versions": [json.dumps(versions)]}), "append", info)
+
+
+def test_resume_reuses_only_points_computed_from_the_same_inputs_and_config(tmp_lake, tmp_path):
+    import json
+
+    from slimrec.planted_experiment import point_run_id, reusable_points
+
+    cfg, shared = {"epochs": 10, "seeds": [0, 1, 2]}, {"user_sequences": 0, "student_rationales": 4}
+    _finished_point(tmp_lake, tmp_path, "planted-aa-p0", 0.0, cfg, {**shared, "teacher_rationales": 3})
+    _finished_point(tmp_lake, tmp_path, "planted-aa-p1", 0.1, {**cfg, "epochs": 5}, shared)  # other config
+    _finished_point(tmp_lake, tmp_path, "planted-aa-p2", 0.25, cfg, {**shared, "student_rationales": 3})  # stale
+    _finished_point(tmp_lake, tmp_path, "planted-bb-p0", 1.0, cfg, shared, with_file=False)  # file gone
+    _finished_point(tmp_lake, tmp_path, "planted-cc-p0", 0.5, cfg, shared)  # another experiment, not asked for
+
+    found, why = reusable_points(tmp_lake, ["planted-aa", "planted-bb"], [0.0, 0.1, 0.25, 0.5, 1.0],
+                                 "offline-cooc-v1", json.dumps(cfg), shared)
+    assert set(found) == {0.0}
+    pt = found[0.0]
+    assert pt.run_id == "planted-aa-p0" and pt.users == 10 and pt.reference == "sasrec/cooc_prior"
+    assert len(pt.metrics) == 8 and set(pt.per_user.variant) == {"text", "teacher"}
+    text = "\n".join(why)
+    assert "planted-aa-p1 (p=0.1): recommender config differs (epochs)" in text
+    assert "planted-aa-p2 (p=0.25): shared inputs changed" in text and "'student_rationales': (3, 4)" in text
+    assert "planted-bb-p0 (p=1): per-user file" in text and "planted-cc" not in text
+
+    # a resumed experiment's new points never take a run id already in the lake
+    assert point_run_id("planted-aa", 0.5, {"planted-aa-p0"}) == "planted-aa-p0.500"
+    assert point_run_id("planted-aa", 1.0, {"planted-aa-p1.000"}) == "planted-aa-p1.000-r2"

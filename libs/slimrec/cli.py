@@ -395,6 +395,9 @@ def experiment_planted(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     report_dir: Annotated[str, typer.Option("--report-dir", help="where the experiment's pages go")] = "reports",
+    resume: Annotated[str | None, typer.Option(
+        "--resume", help="comma-separated experiment ids: reuse their finished points where the config and the "
+                         "shared inputs are unchanged, run the rest; the experiment keeps the first id")] = None,
     verbose: bool = False,
 ):
     """Rationale-channel curve with a planted-signal teacher (LEAKS TARGETS BY DESIGN: an experiment, not a
@@ -425,7 +428,8 @@ def experiment_planted(
 
         with ctx.lake.lock():
             _record_run(ctx, profile)
-            exp = run_planted(ctx, ps, config_for, start, progress=lambda m: typer.echo(m, err=True))
+            exp = run_planted(ctx, ps, config_for, start, progress=lambda m: typer.echo(m, err=True),
+                              resume=(resume or "").split(","))
         typer.echo("\n" + format_curve(exp.rows))
         typer.echo("\nChecks (full ranking, test NDCG@10, paired SE per user):\n" + format_checks(exp.checks))
         paths = write_pages(exp, report_dir, " ".join(["slim", *sys.argv[1:]]))

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -44,6 +45,8 @@ TEACHER_VARIANTS = ("teacher", "teacher_cooc")
 STUDENT_VARIANTS = ("slim", "slim_cooc")
 RATIONALE_VARIANTS = (*TEACHER_VARIANTS, *STUDENT_VARIANTS, "text_matching")
 CHECK_METRIC = "ndcg_10"
+# what the shared stages write and every point reads: a point is reused only if these are unchanged
+SHARED_TABLES = ("user_sequences", "items", "item_embeddings", "student_rationales")
 
 
 @dataclass
@@ -57,6 +60,7 @@ class Point:
     per_user: pd.DataFrame  # backbone, variant, seed, protocol, user, ndcg_10 (test)
     reference: str | None  # "sasrec/cooc_prior" or "cooc" (a baseline)
     seconds: float = 0.0
+    users: int = 0  # users with a teacher rationale at this precision
 
 
 @dataclass
@@ -238,12 +242,74 @@ def _point(ctx, p: float, teacher_model: str, result, seconds: float) -> Point:
     return Point(p, teacher_model, ctx.run_id, metrics, per_user, result.extra.get("paired_reference"), seconds)
 
 
+def point_run_id(experiment_id: str, p: float, taken: set[str]) -> str:
+    """``<experiment>-p<p with 3 decimals>``, never one already in ``taken`` (a resumed experiment adds points)."""
+    rid = f"{experiment_id}-p{p:.3f}"
+    n = 1
+    while rid in taken:
+        n += 1
+        rid = f"{experiment_id}-p{p:.3f}-r{n}"
+    return rid
+
+
+def reusable_points(lake, experiment_ids: list[str], precisions: list[float], base_name: str,
+                    recommender_config: str, shared_versions: dict[str, int | None]
+                    ) -> tuple[dict[float, Point], list[str]]:
+    """Finished points of earlier runs of these experiments that this run may reuse, and why others are not.
+
+    A point is reused only when everything it was computed from is what this run would use: the planted
+    teacher of that precision, the same recommender config (compared as JSON), the same versions of the
+    shared inputs (``shared_versions``: the tables the shared stages wrote), its metrics rows in the lake and
+    its per-user file on disk. Anything else is recomputed, with the reason logged and returned.
+    """
+    if not experiment_ids or not lake.exists("recommender_runs"):
+        return {}, []
+    runs = lake.read_pandas("recommender_runs", columns=["run_id", "config", "notes", "input_versions",
+                                                         "finished_ts"])
+    want = {planted_model_name(base_name, p): p for p in precisions}
+    cfg_now = json.loads(recommender_config)
+    found: dict[float, Point] = {}
+    why: list[str] = []
+    for eid in experiment_ids:
+        mine = runs[runs.run_id.str.startswith(f"{eid}-p")].sort_values("finished_ts", ascending=False)
+        if mine.empty:
+            why.append(f"{eid}: no finished point in recommender_runs")
+        for r in mine.itertuples(index=False):
+            notes = json.loads(r.notes or "{}")
+            p = want.get(notes.get("teacher_model"))
+            if p is None or p in found:
+                continue
+            versions = json.loads(r.input_versions or "{}")
+            stale = {t: (versions.get(t), v) for t, v in shared_versions.items() if versions.get(t) != v}
+            per_user_file = Path(notes.get("artifacts", "")) / "per_user_test.parquet"
+            if json.loads(r.config) != cfg_now:
+                diff = sorted(k for k in cfg_now if json.loads(r.config).get(k) != cfg_now[k])
+                why.append(f"{r.run_id} (p={p:g}): recommender config differs ({', '.join(diff)})")
+            elif stale:
+                why.append(f"{r.run_id} (p={p:g}): shared inputs changed since (table: (then, now)) {stale}")
+            elif not per_user_file.exists():
+                why.append(f"{r.run_id} (p={p:g}): per-user file {per_user_file} is gone")
+            else:
+                metrics = lake.read_pandas("metrics", filters=[("run_id", "=", r.run_id)])
+                if metrics.empty:
+                    why.append(f"{r.run_id} (p={p:g}): no metrics rows")
+                    continue
+                pt = Point(p, notes["teacher_model"], r.run_id, metrics, pd.read_parquet(per_user_file),
+                           notes.get("paired_reference"))
+                pt.users = int((notes.get("data") or {}).get("teacher_rationale_users") or 0)
+                found[p] = pt
+    return found, why
+
+
 def run_planted(ctx, precisions: list[float], config_for: Callable[[list[str]], object],
-                start: str | None = None, progress: Callable[[str], None] | None = None) -> PlantedExperiment:
+                start: str | None = None, progress: Callable[[str], None] | None = None,
+                resume: list[str] | None = None) -> PlantedExperiment:
     """Run the curve on ``ctx.lake``: shared stages once, then the per-precision stages.
 
     ``config_for(overrides)`` builds the run's config with extra ``key=value`` overrides (the CLI's
-    profile, file and ``--set`` first). Writes the ``experiments`` table (one commit per experiment).
+    profile, file and ``--set`` first). ``resume``: experiment ids whose finished points are reused where
+    nothing they were computed from changed (:func:`reusable_points`); the experiment keeps the first id.
+    Writes the experiment's rows of the ``experiments`` table in one commit (replacing that id's rows).
     """
     from slimrec.pipeline import run_pipeline, run_stage
     from slimrec.stages.base import StageContext
@@ -254,21 +320,38 @@ def run_planted(ctx, precisions: list[float], config_for: Callable[[list[str]], 
         from slimrec.config import ConfigError
 
         raise ConfigError(f"--precisions must be numbers in [0, 1]; got {precisions}")
-    exp_id = f"planted-{uuid.uuid4().hex[:8]}"
+    resume = [r.strip() for r in (resume or []) if r.strip()]
+    bad = [r for r in resume if not re.fullmatch(r"[A-Za-z0-9_.-]+", r)]
+    if bad:
+        from slimrec.config import ConfigError
+
+        raise ConfigError(f"--resume takes experiment ids such as planted-1a2b3c4d; got {bad}")
+    exp_id = resume[0] if resume else f"planted-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
     say("shared stages (ingest .. embed)")
     run_pipeline(ctx, start, "embed", progress=lambda i, n, name: say(f"  [{i + 1}/{n}] {name}"))
     seconds = {"shared": round(time.perf_counter() - t0, 1)}
     n_users = ctx.lake.read_arrow("user_sequences", columns=["user_id"]).num_rows
     base_name = ctx.cfg.teacher.offline.model_name
+    shared = {t: ctx.lake.version(t) for t in SHARED_TABLES}
+    reuse, why = reusable_points(ctx.lake, resume, precisions, base_name,
+                                 config_for([]).recommender.model_dump_json(), shared)
+    for w in why:
+        say(f"  not reused: {w}")
+    taken = set(ctx.lake.read_pandas("metrics", columns=["run_id"]).run_id) if ctx.lake.exists("metrics") else set()
     points, users = [], {}
     for k, p in enumerate(precisions):
         t1 = time.perf_counter()
         name = planted_model_name(base_name, p)
+        if p in reuse:
+            say(f"precision {p:g} ({k + 1}/{len(precisions)}): reused {reuse[p].run_id}")
+            points.append(reuse[p])
+            users[p] = reuse[p].users
+            continue
         say(f"precision {p:g} ({k + 1}/{len(precisions)}): {name}")
         cfg_p = config_for(precision_overrides(p, n_users, base_name))
-        ctx_p = StageContext(cfg=cfg_p, lake=ctx.lake, run_date=ctx.run_date, run_id=f"{exp_id}-p{k}",
-                             _spark=ctx._spark, _spark_owned=False)
+        ctx_p = StageContext(cfg=cfg_p, lake=ctx.lake, run_date=ctx.run_date,
+                             run_id=point_run_id(exp_id, p, taken), _spark=ctx._spark, _spark_owned=False)
         result = None
         for stage in PER_P_STAGES:
             say(f"  {stage}")
@@ -280,8 +363,8 @@ def run_planted(ctx, precisions: list[float], config_for: Callable[[list[str]], 
     seconds["total"] = round(time.perf_counter() - t0, 1)
     info = ctx.commit_info("experiment", {"user_sequences": ctx.lake.version("user_sequences")},
                            experiment_id=exp_id, kind=KIND, precisions=precisions, seconds=seconds,
-                           leakage=LEAKAGE_NOTE)
-    ctx.lake.write_arrow("experiments", rows, "append", info)
+                           reused={f"{p:g}": pt.run_id for p, pt in reuse.items()}, leakage=LEAKAGE_NOTE)
+    ctx.lake.write_arrow("experiments", rows, "merge", info, delete_missing=f"t.experiment_id = '{exp_id}'")
     return PlantedExperiment(exp_id, ctx.cfg.dataset_name, rows, curve_checks(rows), seconds, users)
 
 

@@ -82,3 +82,20 @@ def test_default_consumers_leave_planted_rows_out():
     t, e = _teacher_rows(teacher, emb, "offline-cooc-v1+planted-p1")  # named explicitly: only that model
     assert t["rationale"].tolist() == ["planted"]
     assert e["model_version"].tolist() == ["offline-cooc-v1+planted-p1", "student-x"]
+
+
+def test_users_sharing_a_prompt_each_get_their_own_planted_rationale(tmp_lake, run_date):
+    twins = {**HISTORIES, "u7": ["A", "B"]}  # u7 is shown u1's prompt
+    prompts = write_inputs(tmp_lake, run_date, twins)
+    assert prompts.prompt_hash.nunique() == len(twins) - 1
+    plain = stage.run(make_ctx(tmp_lake, run_date, OFFLINE))
+    planted = stage.run(make_ctx(tmp_lake, run_date, [*OFFLINE, "teacher.offline.planted_precision=1"]))
+    assert plain.extra["duplicate_prompts"] == 1 and plain.extra["calls"] == len(twins) - 1
+    assert planted.extra["duplicate_prompts"] == 0 and planted.extra["calls"] == len(twins)
+    df = tmp_lake.read_pandas("teacher_rationales")
+    p1 = df[df.teacher_model == "offline-cooc-v1+planted-p1"].set_index("user_id")
+    assert set(p1.index) == set(twins) and p1.prompt_hash.str.fullmatch("[0-9a-f]{40}").all()
+    assert not set(p1.prompt_hash) & set(prompts.prompt_hash)  # never mistaken for a prompts row's answer
+    assert all("Z" in list(p1.loc[u, "grounded_item_ids"]) for u in ("u1", "u7"))
+    again = stage.run(make_ctx(tmp_lake, run_date, [*OFFLINE, "teacher.offline.planted_precision=1"]))
+    assert again.extra["calls"] == 0 and again.extra["cached_ok"] == len(twins)  # the per-user key caches

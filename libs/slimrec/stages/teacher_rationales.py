@@ -34,7 +34,7 @@ from slimrec.stages.base import StageContext, StageResult, delete_rows_naming_un
 from slimrec.teacher.budget import Budget, estimate, price_of
 from slimrec.teacher.cache import CACHE_COLUMNS, RUN_COLUMNS, plan_requests, to_table_rows
 from slimrec.teacher.config import TeacherConfig
-from slimrec.teacher.planted import LEAKAGE_NOTE, planted_model_name, planted_targets
+from slimrec.teacher.planted import LEAKAGE_NOTE, per_user_keys, planted_model_name, planted_targets
 from slimrec.teacher.sampling import stratified_sample
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,8 @@ def run(ctx: StageContext) -> StageResult:
                                    filters=[("run_date", "<=", ctx.run_date)])
     population = latest_prompts(prompts, ctx.run_date, ctx.cfg.prompts.version)
     sample = stratified_sample(population, cfg.sample_size, cfg.seed, cfg.strata, cfg.min_stratum_share)
+    if cfg.kind == "offline" and cfg.offline.planted_precision is not None:
+        sample = per_user_keys(sample)  # a planted answer is per user: users sharing a prompt each get one
     cached = _read_cache(ctx, inputs[STAGE], teacher_model)
     stale, deleted_version = None, None
     if inputs[STAGE] is not None and not ctx.dry_run:

@@ -82,6 +82,20 @@ def planted_targets(sequences: pd.DataFrame, precision: float, seed: int) -> pd.
     return pd.DataFrame({"user_id": sequences["user_id"].astype(str).to_numpy(), "planted_item_ids": ids})
 
 
+def per_user_keys(sample: pd.DataFrame) -> pd.DataFrame:
+    """The sample with ``prompt_hash`` replaced by ``sha1(prompt_hash | user_id)``: the planted teacher's cache key.
+
+    A planted rationale names its user's held-out items, so two users shown the same prompt need two
+    rationales; under the prompt's own hash the cache would send it once and give it to one user only.
+    The key is still a 40-hex sha1 but matches no ``prompts`` row: planted rows never reach a consumer
+    that joins on prompts (distillation drops them, embed and train read them by user).
+    """
+    out = sample.copy()
+    out["prompt_hash"] = [hashlib.sha1(f"{h}|{u}".encode()).hexdigest()
+                          for h, u in zip(out["prompt_hash"], out["user_id"], strict=True)]
+    return out
+
+
 def insert_planted(chosen: list[int], planted: list[int], n_items: int, key: str) -> list[int]:
     """The offline picks ``chosen`` with ``planted`` placed among them at random positions.
 
