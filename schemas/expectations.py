@@ -49,6 +49,8 @@ class Thresholds:
     embedding_dims: tuple[tuple[str, int], ...] = (("all-MiniLM-L6-v2", 384),)
     metric_protocol_pattern: str = r"^(full|sampled[0-9]+)$"
     non_empty_tables: tuple[str, ...] = ("raw_interactions", "items", "interactions", "user_sequences")
+    # the constrained student's declared shape (slimrec.rationale_shape.shape_regex); None: unconstrained student
+    student_shape_regex: str | None = None
 
 
 @dataclass(frozen=True)
@@ -375,6 +377,18 @@ def _specific(table: str, th: Thresholds) -> tuple[list[Derived], list[Check]]:
         c += cc + _non_negative("output_tokens", "latency_ms")
         unknown("dq_unknown_grounded_item_ids", "grounded_item_ids", "items", "item_id")
         unknown("dq_unknown_model_version", "model_version", "student_models", "model_version")
+        if th.student_shape_regex:
+            d.append(Derived("dq_ok_student_rationale", "the rationale of status=ok rows (null for other statuses)",
+                             sql="CASE WHEN status = 'ok' THEN rationale END"))
+            c.append(_check(
+                "ExpectColumnValuesToMatchRegex",
+                f"fewer than {th.min_three_step_share:.0%} of status=ok rationales in the constrained student's "
+                "declared shape (slimrec.rationale_shape)",
+                ("user_id", "model_version"),
+                column="dq_ok_student_rationale",
+                regex=th.student_shape_regex,
+                mostly=th.min_three_step_share,
+            ))
     elif table == "student_models":
         c += _non_negative("train_rows", "heldout_rows", "train_loss", "val_loss")
         c += [

@@ -295,3 +295,26 @@ def test_three_step_share_threshold_comes_from_config(spark, tmp_lake):
 def test_write_table_helper_writes_empty_tables(tmp_lake):
     write_table(tmp_lake, "items", [])
     assert tmp_lake.count("items") == 0
+
+
+def test_constrained_student_rows_outside_the_declared_shape_fail(spark, tmp_lake):
+    """With a constrained student (a pipeline config), student_rationales also checks each ok row against the
+    regex of slimrec.rationale_shape; a quality config alone knows no student, so the check is absent."""
+    from slimrec.config import load_config
+    from slimrec.rationale_shape import format_rationale
+
+    cfg = load_config("tiny", overrides=["quality.embedding_dims={\"enc\": 4}"])
+    w = world()
+    for r in w["student_rationales"]:
+        r["rationale"] = format_rationale("Likes pens.", "Pens; Acme.", ["Pen 2"])
+    write_world(tmp_lake, w, "student_rationales")
+    assert validate_table(tmp_lake, "student_rationales", cfg=cfg, spark=spark).success
+
+    w["student_rationales"][1]["rationale"] = format_rationale("Likes pens.", "Pens; Acme.", ["Pen 2", "Pen 3", "Pen 4"])
+    write_world(tmp_lake, w, "student_rationales")
+    report = validate_table(tmp_lake, "student_rationales", cfg=cfg, spark=spark)
+    assert _failed(report) == ["expect_column_values_to_match_regex:dq_ok_student_rationale"], report.summary()
+    assert report.outcome("expect_column_values_to_match_regex:dq_ok_student_rationale").offending_rows[0][
+        "user_id"] == "u2"
+    plain = validate_table(tmp_lake, "student_rationales", cfg=cfg.quality, spark=spark)
+    assert plain.success and not any("dq_ok_student_rationale" in o.check_id for o in plain.outcomes)

@@ -9,6 +9,7 @@ written to match the parser.
 from __future__ import annotations
 
 import random
+import re
 
 import pandas as pd
 import pytest
@@ -22,6 +23,7 @@ from slimrec.rationale_shape import (
     max_new_tokens,
     max_output_bytes,
     render_title,
+    shape_regex,
 )
 
 xgr = pytest.importorskip("xgrammar")
@@ -102,6 +104,7 @@ def test_strings_the_compiled_grammar_generates_parse_within_the_token_bound(tok
     shape = RationaleShape(step1_max_chars=60, step2_max_chars=50, max_items=3)
     ebnf = grammar_ebnf(shape, titles)
     bound = max_new_tokens(shape, titles)
+    regex = shape_regex(shape)
     compiled = _compiled(ebnf, tokenizer)
     vocab = len(tokenizer)
     # tokens that end a step or a list more often than a uniform pick would: walks of every length
@@ -126,6 +129,7 @@ def test_strings_the_compiled_grammar_generates_parse_within_the_token_bound(tok
         assert len(text.encode()) <= max_output_bytes(shape, titles)
         parsed, err = parse_rationale(text, "stop")
         assert err is None, (err, text)
+        assert re.fullmatch(regex, text), text  # the table expectation's regex holds what the grammar writes
         assert set(parsed.item_names) <= set(titles) and len(parsed.item_names) <= shape.max_items
         assert len(parsed.step1) <= shape.step1_max_chars and len(parsed.step2) <= shape.step2_max_chars
         seen_counts.add(len(parsed.item_names))

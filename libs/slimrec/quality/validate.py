@@ -187,10 +187,16 @@ def resolve_thresholds(cfg) -> Thresholds:
     """
     from slimrec.config import PromptsConfig, SequencesConfig
 
+    shape = None
     if isinstance(cfg, QualityConfig):
         q, seq, prompts = cfg, SequencesConfig(), PromptsConfig()
     else:
         q, seq, prompts = cfg.quality, cfg.sequences, cfg.prompts
+        if cfg.student.infer.constrained:
+            from slimrec.rationale_shape import shape_regex
+            from slimrec.student.config import rationale_shape
+
+            shape = shape_regex(rationale_shape(cfg.student))
     return Thresholds(
         min_seq_len=q.min_seq_len if q.min_seq_len is not None else seq.min_seq_len,
         max_seq_len=q.max_seq_len if q.max_seq_len is not None else seq.max_seq_len,
@@ -202,6 +208,7 @@ def resolve_thresholds(cfg) -> Thresholds:
         embedding_dims=tuple(sorted(q.embedding_dims.items())),
         metric_protocol_pattern=q.metric_protocol_pattern,
         non_empty_tables=tuple(q.non_empty_tables),
+        student_shape_regex=shape,
     )
 
 

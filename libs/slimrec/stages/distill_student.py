@@ -89,6 +89,12 @@ def resolve_base(cfg: StudentConfig, root: Path, items: pd.DataFrame | None, pro
         path, info = ensure_tiny_model(root, build_corpus(items, prompts, rationales, cfg.tiny), cfg.tiny)
         return path, Path(path).name, info
     p = Path(cfg.base_model).expanduser()
+    looks_like_path = cfg.base_model.startswith(("/", "./", "../", "~")) or cfg.base_model.count("/") > 1
+    if looks_like_path and not p.is_dir():
+        from slimrec.config import ConfigError
+
+        raise ConfigError(f"student.base_model={cfg.base_model}: no such directory (a Hugging Face model folder "
+                          f"with config.json, the weights and the tokenizer; or an org/name in the local HF cache)")
     if p.is_dir():
         conf = (p / "config.json").read_bytes() if (p / "config.json").exists() else b""
         return str(p.resolve()), f"{p.resolve()}:{hashlib.sha1(conf).hexdigest()[:12]}", {"source": "local dir"}
@@ -225,7 +231,7 @@ def run(ctx: StageContext) -> StageResult:
             f"adapter {version} reaches held-out ROUGE-L {student_rl} against the base's {base_rl}: less than the "
             f"required gain of {cfg.min_rouge_gain}; nothing registered (adapter left at {dest})"
         )
-    all_metrics = {**metrics, "base_build": base_info, "train_seconds_total": round(time.perf_counter() - t0, 1),
+    all_metrics = {**metrics, "seed": cfg.split_seed, "base_build": base_info, "train_seconds_total": round(time.perf_counter() - t0, 1),
                    "train_pairs": len(train_ex), "heldout_pairs": len(val_ex),
                    "max_target_items": cfg.max_target_items, "max_prompt_tokens": cfg.max_prompt_tokens}
     row = pd.DataFrame([{
