@@ -104,3 +104,14 @@ def test_cli_records_command_and_machine_but_not_for_a_dry_run(tmp_lake, monkeyp
     assert "CPUs" in rec["machine"]
     cli._record_run(SimpleNamespace(dry_run=True, lake=tmp_lake, run_id="dry"), "dev")
     assert tmp_lake.run_record("dry") is None
+
+
+def test_a_planted_run_is_never_the_latest_run_of_the_product(tmp_lake):
+    """What `slim run` prints and what serving rescores with come from the latest run without leakage."""
+    from slimrec.results import latest_metrics, latest_run
+
+    _run(tmp_lake, "clean", datetime(2024, 1, 2, tzinfo=UTC), 0.05)
+    _run(tmp_lake, "planted", datetime(2024, 1, 5, tzinfo=UTC), 0.5, {"leakage": "LEAKAGE BY DESIGN"})
+    assert latest_run(tmp_lake)["run_id"] == "clean"
+    assert set(latest_metrics(tmp_lake)["run_id"]) == {"clean"}
+    assert latest_run(tmp_lake, without_leakage=False)["run_id"] == "planted"  # only when asked for

@@ -11,7 +11,9 @@ set of tables that no gate has validated.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import logging
 import time
 from dataclasses import asdict
@@ -43,9 +45,31 @@ def stage_module(name: str):
     return importlib.import_module(f"slimrec.stages.{name}")
 
 
+# The config sections whose values change what a stage writes. A stage whose inputs are unchanged but that
+# last ran under other values of these runs again: a planted-signal experiment's train_recommender (embed
+# names the planted teacher) must never stand in for the default run's on the same lake.
+STAGE_CONFIG: dict[str, tuple[str, ...]] = {
+    "ingest": ("ingest",),
+    "build_sequences": ("sequences",),
+    "build_prompts": ("prompts",),
+    "teacher_rationales": ("teacher",),
+    "distill_student": ("student",),
+    "student_rationales": ("student",),
+    "embed": ("embed",),
+    "train_recommender": ("recommender", "embed", "dataset_name"),
+}
+
+
+def stage_config_hash(ctx: StageContext, name: str) -> str:
+    """sha1 (12 hex) of the config sections in :data:`STAGE_CONFIG` for ``name``."""
+    cfg = ctx.cfg.model_dump(mode="json")
+    part = {k: cfg.get(k) for k in STAGE_CONFIG.get(name, ())}
+    return hashlib.sha1(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
 def _stage_inputs(ctx: StageContext, name: str, mod) -> dict:
-    """The inputs a stage starts from: Delta versions (and the dataset files, for ingest)."""
-    rec: dict = {"versions": {t: ctx.lake.version(t) for t in mod.INPUTS}}
+    """The inputs a stage starts from: Delta versions (and the dataset files, for ingest), and its config."""
+    rec: dict = {"versions": {t: ctx.lake.version(t) for t in mod.INPUTS}, "config": stage_config_hash(ctx, name)}
     if name == "ingest":
         rec["dataset"] = dataset_fingerprint(ctx.dataset_dir)
     return rec
@@ -61,6 +85,9 @@ def should_skip(ctx: StageContext, name: str) -> tuple[bool, str]:
     if not last.get("checked") and ctx.cfg.quality.enabled:
         return False, "its last run skipped the quality gate"
     now = _stage_inputs(ctx, name, mod)
+    if last.get("config") != now["config"]:
+        return False, ("its config changed since its last run" if last.get("config")
+                       else "its last run recorded no config")
     if name == "ingest":
         same = last.get("dataset") == now["dataset"]
         return same, "dataset files unchanged" if same else "dataset changed"

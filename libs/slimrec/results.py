@@ -54,12 +54,12 @@ def metrics_summary(metrics: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     return out.sort_values(["_p", "backbone", "ndcg_10_mean"], ascending=[True, True, False]).drop(columns="_p")
 
 
-def latest_run(lake, without_leakage: bool = False) -> pd.Series | None:
+def latest_run(lake, without_leakage: bool = True) -> pd.Series | None:
     """The most recent ``recommender_runs`` row (run_id, dataset, best_backbone, n_users, n_items, notes,
     started_ts, finished_ts), or None.
 
-    ``without_leakage`` skips runs whose notes carry a ``leakage`` flag (the planted-signal experiment's
-    runs): what a results page may show as a result.
+    ``without_leakage`` (the default) skips runs whose notes carry a ``leakage`` flag (the planted-signal
+    experiment's runs): they are never a run's results, never what serving rescores with.
     """
     if not lake.exists("recommender_runs"):
         return None

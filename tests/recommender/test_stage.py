@@ -108,3 +108,19 @@ def test_ray_train_job(tiny_data, tmp_path, ray_local):
     assert {"group.json", "base.pt", "text.pt", "student.pt"} <= set(os.listdir(ckpt))
     assert {"base", "slim"} <= set(res.metrics.variant)
     assert res.recommendations is not None and len(res.recommendations) == tiny_data.n_users
+
+
+def test_a_planted_experiment_run_writes_no_recommendations(tmp_lake, run_date, tmp_path):
+    """A model trained beside planted rationales (embed.teacher_model names a planted teacher) measures the
+    channel: its metrics are kept, flagged, and it never writes the serving table."""
+    seqs, items, *_ = synthetic_frames()
+    _put(tmp_lake, "user_sequences", seqs, run_date)
+    _put(tmp_lake, "items", items, run_date)
+    ctx = _ctx(tmp_lake, run_date, tmp_path)
+    planted = StageContext(cfg=ctx.cfg.model_copy(update={"embed": ctx.cfg.embed.model_copy(
+        update={"teacher_model": "offline-cooc-v1+planted-p1"})}), lake=tmp_lake, run_date=run_date)
+    r = train_recommender.run(planted)
+    assert r.tables["recommendations"] is None and not tmp_lake.exists("recommendations")
+    assert json.loads(tmp_lake.read_pandas("recommender_runs").notes[0])["leakage"].startswith("LEAKAGE")
+    r = train_recommender.run(ctx)  # the default run on the same lake serves as usual
+    assert r.tables["recommendations"] is not None and tmp_lake.count("recommendations") > 0

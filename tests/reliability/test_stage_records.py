@@ -134,3 +134,25 @@ def test_a_rerun_that_commits_nothing_still_validates_a_commit_no_gate_passed(tm
     assert gated == [("items", 0)]  # the rerun validated the killed run's commit
     pipeline.run_stage("write_items", gated_ctx())
     assert gated == [("items", 0)]  # already passed: not validated twice
+
+
+def test_a_stage_last_run_under_other_config_runs_again(tmp_lake, two_table_stage, monkeypatch):
+    """Same input versions, other config: not skipped (a planted experiment's train_recommender, whose embed
+    config names the planted teacher, must not stand in for the default run's on the same lake)."""
+    monkeypatch.setitem(pipeline.STAGE_CONFIG, "two_tables", ("embed",))
+    tmp_lake.write_arrow("raw_items", _raw_items(2), "overwrite", CommitInfo("ingest", RUN_DATE))
+    two_table_stage["die"] = False
+    pipeline.run_pipeline(_ctx(tmp_lake))
+    assert pipeline.should_skip(_ctx(tmp_lake), "two_tables")[0]
+    planted = StageContext(cfg=load_config("tiny", None, ["quality.enabled=false",
+                                                          "embed.teacher_model=offline-cooc-v1+planted-p1"]),
+                           lake=tmp_lake, run_date=RUN_DATE)
+    assert pipeline.should_skip(planted, "two_tables") == (False, "its config changed since its last run")
+    assert pipeline.should_skip(_ctx(tmp_lake, ), "two_tables")[0]  # the recorded run's own config: done
+    pipeline.run_stage("two_tables", planted, check=False)
+    (r,) = pipeline.run_pipeline(_ctx(tmp_lake))  # back to the default config: runs again
+    assert not r.skipped and two_table_stage["runs"] == 3
+    rec = tmp_lake.stage_record("two_tables")
+    rec.pop("config")
+    tmp_lake.record_stage("two_tables", rec)  # a record written before config fingerprints
+    assert pipeline.should_skip(_ctx(tmp_lake), "two_tables") == (False, "its last run recorded no config")

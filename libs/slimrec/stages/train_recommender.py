@@ -132,7 +132,10 @@ def run(ctx: StageContext) -> StageResult:
         "started_ts": started, "finished_ts": finished,
     }])
     versions["recommender_runs"] = ctx.lake.write_arrow("recommender_runs", runs, "append", info)
-    if res.recommendations is not None:
+    if is_planted(teacher_model):
+        versions["recommendations"] = None  # a model that saw planted targets never serves anyone
+        log.warning("%s: planted-signal experiment (%s): no recommendations written", STAGE, LEAKAGE_NOTE)
+    elif res.recommendations is not None:
         recs = res.recommendations.assign(run_id=ctx.run_id)
         versions["recommendations"] = ctx.lake.write_arrow("recommendations", recs, "replace_date", info)
     else:
