@@ -115,3 +115,13 @@ def test_a_planted_run_is_never_the_latest_run_of_the_product(tmp_lake):
     assert latest_run(tmp_lake)["run_id"] == "clean"
     assert set(latest_metrics(tmp_lake)["run_id"]) == {"clean"}
     assert latest_run(tmp_lake, without_leakage=False)["run_id"] == "planted"  # only when asked for
+
+
+def test_the_readme_table_keeps_all_user_rows_and_the_page_keeps_the_subsets(tmp_lake):
+    _run(tmp_lake, "run1", datetime(2024, 1, 2, tzinfo=UTC), 0.05)
+    sub = tmp_lake.read_pandas("metrics")
+    sub = sub[sub.variant == "base"].assign(variant="base@teacher_users")
+    tmp_lake.write_arrow("metrics", sub.drop(columns=["run_date", "input_versions"], errors="ignore"), "append", INFO)
+    assert "base@teacher_users" not in readme_block(tmp_lake, "lake")
+    assert "| base |" in readme_block(tmp_lake, "lake")
+    assert "base@teacher_users" in results_markdown(tmp_lake, "lake")

@@ -74,7 +74,8 @@ def readme_block(lake, label: str | None = None) -> str:
     run, summary = _summary_or_fail(lake, label or lake.root)
     prov = _provenance(lake, run)
     backbone = run["best_backbone"] if run["best_backbone"] in set(summary["backbone"]) else summary["backbone"].iloc[0]
-    keep = summary[summary["backbone"].isin([backbone, "none"])]
+    # all users only: the teacher-subset rows ("@teacher_users") stay on docs/results.md
+    keep = summary[summary["backbone"].isin([backbone, "none"]) & ~summary["variant"].str.contains("@")]
     cells: dict[str, dict[str, str]] = {}
     for r in keep.itertuples(index=False):
         cells.setdefault(r.variant, {})[r.protocol] = _pm(r.ndcg_10_mean, r.ndcg_10_std)
