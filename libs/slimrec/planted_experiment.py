@@ -239,7 +239,8 @@ def _point(ctx, p: float, teacher_model: str, result, seconds: float) -> Point:
     lake = ctx.lake
     metrics = lake.read_pandas("metrics", filters=[("run_id", "=", ctx.run_id)])
     per_user = pd.read_parquet(result.extra["per_user_file"])
-    return Point(p, teacher_model, ctx.run_id, metrics, per_user, result.extra.get("paired_reference"), seconds)
+    return Point(p, teacher_model, ctx.run_id, metrics, per_user, result.extra.get("paired_reference"), seconds,
+                 int(result.extra.get("teacher_rationale_users") or 0))
 
 
 def point_run_id(experiment_id: str, p: float, taken: set[str]) -> str:
@@ -282,8 +283,9 @@ def reusable_points(lake, experiment_ids: list[str], precisions: list[float], ba
             versions = json.loads(r.input_versions or "{}")
             stale = {t: (versions.get(t), v) for t, v in shared_versions.items() if versions.get(t) != v}
             per_user_file = Path(notes.get("artifacts", "")) / "per_user_test.parquet"
-            if json.loads(r.config) != cfg_now:
-                diff = sorted(k for k in cfg_now if json.loads(r.config).get(k) != cfg_now[k])
+            cfg_then = json.loads(r.config)
+            if cfg_then != cfg_now:
+                diff = sorted(k for k in cfg_now.keys() | cfg_then.keys() if cfg_then.get(k) != cfg_now.get(k))
                 why.append(f"{r.run_id} (p={p:g}): recommender config differs ({', '.join(diff)})")
             elif stale:
                 why.append(f"{r.run_id} (p={p:g}): shared inputs changed since (table: (then, now)) {stale}")
@@ -294,10 +296,9 @@ def reusable_points(lake, experiment_ids: list[str], precisions: list[float], ba
                 if metrics.empty:
                     why.append(f"{r.run_id} (p={p:g}): no metrics rows")
                     continue
-                pt = Point(p, notes["teacher_model"], r.run_id, metrics, pd.read_parquet(per_user_file),
-                           notes.get("paired_reference"))
-                pt.users = int((notes.get("data") or {}).get("teacher_rationale_users") or 0)
-                found[p] = pt
+                found[p] = Point(p, notes["teacher_model"], r.run_id, metrics, pd.read_parquet(per_user_file),
+                                 notes.get("paired_reference"),
+                                 users=int((notes.get("data") or {}).get("teacher_rationale_users") or 0))
     return found, why
 
 
@@ -311,20 +312,17 @@ def run_planted(ctx, precisions: list[float], config_for: Callable[[list[str]], 
     nothing they were computed from changed (:func:`reusable_points`); the experiment keeps the first id.
     Writes the experiment's rows of the ``experiments`` table in one commit (replacing that id's rows).
     """
+    from slimrec.config import ConfigError
     from slimrec.pipeline import run_pipeline, run_stage
     from slimrec.stages.base import StageContext
 
     say = progress or (lambda msg: None)
     precisions = sorted({float(p) for p in precisions})
     if not precisions or any(not 0 <= p <= 1 for p in precisions):
-        from slimrec.config import ConfigError
-
         raise ConfigError(f"--precisions must be numbers in [0, 1]; got {precisions}")
     resume = [r.strip() for r in (resume or []) if r.strip()]
     bad = [r for r in resume if not re.fullmatch(r"[A-Za-z0-9_.-]+", r)]
     if bad:
-        from slimrec.config import ConfigError
-
         raise ConfigError(f"--resume takes experiment ids such as planted-1a2b3c4d; got {bad}")
     exp_id = resume[0] if resume else f"planted-{uuid.uuid4().hex[:8]}"
     t0 = time.perf_counter()
@@ -339,14 +337,13 @@ def run_planted(ctx, precisions: list[float], config_for: Callable[[list[str]], 
     for w in why:
         say(f"  not reused: {w}")
     taken = set(ctx.lake.read_pandas("metrics", columns=["run_id"]).run_id) if ctx.lake.exists("metrics") else set()
-    points, users = [], {}
+    points = []
     for k, p in enumerate(precisions):
         t1 = time.perf_counter()
         name = planted_model_name(base_name, p)
         if p in reuse:
             say(f"precision {p:g} ({k + 1}/{len(precisions)}): reused {reuse[p].run_id}")
             points.append(reuse[p])
-            users[p] = reuse[p].users
             continue
         say(f"precision {p:g} ({k + 1}/{len(precisions)}): {name}")
         cfg_p = config_for(precision_overrides(p, n_users, base_name))
@@ -358,14 +355,14 @@ def run_planted(ctx, precisions: list[float], config_for: Callable[[list[str]], 
             result = run_stage(stage, ctx_p)
         seconds[f"p={p:g}"] = round(time.perf_counter() - t1, 1)
         points.append(_point(ctx_p, p, name, result, seconds[f"p={p:g}"]))
-        users[p] = int(result.extra.get("teacher_rationale_users") or 0)
     rows = experiment_rows(points, exp_id, ctx.cfg.dataset_name)
     seconds["total"] = round(time.perf_counter() - t0, 1)
     info = ctx.commit_info("experiment", {"user_sequences": ctx.lake.version("user_sequences")},
                            experiment_id=exp_id, kind=KIND, precisions=precisions, seconds=seconds,
                            reused={f"{p:g}": pt.run_id for p, pt in reuse.items()}, leakage=LEAKAGE_NOTE)
     ctx.lake.write_arrow("experiments", rows, "merge", info, delete_missing=f"t.experiment_id = '{exp_id}'")
-    return PlantedExperiment(exp_id, ctx.cfg.dataset_name, rows, curve_checks(rows), seconds, users)
+    return PlantedExperiment(exp_id, ctx.cfg.dataset_name, rows, curve_checks(rows), seconds,
+                            {pt.precision: pt.users for pt in points})
 
 
 def write_pages(exp: PlantedExperiment, out_dir: str | Path, command: str) -> dict[str, Path]:
