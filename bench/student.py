@@ -34,10 +34,11 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from bench.common import record
 
 log = logging.getLogger("bench.student")
 
@@ -88,40 +89,100 @@ def grammar_cost(tok, vocab_size: int, items: pd.DataFrame, cfg, threads: int) -
             "tokenizer_vocab": vocab_size, "threads": threads, "load_avg": os.getloadavg()}, g, con
 
 
-def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con) -> dict:
-    """Same prompts, batched, greedy: with the grammar (its derived bound) and without (``infer.max_new_tokens``)."""
+def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, repeats: int = 1) -> dict:
+    """Same prompts, batched, greedy: free decoding at ``infer.max_new_tokens`` against the grammar.
+
+    Runs: ``unconstrained`` (the free student's own bound), ``unconstrained_same_bound`` (free, to the grammar's
+    token bound: the same steps and static cache size as one constrained pass), ``constrained_one_pass`` (the
+    grammar, one pass to its bound) and ``constrained`` (the grammar as the stage decodes: passes of
+    ``infer.pass_tokens``, rows that end leave). ``repeats`` rounds, interleaved, so load drifts hit every run
+    alike; tokens/s is the median over rounds and each ratio's min and max over rounds are given.
+    """
     from slimrec.rationale import parse_rationale
     from slimrec.student.generate import generate_ids
 
-    out = {}
-    # "unconstrained_same_bound": free decoding to the grammar's token bound, the same static cache size and
-    # steps as the constrained run: its ratio is the grammar's own cost per token
-    for name, g, bound in (("unconstrained", None, cfg.infer.max_new_tokens),
-                           ("unconstrained_same_bound", None, con.max_new_tokens),
-                           ("constrained", grammar, con.max_new_tokens)):
-        t0, c0 = time.perf_counter(), time.process_time()
-        res = generate_ids(model, tok, ids, bound, cfg.infer.batch_size, repetition_penalty=cfg.infer.repetition_penalty,
-                           kv_cache=cfg.infer.kv_cache, grammar=g)
-        wall = time.perf_counter() - t0
-        parsed = [parse_rationale(t, f) if f != "dead_end" else (None, "parse_error: dead end") for t, f, *_ in res]
-        statuses = pd.Series([(e or "ok").split(":")[0] for _, e in parsed]).value_counts().to_dict()
-        names = [list(p.item_names) if p else [] for p, _ in parsed]
-        named = sum(len(n) for n in names)
-        grounded = sum(len(x) for x in con.titles.ground(names))
-        n_tok = sum(r[2] for r in res)
-        out[name] = {"prompts": len(ids), "max_new_tokens": bound, "batch_size": cfg.infer.batch_size,
-                     "output_tokens": n_tok, "seconds": round(wall, 2), "cpu_seconds": round(time.process_time() - c0, 2),
-                     "tokens_per_s": round(n_tok / wall, 1), "rationales_per_s": round(len(ids) / wall, 2),
-                     "parse_ok_rate": round(statuses.get("ok", 0) / len(ids), 3), "statuses": statuses,
-                     "titles_named": named, "titles_grounded_exactly": grounded}
-    out["tokens_per_s_ratio_constrained_vs_unconstrained"] = round(
-        out["constrained"]["tokens_per_s"] / out["unconstrained"]["tokens_per_s"], 2)
+    passes = cfg.infer.pass_tokens or cfg.infer.max_new_tokens
+    runs = (("unconstrained", None, cfg.infer.max_new_tokens, None),
+            ("unconstrained_same_bound", None, con.max_new_tokens, None),
+            ("constrained_one_pass", grammar, con.max_new_tokens, None),
+            ("constrained", grammar, con.max_new_tokens, passes))
+    out: dict = {}
+    rates: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    for _ in range(max(1, repeats)):
+        for name, g, bound, pass_tokens in runs:
+            t0, c0 = time.perf_counter(), time.process_time()
+            res = generate_ids(model, tok, ids, bound, cfg.infer.batch_size, repetition_penalty=cfg.infer.repetition_penalty,
+                               kv_cache=cfg.infer.kv_cache, grammar=g, pass_tokens=pass_tokens)
+            wall = time.perf_counter() - t0
+            n_tok = sum(r[2] for r in res)
+            rates[name].append(n_tok / wall)
+            if name in out:
+                continue
+            parsed = [parse_rationale(t, f) if f != "dead_end" else (None, "parse_error: dead end") for t, f, *_ in res]
+            statuses = pd.Series([(e or "ok").split(":")[0] for _, e in parsed]).value_counts().to_dict()
+            names = [list(p.item_names) if p else [] for p, _ in parsed]
+            named = sum(len(n) for n in names)
+            grounded = sum(len(x) for x in con.titles.ground(names))
+            out[name] = {"prompts": len(ids), "max_new_tokens": bound, "pass_tokens": pass_tokens or bound,
+                         "batch_size": cfg.infer.batch_size, "output_tokens": n_tok,
+                         "output_tokens_max": max(r[2] for r in res), "seconds": round(wall, 2),
+                         "cpu_seconds": round(time.process_time() - c0, 2),
+                         "rationales_per_s": round(len(ids) / wall, 2),
+                         "parse_ok_rate": round(statuses.get("ok", 0) / len(ids), 3), "statuses": statuses,
+                         "titles_named": named, "titles_grounded_exactly": grounded}
+    for name, r in rates.items():
+        out[name]["tokens_per_s"] = round(float(np.median(r)), 1)
+        out[name]["tokens_per_s_rounds"] = [round(x, 1) for x in r]
+    for a, b, key in (("constrained", "unconstrained", "constrained_vs_unconstrained"),
+                      ("constrained", "unconstrained_same_bound", "constrained_vs_unconstrained_same_bound"),
+                      ("constrained_one_pass", "unconstrained", "constrained_one_pass_vs_unconstrained")):
+        per_round = [x / y for x, y in zip(rates[a], rates[b], strict=True)]
+        out[f"tokens_per_s_ratio_{key}"] = round(float(np.median(per_round)), 2)
+        out[f"tokens_per_s_ratio_{key}_min_max"] = [round(min(per_round), 2), round(max(per_round), 2)]
     out["rationales_per_s_ratio_constrained_vs_unconstrained"] = round(
         out["constrained"]["rationales_per_s"] / out["unconstrained"]["rationales_per_s"], 2)
-    out["tokens_per_s_ratio_constrained_vs_unconstrained_same_bound"] = round(
-        out["constrained"]["tokens_per_s"] / out["unconstrained_same_bound"]["tokens_per_s"], 2)
     out["kv_cache"] = cfg.infer.kv_cache
+    out["repeats"] = max(1, repeats)
     return out
+
+
+def report_rows(report: dict) -> list[dict]:
+    """The report's headline figures as :func:`bench.common.row` rows (for ``make bench`` and docs/benchmarks.md)."""
+    from bench.common import row
+
+    rows = []
+    if "distill" in report:
+        d = report["distill"]
+        epochs = d["history"]["epoch_seconds"]
+        rows.append(row("distill LoRA (in-process)", "seconds per epoch", float(np.mean(epochs)), "s",
+                        spread=f"{min(epochs):.1f}-{max(epochs):.1f} s over {len(epochs)} epochs"))
+        rows.append(row("held-out ROUGE-L vs teacher", "student", d.get("heldout_rouge_l_student", float("nan")), "",
+                        "untrained base", d.get("heldout_rouge_l_base")))
+    if "generation" in report:
+        g = report["generation"]
+        rows.append(row("generate, batched", "tokens/s", g["batched"]["tokens_per_s"], "tok/s", "one prompt at a time",
+                        g["single"]["tokens_per_s"]))
+    if "constrained" in report:
+        c, gr = report["constrained"], report["grammar"]
+        rows.append(row(f"grammar over {gr['titles']} titles", "compile seconds", gr["compile_seconds"], "s"))
+        rows.append(row(f"grammar over {gr['titles']} titles", "compiled size", gr["compiled_mb"], "MB"))
+        if "grammar_scaled" in report:
+            gs = report["grammar_scaled"]
+            rows.append(row(f"grammar over {gs['titles']} titles", "compile seconds", gs["compile_seconds"], "s"))
+        spread = (f"ratio {c['tokens_per_s_ratio_constrained_vs_unconstrained_min_max'][0]}-"
+                  f"{c['tokens_per_s_ratio_constrained_vs_unconstrained_min_max'][1]} over {c['repeats']} rounds")
+        for name in ("constrained", "constrained_one_pass"):
+            rows.append(row(f"{name}, {c[name]['prompts']} prompts", "tokens/s", c[name]["tokens_per_s"], "tok/s",
+                            f"free, bound {c['unconstrained']['max_new_tokens']}", c["unconstrained"]["tokens_per_s"],
+                            spread=spread if name == "constrained" else None))
+        rows.append(row("constrained", "parse ok rate", c["constrained"]["parse_ok_rate"], "share",
+                        "free decoding", c["unconstrained"]["parse_ok_rate"]))
+    if "inference" in report:
+        inf = report["inference"]
+        rows.append(row(f"free generation, {inf['users']} users", "tokens/s", inf["tokens_per_s"], "tok/s"))
+    if "peak_rss_mb" in report:
+        rows.append(row("whole benchmark", "peak RSS", report["peak_rss_mb"], "MiB"))
+    return rows
 
 
 def grammar_and_constrained(report: dict, model, tok, items, held, cfg, args) -> None:
@@ -136,7 +197,7 @@ def grammar_and_constrained(report: dict, model, tok, items, held, cfg, args) ->
                                                 cfg, args.threads)[0]
     c_df = held.drop_duplicates("user_id").head(args.constrained_prompts)
     ids = sorted((fit_prompt_ids(tok, p, cfg.max_prompt_tokens) for p in c_df["student_prompt"]), key=len)
-    report["constrained"] = constrained_vs_free(model, tok, ids, cfg, grammar, con)
+    report["constrained"] = constrained_vs_free(model, tok, ids, cfg, grammar, con, args.repeats)
 
 
 def constrained_only(args, cfg, items: pd.DataFrame, held: pd.DataFrame, report: dict) -> dict:
@@ -150,8 +211,7 @@ def constrained_only(args, cfg, items: pd.DataFrame, held: pd.DataFrame, report:
     report["load_avg_end"] = os.getloadavg()
     print(json.dumps({k: report[k] for k in ("grammar", "grammar_scaled", "constrained", "load_avg_start",
                                              "load_avg_end") if k in report}, indent=1, default=str))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    record("student", report_rows(report), extra=report)
     return report
 
 
@@ -170,12 +230,18 @@ def main(argv: list[str] | None = None) -> dict:
                     help="also compile the grammar over this many generated titles (0: only the bundled catalogue)")
     ap.add_argument("--constrained-prompts", type=int, default=64,
                     help="held-out prompts generated with and without the grammar (0: skip)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="interleaved rounds of the constrained / unconstrained runs (median and min-max of ratios)")
     ap.add_argument("--adapter", default=None,
                     help="an already distilled adapter (with --base): skip steps 2-5, measure constrained decoding only")
     ap.add_argument("--base", default=None, help="the adapter's base model directory (with --adapter)")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="config override, e.g. student.train.epochs=2")
-    ap.add_argument("--out", default="bench/results/student.json")
+    ap.add_argument("--quick", action="store_true",
+                    help="make bench --quick: 300 users, 1 epoch, 8 + 32 prompts, 64 inference users, 2 rounds")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.users, args.gen_prompts, args.constrained_prompts, args.infer_users, args.repeats = 300, 8, 32, 64, 2
+        args.sets = ["student.train.epochs=1", *args.sets]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -312,15 +378,16 @@ def main(argv: list[str] | None = None) -> dict:
             gs = report["grammar_scaled"]
             print(f"grammar at {gs['titles']} titles: compile {gs['compile_seconds']} s, {gs['compiled_mb']} MB "
                   f"(RSS +{gs['rss_growth_mb']} MB)")
-        for k in ("unconstrained", "constrained"):
+        for k in ("unconstrained", "unconstrained_same_bound", "constrained_one_pass", "constrained"):
             print(f"{k}: parse ok {c[k]['parse_ok_rate']:.1%} {c[k]['statuses']}, {c[k]['tokens_per_s']} tok/s, "
                   f"{c[k]['rationales_per_s']} rationales/s, titles named {c[k]['titles_named']} grounded "
                   f"{c[k]['titles_grounded_exactly']}")
-        print(f"constrained / unconstrained: tokens/s x{c['tokens_per_s_ratio_constrained_vs_unconstrained']}, "
-              f"rationales/s x{c['rationales_per_s_ratio_constrained_vs_unconstrained']}")
+        print(f"constrained / unconstrained: tokens/s x{c['tokens_per_s_ratio_constrained_vs_unconstrained']} "
+              f"(rounds {c['tokens_per_s_ratio_constrained_vs_unconstrained_min_max']}), "
+              f"rationales/s x{c['rationales_per_s_ratio_constrained_vs_unconstrained']}; one pass to the grammar's "
+              f"bound x{c['tokens_per_s_ratio_constrained_one_pass_vs_unconstrained']}")
     print(f"load average start {report['load_avg_start']} end {report['load_avg_end']}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2, default=str))
+    record("student", report_rows(report), extra=report)
     return report
 
 

@@ -38,3 +38,21 @@ def test_no_results_is_one_line(tmp_path):
                         "docs.write_benchmarks_md.__defaults__ = (Path(sys.argv[1]), docs.OUT); sys.exit(docs.main())",
                         str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and r.stderr.startswith("error: no benchmark results")
+
+
+def test_student_rows_carry_the_constrained_ratio_and_its_spread():
+    from bench.student import report_rows
+
+    free = {"prompts": 32, "max_new_tokens": 200, "tokens_per_s": 1000.0, "parse_ok_rate": 0.9}
+    report = {"grammar": {"titles": 2410, "compile_seconds": 0.4, "compiled_mb": 3.0},
+              "constrained": {"unconstrained": free, "repeats": 3,
+                              "constrained": {**free, "max_new_tokens": 879, "tokens_per_s": 900.0, "parse_ok_rate": 1.0},
+                              "constrained_one_pass": {**free, "max_new_tokens": 879, "tokens_per_s": 500.0},
+                              "tokens_per_s_ratio_constrained_vs_unconstrained_min_max": [0.85, 0.95]},
+              "peak_rss_mb": 900.0}
+    rows = {(r["case"], r["metric"]): r for r in report_rows(report)}
+    c = rows[("constrained, 32 prompts", "tokens/s")]
+    assert c["ratio"] == 0.9 and c["baseline"] == "free, bound 200" and c["spread"] == "ratio 0.85-0.95 over 3 rounds"
+    assert rows[("constrained_one_pass, 32 prompts", "tokens/s")]["ratio"] == 0.5
+    assert rows[("constrained", "parse ok rate")]["ratio"] == pytest.approx(1 / 0.9)
+    assert ("distill LoRA (in-process)", "seconds per epoch") not in rows  # an adapter-only run has no distill rows

@@ -93,3 +93,30 @@ def test_a_grammar_dead_end_ends_the_row_with_a_reason(tiny_base, catalogue):
     assert parsed["status"].tolist() == ["ok", "parse_error", "empty"]  # no row lost, each with its reason
     assert parsed["error"][1].startswith("parse_error: grammar dead end")
     assert parsed["item_names"][0] == [] and parse_rationale(raw["rationale"][0])[0].item_names == ()
+
+
+def test_decoding_in_short_passes_continues_each_row_where_it_stopped(tiny_base, catalogue):
+    """Rows that outlive a pass go on from their tokens and grammar state: the same greedy answers as one pass."""
+    from slimrec.student.constrain import StudentGrammar
+    from slimrec.student.data import fit_prompt_ids
+    from slimrec.student.generate import generate_ids
+    from slimrec.student.models import load_student, load_tokenizer
+
+    base, _, pairs = tiny_base
+    _, _, ebnf, bound = catalogue
+    tok = load_tokenizer(base, padding_side="left")
+    model = load_student(base, None, None, "cpu").eval()
+    g = StudentGrammar(ebnf, tok, int(model.get_output_embeddings().weight.shape[0]), threads=1)
+    ids = sorted((fit_prompt_ids(tok, p, 96) for p in pairs["student_prompt"].head(6)), key=len)
+    one = generate_ids(model, tok, ids, bound, 3, grammar=g)  # a single pass to the grammar's bound
+    assert max(r[2] for r in one) > 7  # so passes of 7 tokens must continue rows several times
+    short = generate_ids(model, tok, ids, bound, 3, grammar=g, pass_tokens=7)
+    assert [r[:3] for r in short] == [r[:3] for r in one]
+    assert all(r[1] == "stop" and r[3] is None for r in short)
+    for text, *_ in short:
+        assert parse_rationale(text)[1] is None
+
+    # the bound still holds across passes: a budget below the answers' lengths truncates at exactly that budget
+    cut = generate_ids(model, tok, ids, 10, 3, grammar=g, pass_tokens=4)  # passes of 4, 4, 2 tokens
+    assert [r[1:3] for r in cut] == [("length", 10)] * len(ids)
+    assert cut == generate_ids(model, tok, ids, 10, 3, grammar=g)  # what one pass of 10 writes

@@ -192,6 +192,7 @@ def run(ctx: StageContext) -> StageResult:
         "train_cfg": cfg.train.model_dump(mode="json"),
         "seed": cfg.split_seed,
         "max_new_tokens": cfg.infer.max_new_tokens,
+        "pass_tokens": cfg.infer.pass_tokens or cfg.infer.max_new_tokens,
         "repetition_penalty": cfg.infer.repetition_penalty,
         "kv_cache": cfg.infer.kv_cache,
         "eval_batch_size": cfg.eval_batch_size,

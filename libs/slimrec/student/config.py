@@ -109,6 +109,11 @@ class InferSettings(_Frozen):
     max_new_tokens: int = Field(
         200, ge=1, description="unconstrained only: generated tokens per rationale at most (beyond: status truncated). "
         "Constrained, it is derived from the grammar's bounds (its longest rationale in bytes + the end token)")
+    pass_tokens: int | None = Field(
+        None, ge=1, description="constrained, transformers: decode in passes of this many tokens; rows that end leave "
+        "and the rest continue, grammar state and all, until the grammar's bound. The bound is byte-safe and far above "
+        "real lengths (dev: 879 tokens, none over 198), and one pass would size the static KV cache and every "
+        "batch's steps by it. None: max_new_tokens")
     step1_max_chars: int = Field(380, ge=1, description="constrained: step 1's body, characters at most (offline "
                                  "teacher on the bundled data: 363 at most)")
     step2_max_chars: int = Field(240, ge=1, description="constrained: step 2's body, characters at most (offline "

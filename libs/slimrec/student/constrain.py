@@ -70,8 +70,10 @@ class StudentGrammar:
         log.info("student grammar compiled in %.2f s (%.1f MB, %d EBNF chars, vocab %d)",
                  self.compile_seconds, self.memory_bytes / 1e6, len(ebnf), vocab_size)
 
-    def processor(self) -> GrammarLogitsProcessor:
-        return GrammarLogitsProcessor(self)
+    def processor(self, matchers: list | None = None, steps: int = 0) -> GrammarLogitsProcessor:
+        """A processor for one ``generate`` call; ``matchers`` (one per row, from an earlier call's
+        :attr:`GrammarLogitsProcessor.matchers`) continue rows whose earlier pass ended unfinished."""
+        return GrammarLogitsProcessor(self, matchers, steps)
 
 
 def _logits_processor_base():
@@ -84,36 +86,53 @@ class GrammarLogitsProcessor(_logits_processor_base()):
     """Masks disallowed tokens for every row of one ``generate`` call (make a new one per call).
 
     ``dead``: row -> reason, for rows the grammar could not continue; those rows
-    were ended with the end token at that step.
+    were ended with the end token at that step. ``matchers``: the rows' grammar
+    states after the call, all but the last sampled token (a call's last token is
+    sampled after its last mask). Given to a new processor, they continue those
+    rows: its first step accepts that token (the last of the prompt it is given,
+    which must be the row's prompt and everything generated so far) before
+    masking. ``steps``: tokens the rows already have, for the dead-end reasons.
     """
 
-    def __init__(self, grammar: StudentGrammar):
+    def __init__(self, grammar: StudentGrammar, matchers: list | None = None, steps: int = 0):
         self.g = grammar
-        self.matchers: list = []
+        self.matchers: list = list(matchers) if matchers else []
+        self.resume = bool(matchers)
         self.batch = None
         self.bitmask = None
-        self.steps = 0
+        self.steps = steps
         self.dead: dict[int, str] = {}
+
+    def _accept_last(self, input_ids) -> None:
+        """Feed each live row's last token (sampled after the previous mask) to its matcher."""
+        xgr = self.g._xgr
+        live = [i for i in range(input_ids.shape[0]) if i not in self.dead and not self.matchers[i].is_terminated()]
+        if not live:
+            return
+        last = input_ids[live, -1].tolist()
+        accepted = xgr.BatchGrammarMatcher.batch_accept_token([self.matchers[i] for i in live], last)
+        for i, ok, tok in zip(live, accepted, last, strict=True):
+            if not ok:
+                self.dead[i] = f"grammar dead end: token {tok} rejected after {self.steps} tokens"
 
     def __call__(self, input_ids, scores):
         import torch
 
         xgr = self.g._xgr
         n = input_ids.shape[0]
-        if self.batch is None:  # first step: the prompt only, nothing sampled yet
+        if self.batch is None:  # first step: nothing sampled in this call yet
             self.batch = xgr.BatchGrammarMatcher(max_threads=self.g.threads)
-            self.matchers = [xgr.GrammarMatcher(self.g.compiled) for _ in range(n)]
             self.bitmask = xgr.allocate_token_bitmask(n, self.g.vocab_size)  # (B, ceil(V / 32)) int32
+            if not self.resume:
+                self.matchers = [xgr.GrammarMatcher(self.g.compiled) for _ in range(n)]
+            elif len(self.matchers) != n:
+                raise RuntimeError(f"{len(self.matchers)} grammar states given for a batch of {n} rows")
+            else:  # continued rows: the previous pass's last token is the prompt's last
+                self._accept_last(input_ids)
         elif n != len(self.matchers):
             raise RuntimeError(f"batch changed from {len(self.matchers)} to {n} rows inside one generate call")
         else:
-            live = [i for i in range(n) if i not in self.dead and not self.matchers[i].is_terminated()]
-            if live:
-                last = input_ids[live, -1].tolist()
-                accepted = xgr.BatchGrammarMatcher.batch_accept_token([self.matchers[i] for i in live], last)
-                for i, ok, tok in zip(live, accepted, last, strict=True):
-                    if not ok:
-                        self.dead[i] = f"grammar dead end: token {tok} rejected after {self.steps} tokens"
+            self._accept_last(input_ids)
         self.steps += 1
         live = [i for i in range(n) if i not in self.dead and not self.matchers[i].is_terminated()]
         self.bitmask.fill_(-1)  # finished rows: anything (generate pads them); no all-masked row under sampling

@@ -101,11 +101,12 @@ def overlap_report(model, tokenizer, eval_set: dict, cfg: dict, device: str) -> 
         "samples": [
             {"teacher": targets[i], "student": s_txt[i], "base": b_txt[i]} for i in range(min(3, len(ids)))
         ],
-        **constrained_report(model, tokenizer, eval_set, kw, order),
+        **constrained_report(model, tokenizer, eval_set, kw, order, cfg.get("pass_tokens")),
     }
 
 
-def constrained_report(model, tokenizer, eval_set: dict, kw: dict, order: list[int]) -> dict[str, Any]:
+def constrained_report(model, tokenizer, eval_set: dict, kw: dict, order: list[int],
+                       pass_tokens: int | None = None) -> dict[str, Any]:
     """Fidelity under the stage's grammar (when ``eval_set`` has one), with the adapter and without it.
 
     ``eval_set``: ``grammar`` (EBNF), ``grammar_max_new_tokens``, ``title_ids`` (step-3 title -> item_id),
@@ -126,7 +127,8 @@ def constrained_report(model, tokenizer, eval_set: dict, kw: dict, order: list[i
     targets = [eval_set["targets"][i] for i in order]
     truth = [eval_set["teacher_item_ids"][i] for i in order]
     title_ids = eval_set["title_ids"]
-    kw = {**kw, "max_new_tokens": eval_set["grammar_max_new_tokens"], "grammar": grammar}
+    kw = {**kw, "max_new_tokens": eval_set["grammar_max_new_tokens"], "grammar": grammar,
+          "pass_tokens": pass_tokens}
     out: dict[str, Any] = {"heldout_constrained_grammar_compile_seconds": round(grammar.compile_seconds, 2)}
     for who in ("student", "base"):
         t0 = time.perf_counter()
