@@ -56,3 +56,17 @@ def test_student_rows_carry_the_constrained_ratio_and_its_spread():
     assert rows[("constrained_one_pass, 32 prompts", "tokens/s")]["ratio"] == 0.5
     assert rows[("constrained", "parse ok rate")]["ratio"] == pytest.approx(1 / 0.9)
     assert ("distill LoRA (in-process)", "seconds per epoch") not in rows  # an adapter-only run has no distill rows
+
+
+def test_student_seed_rows_give_the_mean_and_the_spread_over_seeds():
+    from bench.student_seeds import FIDELITY, summary_rows
+
+    def lake(seed, usable, recall):
+        return {"seed": seed, "usable_share": usable, "val_loss": 2.0, "tokens_per_s": 500.0,
+                **{k: 0.5 for k, _ in FIDELITY}, "heldout_constrained_item_recall_student": recall}
+
+    rows = {r["metric"]: r for r in summary_rows([lake(1, 1.0, 0.2), lake(2, 0.99, 0.3), lake(3, 0.98, 0.4)])}
+    u = rows["usable share (status ok)"]
+    assert u["case"] == "3 student seeds (1, 2, 3)" and u["value"] == pytest.approx(0.99)
+    assert u["spread"] == "sd 0.01; per seed 1, 0.99, 0.98"
+    assert rows["held-out step-3 recall, student"]["spread"].startswith("sd 0.1; per seed 0.2, 0.3, 0.4")
