@@ -418,6 +418,21 @@ def _specific(table: str, th: Thresholds) -> tuple[list[Derived], list[Check]]:
     elif table == "metrics":
         c += [_between(m, f"{m} outside [0, 1]", 0, 1) for m in ("hr_10", "hr_20", "ndcg_10", "ndcg_20", "mrr")]
         c += _non_negative("n_users")
+        # beyond accuracy (null off the test/full rows and where not measured: GE skips nulls)
+        c += [_between(m, f"{m} outside [0, 1]", 0, 1) for m in ("coverage_10", "coverage_20", "gini_10")]
+        c += [
+            _between("popularity_pct_10", "popularity_pct_10 outside [0, 100]", 0, 100),
+            _between("ild_10", "ild_10 outside [0, 2] (a cosine distance)", 0, 2),
+            *_non_negative("novelty_10"),
+            _check(
+                "ExpectColumnPairValuesAToBeGreaterThanB",
+                "coverage_20 below coverage_10",
+                column_A="coverage_20",
+                column_B="coverage_10",
+                or_equal=True,
+                ignore_row_if="either_value_is_missing",
+            ),
+        ]
         c += [
             _check(
                 "ExpectColumnValuesToMatchRegex",

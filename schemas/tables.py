@@ -11,6 +11,11 @@ Logical types: ``string int32 int64 float32 float64 bool date timestamp`` and
 
 Every derived table carries lineage columns: ``run_date`` (the run's logical
 date) and ``input_versions`` (JSON ``{table: delta_version}`` of its inputs).
+
+A column added to a table that lakes already hold is declared ``added_later``
+(and nullable): files written before it, and writers that predate it, lack it;
+:meth:`TableSpec.conform_arrow` and the lake fill it with null, and the lake
+widens the stored table's schema on the first write that carries it.
 """
 
 from __future__ import annotations
@@ -67,6 +72,13 @@ class Column:
     type: str
     nullable: bool = True
     description: str = ""
+    # Added after lakes already held the table: may be absent from stored files and from a writer's
+    # rows, and reads as null there (see the module docstring). Must be nullable.
+    added_later: bool = False
+
+    def __post_init__(self) -> None:
+        if self.added_later and not self.nullable:
+            raise ValueError(f"column {self.name}: a column added later must be nullable (old rows lack it)")
 
 
 @dataclass(frozen=True)
@@ -100,10 +112,15 @@ class TableSpec:
         return T.StructType([T.StructField(c.name, spark_type(c.type), True) for c in self.columns])
 
     def conform_arrow(self, table: pa.Table) -> pa.Table:
-        """Select, order and cast ``table`` to this spec; fail clearly on a missing column."""
+        """Select, order and cast ``table`` to this spec; fail clearly on a missing column (columns
+        ``added_later`` are filled with null instead)."""
         missing = [c for c in self.column_names if c not in table.column_names]
+        late = [c for c in missing if self.column(c).added_later]
+        missing = [c for c in missing if c not in late]
         if missing:
             raise ValueError(f"table {self.name}: missing columns {missing}")
+        for c in late:
+            table = table.append_column(c, pa.nulls(len(table), arrow_type(self.column(c).type)))
         table = table.select(self.column_names)
         return table.cast(self.arrow_schema(), safe=False)
 
@@ -328,6 +345,20 @@ TABLES: dict[str, TableSpec] = {
                 C("ndcg_20", "float64", False),
                 C("mrr", "float64", False),
                 C("n_users", "int64", False),
+                # Beyond accuracy (slimrec.recommender.beyond): test split, full ranking rows only (null on
+                # the others, in runs before them, and where a figure cannot be measured).
+                C("coverage_10", "float64", True, "share of catalogue items in at least one top-10 list",
+                  added_later=True),
+                C("coverage_20", "float64", True, "share of catalogue items in at least one top-20 list",
+                  added_later=True),
+                C("gini_10", "float64", True, "Gini index of catalogue items' top-10 exposure (unseen = 0)",
+                  added_later=True),
+                C("popularity_pct_10", "float64", True,
+                  "mean popularity percentile (0-100, training counts) of top-10 items", added_later=True),
+                C("novelty_10", "float64", True, "mean self-information -log2(training share) of top-10 items, "
+                  "bits", added_later=True),
+                C("ild_10", "float64", True, "mean pairwise cosine distance of item text vectors in a top-10 "
+                  "list (null: no item vectors)", added_later=True),
             ],
             ["run_id", "backbone", "variant", "protocol", "split", "seed"],
             description="evaluation figures",

@@ -342,3 +342,33 @@ def test_rows_naming_unknown_items(tmp_lake):
     got = rows_naming_unknown_items(tmp_lake, "student_rationales", key, {"i1", "i2"})
     assert got.column_names == key and got["user_id"].to_pylist() == ["u2"]
     assert rows_naming_unknown_items(tmp_lake, "student_rationales", key, {"i1", "i2", "i9"}).num_rows == 0
+
+
+def test_a_column_added_later_widens_a_table_written_before_it(tmp_lake):
+    """A lake whose ``metrics`` table predates the beyond-accuracy columns: old rows read them as null,
+    the next append (old-style writer or new) widens the table in one commit, time travel still reads."""
+    from deltalake import write_deltalake
+    from slimrec.schemas.tables import spec
+
+    s = spec("metrics")
+    late = [c.name for c in s.columns if c.added_later]
+    assert {"coverage_10", "ild_10"} <= set(late)
+    old_schema = pa.schema([f for f in s.arrow_schema() if f.name not in late])
+    row = {"run_id": "r1", "dataset": "d", "backbone": "sasrec", "variant": "base", "protocol": "full",
+           "split": "test", "seed": 0, "hr_10": 0.5, "hr_20": 0.6, "ndcg_10": 0.3, "ndcg_20": 0.35, "mrr": 0.2,
+           "n_users": 4, "run_date": date(2024, 1, 1), "input_versions": "{}"}
+    write_deltalake(tmp_lake.path("metrics"), pa.Table.from_pylist([row], schema=old_schema), mode="overwrite")
+    old = tmp_lake.read_pandas("metrics")
+    assert list(old.columns) == s.column_names and old["coverage_10"].isna().all()
+    assert tmp_lake.read_pandas("metrics", columns=["run_id", "ild_10"]).ild_10.isna().all()
+    # a writer that predates the columns still appends (they are filled with null) ...
+    legacy = pa.Table.from_pylist([{**row, "run_id": "r2"}], schema=old_schema).drop_columns(["run_date",
+                                                                                             "input_versions"])
+    assert tmp_lake.write_arrow("metrics", legacy, "append", info()) == 1
+    # ... and a new one writes its figures
+    new = pa.Table.from_pylist([{**row, "run_id": "r3", "coverage_10": 0.25}]).drop_columns(["run_date",
+                                                                                            "input_versions"])
+    assert tmp_lake.write_arrow("metrics", new, "append", info()) == 2
+    m = tmp_lake.read_pandas("metrics").set_index("run_id")
+    assert m.loc["r3", "coverage_10"] == 0.25 and m.loc[["r1", "r2"], "coverage_10"].isna().all()
+    assert tmp_lake.read_pandas("metrics", version=0).coverage_10.isna().all()

@@ -132,3 +132,53 @@ def test_report_lists_variants_that_did_not_run(tmp_lake, tmp_path):
                                 "paired_vs_reference": [PAIRED]})
     md = write_report(tmp_lake, [], tmp_path / "r", "run1", date(2024, 1, 2))["md"].read_text()
     assert "not run: slim: no student rationale vectors" in md
+
+
+def _beyond_lake(lake):
+    """_tiny_lake's run with beyond-accuracy figures on its full-ranking rows (no item vectors: no ILD)."""
+    _tiny_lake(lake, notes={"paired_vs_reference": [PAIRED],
+                            "beyond_not_measured": {"all/ild_10": ["no item text vectors in this run"]}})
+    m = lake.read_pandas("metrics")
+    full = m["protocol"] == "full"
+    # popular: coverage 0.1 on both seeds; slim 0.4 and 0.6 -> 0.5 ± 0.1414 (sample std)
+    cov = {("popular", 0): 0.1, ("popular", 1): 0.1, ("slim", 0): 0.4, ("slim", 1): 0.6,
+           ("base", 0): 0.3, ("base", 1): 0.3, ("random", 0): 0.9, ("random", 1): 0.9}
+    m.loc[full, "coverage_10"] = [cov[(v, s)] for v, s in zip(m.variant[full], m.seed[full], strict=True)]
+    m.loc[full, "coverage_20"] = m.loc[full, "coverage_10"] + 0.05
+    m.loc[full, ["gini_10", "popularity_pct_10", "novelty_10"]] = [0.5, 75.0, 3.25]
+    lake.write_arrow("metrics", m.drop(columns=["run_date", "input_versions"]), "overwrite", INFO)
+
+
+def test_report_shows_beyond_accuracy_beside_ndcg_and_the_accuracy_coverage_plot(tmp_lake, tmp_path):
+    from slimrec.report import beyond_summary
+    from slimrec.report_html import render_html
+
+    _beyond_lake(tmp_lake)
+    b = beyond_summary(metrics_summary(tmp_lake.read_pandas("metrics")))
+    assert set(b["protocol"]) == {"full"} and len(b) == 4  # sampled100 rows carry no figure
+    slim = b[b.variant == "slim"].iloc[0]
+    assert slim["coverage_10_mean"] == pytest.approx(0.5) and slim["coverage_10_std"] == pytest.approx(0.1414214)
+    assert slim["ndcg_10_mean"] == pytest.approx(0.3) and slim["ild_10_mean"] != slim["ild_10_mean"]  # NaN
+    md = write_report(tmp_lake, [], tmp_path / "r", "run1", date(2024, 1, 2))["md"].read_text()
+    section = md.split("## Beyond accuracy")[1]
+    line = next(ln for ln in section.splitlines() if " slim " in ln)
+    # NDCG@10, coverage@10, coverage@20, Gini, popularity pct, novelty, ILD (not measured: "-")
+    assert line.split()[3:] == ["0.3000±0.0000", "0.5000±0.1414", "0.5500±0.1414", "0.5000±0.0000",
+                                "75.00±0.00", "3.2500±0.0000", "-"]
+    assert "not measured: all/ild_10: no item text vectors in this run" in section
+    page = render_html(tmp_lake, [], "run1", date(2024, 1, 2))
+    assert '<table id="beyond">' in page and '<div id="accuracy-coverage">' in page
+    assert page.count("data:image/png;base64,") == 3  # NDCG@10, HR@10, accuracy against coverage
+    assert "0.5000 ± 0.1414" in page and "no item text vectors in this run" in page
+    payload = json.loads((tmp_path / "r" / "run-2024-01-02-run1.json").read_text())  # strict JSON: no NaN
+    assert any(r["ild_10_mean"] is None for r in payload["metrics"])
+
+
+def test_report_of_a_run_before_beyond_accuracy_says_so(tmp_lake, tmp_path):
+    from slimrec.report_html import render_html
+
+    _tiny_lake(tmp_lake)  # metrics rows written without the figures
+    md = write_report(tmp_lake, [], tmp_path / "r", "run1", date(2024, 1, 2))["md"].read_text()
+    assert "(no beyond-accuracy figures: the run predates them or measured none)" in md
+    page = render_html(tmp_lake, [], "run1", date(2024, 1, 2))
+    assert "No beyond-accuracy figures" in page and "accuracy-coverage" not in page

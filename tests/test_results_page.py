@@ -125,3 +125,25 @@ def test_the_readme_table_keeps_all_user_rows_and_the_page_keeps_the_subsets(tmp
     assert "base@teacher_users" not in readme_block(tmp_lake, "lake")
     assert "| base |" in readme_block(tmp_lake, "lake")
     assert "base@teacher_users" in results_markdown(tmp_lake, "lake")
+
+
+def test_page_shows_beyond_accuracy_beside_ndcg(tmp_lake):
+    _run(tmp_lake, "run1", datetime(2024, 1, 2, 10, tzinfo=UTC), 0.05,
+         {"beyond_not_measured": {"all/ild_10": ["no item text vectors in this run"]}})
+    page = results_markdown(tmp_lake, "lake")
+    assert "## Beyond accuracy" not in page  # rows written without the figures: no section
+    m = tmp_lake.read_pandas("metrics")
+    full = m.protocol == "full"
+    # base: coverage@10 0.2 and 0.4 -> 0.3 ± 0.1414; popularity percentile 80 and 90 -> 85 ± 7.07
+    m.loc[full, "coverage_10"] = [0.2 if (v, s) == ("base", 0) else 0.4 if v == "base" else 0.9
+                                  for v, s in zip(m.variant[full], m.seed[full], strict=True)]
+    m.loc[full, "coverage_20"] = 0.95
+    m.loc[full, "popularity_pct_10"] = [80.0 if (v, s) == ("base", 0) else 90.0 if v == "base" else 50.0
+                                        for v, s in zip(m.variant[full], m.seed[full], strict=True)]
+    m.loc[full, ["gini_10", "novelty_10"]] = [0.6, 4.0]
+    tmp_lake.write_arrow("metrics", m.drop(columns=["run_date", "input_versions"]), "overwrite", INFO)
+    page = results_markdown(tmp_lake, "lake")
+    section = page.split("## Beyond accuracy (full ranking)")[1]
+    assert ("| sasrec | base | 2 | 0.0500 ± 0.0141 | 0.3000 ± 0.1414 | 0.9500 ± 0.0000 | 0.6000 ± 0.0000 | "
+            "85.00 ± 7.07 | 4.0000 ± 0.0000 | - |") in section
+    assert "Not measured: all/ild_10: no item text vectors in this run." in section

@@ -151,14 +151,24 @@ class Lake:
     def file_uris(self, table: str, version: int | None = None) -> list[str]:
         return self._dt(table, version).file_uris()
 
+    def _stored_columns(self, table: str) -> set[str]:
+        """Column names of the table's latest version (a table written before a column was added lacks it)."""
+        return {f.name for f in self._dt(table).schema().fields}
+
     # ------------------------------------------------------------------ reading
     def read_arrow(
         self, table: str, version: int | None = None, columns: list[str] | None = None, filters=None
     ) -> pa.Table:
-        """Driver-side read (delta-rs); ``filters`` as in ``DeltaTable.to_pyarrow_table``."""
-        t = self._dt(table, version).to_pyarrow_table(columns=columns, filters=filters)
+        """Driver-side read (delta-rs); ``filters`` as in ``DeltaTable.to_pyarrow_table``. Columns declared
+        ``added_later`` that this version of the table does not hold yet read as null."""
+        dt = self._dt(table, version)
         s = spec(table)
         cols = columns or s.column_names
+        stored = {f.name for f in dt.schema().fields}
+        late = [c for c in cols if c not in stored and s.column(c).added_later]
+        t = dt.to_pyarrow_table(columns=[c for c in cols if c not in late], filters=filters)
+        for c in late:
+            t = t.append_column(c, pa.nulls(len(t), s.arrow_schema().field(c).type))
         return t.select(cols).cast(pa.schema([s.arrow_schema().field(c) for c in cols]), safe=False)
 
     def read_pandas(self, table: str, version: int | None = None, columns: list[str] | None = None, filters=None):
@@ -220,10 +230,17 @@ class Lake:
         data = s.conform_arrow(with_lineage(data, s, info))
         uri = self.path(table)
         props = info.properties(mode)
+        # a table written before a column was added (``added_later``) gains it with this commit
+        stored = self._stored_columns(table) if self.exists(table) else None
+        new_cols = [] if stored is None else [c for c in s.column_names if c not in stored]
+        widen = bool(new_cols)
+        if widen:
+            log.info("lake: %s gains columns %s (added later; older rows read as null)", table, new_cols)
         if mode == "merge" and self.exists(table):
             dt = self._dt(table)
             merger = dt.merge(
-                data, self._merge_predicate(s), source_alias="s", target_alias="t", commit_properties=props
+                data, self._merge_predicate(s), source_alias="s", target_alias="t", commit_properties=props,
+                merge_schema=widen,
             )
             if update:
                 merger = merger.when_matched_update_all()
@@ -245,7 +262,7 @@ class Lake:
             write_mode = "append" if mode in ("append", "merge") else "overwrite"
             if not self.exists(table) and len(data) == 0 and write_mode == "append":
                 write_mode = "overwrite"  # create the empty table so readers find it
-            write_deltalake(uri, data, mode=write_mode, schema_mode=None, **kwargs)
+            write_deltalake(uri, data, mode=write_mode, schema_mode="merge" if widen else None, **kwargs)
         v = self.version(table)
         log.info("lake: %s %s %d rows -> version %s", table, mode, len(data), v)
         return v

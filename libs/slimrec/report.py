@@ -11,7 +11,11 @@ import pandas as pd
 
 from slimrec.report_html import render_html
 from slimrec.results import (  # noqa: F401 - re-exported: callers import these from here
+    BEYOND_COLS,
+    BEYOND_LABELS,
     METRIC_COLS,
+    beyond_summary,
+    latest_beyond_reasons,
     latest_metrics,
     latest_missing,
     latest_paired,
@@ -62,6 +66,28 @@ def format_metrics(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _pm_or_dash(mean: float, std: float, digits: int) -> str:
+    return "-" if mean != mean else f"{mean:.{digits}f}±{std:.{digits}f}"
+
+
+def format_beyond(beyond: pd.DataFrame, reasons: dict[str, list[str]] | None = None) -> str:
+    """Beyond-accuracy figures beside NDCG@10, one line per (backbone, variant): :func:`beyond_summary`'s
+    frame; "-" for a figure not measured, whose reason (``reasons``) is listed below the table."""
+    if beyond.empty:
+        return "(no beyond-accuracy figures: the run predates them or measured none)"
+    w = max(16, int(beyond["variant"].str.len().max()))
+    cols = ["ndcg_10", *BEYOND_COLS]
+    labels = {"ndcg_10": "NDCG@10", **BEYOND_LABELS}
+    lines = [f"{'backbone':<9} {'variant':<{w}} {'seeds':>5}  " + "  ".join(f"{labels[c]:>17}" for c in cols)]
+    for r in beyond.itertuples(index=False):
+        d = r._asdict()
+        vals = "  ".join(f"{_pm_or_dash(d[c + '_mean'], d[c + '_std'], 2 if c == 'popularity_pct_10' else 4):>17}"
+                         for c in cols)
+        lines.append(f"{r.backbone:<9} {r.variant:<{w}} {r.seeds:>5}  {vals}")
+    lines += [f"not measured: {k}: {'; '.join(v)}" for k, v in (reasons or {}).items()]
+    return "\n".join(lines)
+
+
 def format_stages(stages: pd.DataFrame) -> str:
     lines = [f"{'stage':<20} {'status':<8} {'seconds':>8} {'rows in':>10} {'rows out':>10} {'cost $':>8}  note"]
     for r in stages.itertuples(index=False):
@@ -75,6 +101,8 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
     out.mkdir(parents=True, exist_ok=True)
     stages = stage_table(results)
     summary = metrics_summary(latest_metrics(lake))
+    beyond = beyond_summary(summary)
+    reasons = latest_beyond_reasons(lake)
     paired = latest_paired(lake)
     missing = latest_missing(lake)
     stem = out / f"run-{run_date}-{run_id}"
@@ -83,7 +111,9 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
         "run_date": str(run_date),
         "written_at": datetime.now(tz=UTC).isoformat(timespec="seconds"),
         "stages": stages.to_dict(orient="records"),
-        "metrics": summary.to_dict(orient="records"),
+        # NaN (a figure not measured) as null: strict JSON readers refuse NaN
+        "metrics": summary.astype(object).where(summary.notna(), None).to_dict(orient="records"),
+        "beyond_not_measured": reasons,
         "missing_variants": missing,
         "paired_reference": paired_reference(paired),
         "paired_vs_reference": paired.to_dict(orient="records"),
@@ -95,6 +125,8 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
     paths["md"].write_text(
         f"# slimrec run {run_id} ({run_date})\n\n## Stages\n\n```\n{format_stages(stages)}\n```\n\n"
         f"## Metrics (test target; mean±std over seeds; full ranking first)\n\n```\n{format_metrics(summary)}\n```\n"
+        f"\n## Beyond accuracy (test users' full-ranking top-K lists; mean±std over seeds)\n\n"
+        f"```\n{format_beyond(beyond, reasons)}\n```\n"
         + (f"\nVariants configured but not run:\n\n```\n{format_missing(missing)}\n```\n" if missing else "")
         + f"\n## {paired_title(paired)}\n\nPaired per user, test NDCG@10 averaged over seeds."
         f"\n\n```\n{format_paired(paired)}\n```\n"

@@ -15,7 +15,11 @@ import logging
 import pandas as pd
 
 from slimrec.results import (
+    BEYOND_COLS,
+    BEYOND_LABELS,
     METRIC_COLS,
+    beyond_summary,
+    latest_beyond_reasons,
     latest_metrics,
     latest_missing,
     latest_paired,
@@ -65,6 +69,54 @@ def _metric_chart(summary: pd.DataFrame, metric: str) -> str:
         ax.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     return _png(fig)
+
+
+def _accuracy_coverage_chart(beyond: pd.DataFrame) -> str:
+    """Test NDCG@10 against catalogue coverage@10 (full ranking), one labelled point per (backbone, variant),
+    error bars = std over seeds: a variant that gains accuracy by narrowing to best-sellers moves left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = beyond[beyond["coverage_10_mean"].notna()]
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in s.itertuples(index=False):
+        base = r.variant.split("@")[0] in ("random", "popular")
+        ax.errorbar(r.coverage_10_mean, r.ndcg_10_mean, xerr=r.coverage_10_std, yerr=r.ndcg_10_std, fmt="o",
+                    capsize=3, color="#999" if base else "#4a7fb5")
+        ax.annotate(r.variant if r.backbone == "none" else f"{r.backbone}/{r.variant}",
+                    (r.coverage_10_mean, r.ndcg_10_mean), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_xlabel("catalogue coverage@10 (share of items in some user's top 10)")
+    ax.set_ylabel("NDCG@10")
+    ax.set_title("accuracy against coverage — test, full ranking")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _beyond_html(beyond: pd.DataFrame, reasons: dict[str, list[str]]) -> str:
+    if beyond.empty:
+        return "<p>No beyond-accuracy figures: the run predates them or measured none.</p>"
+    cols = ["ndcg_10", *BEYOND_COLS]
+    labels = {"ndcg_10": "NDCG@10", **BEYOND_LABELS}
+    head = "".join(f"<th>{html.escape(labels[c])}</th>" for c in cols)
+    rows = []
+    for r in beyond.itertuples(index=False):
+        d = r._asdict()
+        cls = ' class="base"' if r.variant.split("@")[0] in ("random", "popular") else ""
+        digits = {"popularity_pct_10": 2}
+        cells = "".join(
+            "<td>-</td>" if d[c + "_mean"] != d[c + "_mean"]
+            else f"<td>{d[c + '_mean']:.{digits.get(c, 4)}f} ± {d[c + '_std']:.{digits.get(c, 4)}f}</td>"
+            for c in cols)
+        rows.append(f"<tr{cls}><td class=l>{r.backbone}</td><td class=l>{html.escape(r.variant)}</td>"
+                    f"<td>{r.seeds}</td>{cells}</tr>")
+    note = ("<p id='beyond-missing'>Not measured: " + "; ".join(
+        f"<b>{html.escape(k)}</b> ({html.escape('; '.join(v))})" for k, v in reasons.items()) + ".</p>"
+            if reasons else "")
+    return (f'<table id="beyond"><tr><th class=l>backbone</th><th class=l>variant</th><th>seeds</th>{head}</tr>'
+            f"{''.join(rows)}</table>{note}")
 
 
 def _stage_chart(stages: pd.DataFrame) -> str:
@@ -177,6 +229,17 @@ def render_html(lake, results, run_id: str, run_date, n_examples: int = 3) -> st
                  "included); sampled100 ranks it among 100 random items the user never had. Random and popular "
                  "rows are the baselines.</p>")
     parts.append(_metrics_html(summary))
+    beyond = beyond_summary(summary)
+    parts.append("<h2>Beyond accuracy (test users, full ranking, mean ± std over seeds)</h2>"
+                 "<p>From each test user's top-K list over the same candidates as full ranking. Coverage: share "
+                 "of the catalogue in at least one list. Gini: inequality of the catalogue's exposure in the "
+                 "top 10 (items never recommended count as 0; 0 = even). Popularity pct: mean percentile of "
+                 "the recommended items' training counts (about 50 for random, near 100 for best-sellers). "
+                 "Novelty: mean -log2 of the items' share of training interactions (bits). ILD: mean "
+                 "pairwise cosine distance of item text vectors within a top-10 list.</p>"
+                 + _beyond_html(beyond, latest_beyond_reasons(lake)))
+    if not beyond.empty and beyond["coverage_10_mean"].notna().any():
+        parts.append('<div id="accuracy-coverage">' + _accuracy_coverage_chart(beyond) + "</div>")
     missing = latest_missing(lake)
     if missing:
         parts.append("<p id='missing'>Configured but not run: " + "; ".join(

@@ -13,9 +13,14 @@ import json
 
 import pandas as pd
 
+from slimrec.recommender.beyond import BEYOND_NAMES
 from slimrec.stages.base import StageResult
 
 METRIC_COLS = ["ndcg_10", "hr_10", "ndcg_20", "hr_20", "mrr"]
+# Beyond accuracy (slimrec.recommender.beyond): measured on the test split's full-ranking top-K lists only.
+BEYOND_COLS = list(BEYOND_NAMES)
+BEYOND_LABELS = {"coverage_10": "Coverage@10", "coverage_20": "Coverage@20", "gini_10": "Gini@10",
+                 "popularity_pct_10": "Popularity pct@10", "novelty_10": "Novelty@10 (bits)", "ild_10": "ILD@10"}
 
 
 def stage_table(results: list[StageResult]) -> pd.DataFrame:
@@ -37,21 +42,45 @@ def metrics_summary(metrics: pd.DataFrame, split: str = "test") -> pd.DataFrame:
     """Mean and std over seeds per (backbone, variant, protocol); full ranking first.
 
     Input: rows of the ``metrics`` table for one run. Output columns:
-    protocol, backbone, variant, seeds, then ``<metric>_mean`` / ``<metric>_std``.
+    protocol, backbone, variant, seeds, then ``<metric>_mean`` / ``<metric>_std`` for the accuracy
+    metrics and the beyond-accuracy figures (:data:`BEYOND_COLS`; NaN where not measured: the
+    sampled protocol, runs before them, ILD without item vectors).
     """
     if metrics.empty:
         return pd.DataFrame()
     m = metrics[metrics["split"] == split]
     if m.empty:
         return pd.DataFrame()
+    m = m.assign(**{c: float("nan") for c in BEYOND_COLS if c not in m.columns})  # frames of older runs
+    cols = METRIC_COLS + BEYOND_COLS
     g = m.groupby(["protocol", "backbone", "variant"])
-    out = g[METRIC_COLS].agg(["mean", "std"])
+    out = g[cols].agg(["mean", "std"])
     out.columns = [f"{a}_{b}" for a, b in out.columns]
     out.insert(0, "seeds", g.size())
     out = out.reset_index().fillna({f"{c}_std": 0.0 for c in METRIC_COLS})
+    for c in BEYOND_COLS:  # one seed: std 0 where the figure was measured, NaN where it was not
+        out[f"{c}_std"] = out[f"{c}_std"].where(out[f"{c}_mean"].isna(), out[f"{c}_std"].fillna(0.0))
     order = {"full": 0, "sampled100": 1}
     out["_p"] = out["protocol"].map(order).fillna(9)
     return out.sort_values(["_p", "backbone", "ndcg_10_mean"], ascending=[True, True, False]).drop(columns="_p")
+
+
+def beyond_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """The full-ranking rows of ``summary`` (:func:`metrics_summary`) with a beyond-accuracy figure, in the
+    same order: protocol, backbone, variant, seeds, ``ndcg_10_*`` and the ``<figure>_mean`` / ``_std`` of
+    :data:`BEYOND_COLS`. Empty when the run measured none (runs before the figures existed)."""
+    if summary.empty or f"{BEYOND_COLS[0]}_mean" not in summary.columns:
+        return pd.DataFrame()
+    s = summary[summary["protocol"] == "full"]
+    s = s[s[[f"{c}_mean" for c in BEYOND_COLS]].notna().any(axis=1)]
+    keep = ["protocol", "backbone", "variant", "seeds", "ndcg_10_mean", "ndcg_10_std"]
+    return s[keep + [f"{c}_{x}" for c in BEYOND_COLS for x in ("mean", "std")]]
+
+
+def latest_beyond_reasons(lake, run: pd.Series | None = None) -> dict[str, list[str]]:
+    """{"<subset>/<figure>": [why it is NaN or absent]} that ``run`` (default: the latest train_recommender
+    run) noted; empty when every figure was measured."""
+    return dict(_latest_notes(lake, run).get("beyond_not_measured") or {})
 
 
 def latest_run(lake, without_leakage: bool = True) -> pd.Series | None:

@@ -4,9 +4,10 @@
 
 Everything on the page comes from the lake: the latest train_recommender run that is not a
 planted-signal experiment (``recommender_runs``), its ``metrics`` rows (mean ± std over seeds,
-full ranking and sampled-100), the paired per-user comparison it stored, and the command line and
-machine that :meth:`slimrec.lake.Lake.record_run` kept for its run id. No figure is typed by hand:
-rerunning the command after a new run rewrites both places.
+full ranking and sampled-100, and the beyond-accuracy figures beside NDCG@10), the paired
+per-user comparison it stored, and the command line and machine that
+:meth:`slimrec.lake.Lake.record_run` kept for its run id. No figure is typed by hand: rerunning the
+command after a new run rewrites both places.
 """
 
 from __future__ import annotations
@@ -19,7 +20,11 @@ import pandas as pd
 
 from slimrec.lake import LakeError
 from slimrec.results import (
+    BEYOND_COLS,
+    BEYOND_LABELS,
     METRIC_COLS,
+    beyond_summary,
+    latest_beyond_reasons,
     latest_metrics,
     latest_missing,
     latest_paired,
@@ -117,6 +122,25 @@ def results_markdown(lake, label: str | None = None, now: datetime | None = None
                 for r in s.itertuples(index=False)]
         parts.append(f"## {label}\n\n" + _md_table(["backbone", "variant", "seeds", *(_LABELS[c] for c in METRIC_COLS)],
                                                      rows) + "\n")
+    beyond = beyond_summary(summary)
+    if not beyond.empty:
+        def cell(r, c):
+            mean, std = getattr(r, f"{c}_mean"), getattr(r, f"{c}_std")
+            if mean != mean:
+                return "-"
+            return f"{mean:.2f} ± {std:.2f}" if c == "popularity_pct_10" else _pm(mean, std)
+
+        rows = [[r.backbone, r.variant, str(r.seeds), _pm(r.ndcg_10_mean, r.ndcg_10_std),
+                 *(cell(r, c) for c in BEYOND_COLS)] for r in beyond.itertuples(index=False)]
+        reasons = latest_beyond_reasons(lake, run)
+        parts.append(
+            "## Beyond accuracy (full ranking)\n\nFrom each test user's full-ranking top-K list: catalogue "
+            "coverage, Gini index of the catalogue's top-10 exposure (items never recommended count as 0), "
+            "mean popularity percentile of the recommended items (training counts; about 50 for random), "
+            "novelty (mean self-information, bits) and intra-list diversity (mean pairwise cosine distance of "
+            "item text vectors). Definitions: docs/pipeline.md, Evaluation protocol.\n\n"
+            + _md_table(["backbone", "variant", "seeds", "NDCG@10", *(BEYOND_LABELS[c] for c in BEYOND_COLS)], rows)
+            + "\n" + "".join(f"\nNot measured: {k}: {'; '.join(v)}.\n" for k, v in reasons.items()))
     paired = latest_paired(lake, run)
     if not paired.empty:
         ref = paired_reference(paired)

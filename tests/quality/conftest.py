@@ -85,9 +85,11 @@ def world() -> dict[str, list[dict]]:
         dict(run_id="r1", dataset="tiny", config="{}", best_backbone="sasrec", best_variant="slim", n_users=2,
              n_items=5, notes="{}", started_ts=datetime(2024, 1, 15, 7, tzinfo=UTC), finished_ts=TS)
     ]
+    # beyond-accuracy figures on the full-ranking rows only (null on the others, as the stage writes them)
+    beyond = dict(coverage_10=0.3, coverage_20=0.45, gini_10=0.6, popularity_pct_10=80.0, novelty_10=5.5, ild_10=0.7)
     metrics = [
         dict(run_id="r1", dataset="tiny", backbone="sasrec", variant=v, protocol=p, split="test", seed=0,
-             hr_10=0.5, hr_20=0.75, ndcg_10=0.3, ndcg_20=0.35, mrr=0.25, n_users=2)
+             hr_10=0.5, hr_20=0.75, ndcg_10=0.3, ndcg_20=0.35, mrr=0.25, n_users=2, **(beyond if p == "full" else {}))
         for v in ("backbone", "slim")
         for p in ("full", "sampled100")
     ]

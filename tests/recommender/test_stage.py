@@ -54,6 +54,11 @@ def test_stage_with_only_sequences_reports_missing_variants(tmp_lake, run_date, 
     runs = tmp_lake.read_pandas("recommender_runs")
     notes = json.loads(runs.notes[0])
     assert "teacher" in notes["missing_variants"] and runs.best_variant[0] == "base"
+    # beyond accuracy without item vectors: every figure but diversity, which is absent (null), with its reason
+    on = (m.split == "test") & (m.protocol == "full")
+    assert m.loc[on, ["coverage_10", "coverage_20", "gini_10", "popularity_pct_10", "novelty_10"]].notna().all().all()
+    assert m["ild_10"].isna().all() and m.loc[~on, "coverage_10"].isna().all()
+    assert notes["beyond_not_measured"]["all/ild_10"] == ["no item text vectors in this run"]
 
 
 def test_stage_all_variants_and_rerun(tmp_lake, run_date, tmp_path):
@@ -70,6 +75,11 @@ def test_stage_all_variants_and_rerun(tmp_lake, run_date, tmp_path):
     assert set(m.seed) == {0, 1} and set(m.split) == {"valid", "test"} and set(m.protocol) == {"full", "sampled100"}
     assert (m.run_id == ctx.run_id).all()
     assert m[m.variant == "teacher"].n_users.max() == len(seqs) // 2
+    # beyond accuracy on every variant, baseline and seed's test/full-ranking rows, teacher subsets included
+    on = (m.split == "test") & (m.protocol == "full")
+    beyond = ["coverage_10", "coverage_20", "gini_10", "popularity_pct_10", "novelty_10", "ild_10"]
+    assert m.loc[on, beyond].notna().all().all() and m.loc[~on, beyond].isna().all().all()
+    assert ((m.loc[on, beyond[:3]] >= 0) & (m.loc[on, beyond[:3]] <= 1)).all().all()
     recs = tmp_lake.read_pandas("recommendations")
     assert len(recs) == len(seqs) and recs.item_ids.map(len).eq(5).all()
     full = dict(zip(seqs.user_id, seqs.item_ids, strict=True))

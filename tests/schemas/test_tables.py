@@ -54,3 +54,21 @@ def test_conform_arrow_refuses_nulls_in_not_null_columns():
                   "run_date": pa.array([None], pa.date32()), "input_versions": [None]})
     with pytest.raises(ValueError, match="run_date"):
         s.conform_arrow(t)
+
+
+def test_conform_arrow_fills_columns_added_later_with_null():
+    s = spec("metrics")
+    row = {"run_id": "r", "dataset": "d", "backbone": "b", "variant": "v", "protocol": "full", "split": "test",
+           "seed": 0, "hr_10": 0.5, "hr_20": 0.5, "ndcg_10": 0.3, "ndcg_20": 0.3, "mrr": 0.2, "n_users": 1,
+           "run_date": date(2024, 1, 1), "input_versions": None}
+    t = s.conform_arrow(pa.Table.from_pylist([row]))
+    assert t.schema.names == s.column_names and t.column("gini_10").null_count == 1
+    with pytest.raises(ValueError, match=r"missing columns \['mrr'\]"):  # an original column is still required
+        s.conform_arrow(pa.Table.from_pylist([row]).drop(["mrr"]))
+
+
+def test_a_column_added_later_must_be_nullable():
+    from slimrec.schemas.tables import Column
+
+    with pytest.raises(ValueError, match="must be nullable"):
+        Column("x", "float64", nullable=False, added_later=True)

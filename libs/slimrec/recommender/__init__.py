@@ -13,6 +13,8 @@ Modules, in the order data flows through them:
 * :mod:`train`       fits with early stopping on validation NDCG@10 (BCE with sampled negatives, BPR, CE).
 * :mod:`evaluation`  both protocols, vectorised; prior weights chosen on validation only.
 * :mod:`metrics`     HR@k, NDCG@k, MRR with ties counted as expected under random tie-breaking.
+* :mod:`beyond`      what the top-K lists hold: catalogue coverage, Gini, popularity percentile, novelty,
+                     intra-list diversity (test split, full ranking).
 * :mod:`runner`      variants x seeds of one backbone (a group), baselines, result tables.
 * :mod:`experiment`  the whole run as one Ray Train ``TorchTrainer`` job (or in process), checkpoints,
                      recommendations of the best variant.

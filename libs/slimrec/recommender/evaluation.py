@@ -14,6 +14,11 @@ The rule, used everywhere in this project:
 
 Ties count as expected under random tie-breaking (see :mod:`metrics`).
 
+Beyond accuracy (:mod:`beyond`): the test split's full-ranking top-K lists (the same candidates the
+target competes with) give catalogue coverage, Gini, popularity, novelty and intra-list diversity
+(:meth:`Evaluator.per_user_and_lists`, :meth:`Evaluator.beyond`). Ties inside a list follow
+``argpartition``'s order (deterministic, not random).
+
 A score function maps ``(split, users)`` to a dense ``(B, n_items+1)`` float32
 array (column 0, padding, is ignored). Priors are extra score functions
 combined linearly: ``score = model + sum_k w_k * prior_k``; the weights are
@@ -28,6 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from slimrec.recommender.beyond import MAX_K, beyond_accuracy
 from slimrec.recommender.data import RecData, csr_pad_left, excluded_mask_rows
 from slimrec.recommender.metrics import counts_from_scores, mean_metrics, rank_metrics
 from slimrec.recommender.priors import cooc_rows, grounded_rows, novel_rows, transition_counts
@@ -41,6 +47,8 @@ SPLITS = ("valid", "test")
 # The input a rationale is written from: prompts see the history before both held-out targets, which is
 # the validation split's input (the test and serve inputs are longer by the validation target).
 CONTEXT_SPLIT = "valid"
+# The split and protocol whose top-K lists the beyond-accuracy figures describe.
+LIST_SPLIT, LIST_PROTOCOL = "test", "full"
 
 
 def _user_seed(user_id: str) -> int:
@@ -70,6 +78,25 @@ def sample_negatives(data: RecData, n_neg: int, seed: int) -> tuple[np.ndarray, 
     return out, ok
 
 
+def top_items(masked: np.ndarray, k: int) -> np.ndarray:
+    """(B, k) int32 columns of the ``k`` best finite scores of each row of ``masked`` (B, N), best first.
+
+    Excluded candidates are ``-inf``; a row with fewer than ``k`` finite scores is filled with 0 (the
+    padding column, never a candidate). Example: row [-inf, 0.2, -inf, 0.9], k = 3 -> [3, 1, 0].
+    """
+    kk = min(k, masked.shape[1])
+    out = np.zeros((masked.shape[0], k), dtype=np.int32)  # item indices; (1M users, 20) is 80 MB
+    if kk == 0 or masked.shape[0] == 0:
+        return out
+    part = np.argpartition(-masked, kk - 1, axis=1)[:, :kk]
+    ps = np.take_along_axis(masked, part, 1)
+    order = np.argsort(-ps, axis=1, kind="stable")
+    best = np.take_along_axis(part, order, 1)
+    best[~np.isfinite(np.take_along_axis(ps, order, 1))] = 0
+    out[:, :kk] = best
+    return out
+
+
 class Evaluator:
     """Everything evaluation needs, built once per data set: inputs, exclusions, sampled candidates, priors."""
 
@@ -82,6 +109,7 @@ class Evaluator:
         pop = np.zeros(self.n_cols, dtype=np.float32)
         np.add.at(pop, data.hist_items, 1.0)
         self.popularity = pop  # training-history counts
+        self._reasons_logged: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------ priors as score functions
     def cooc_fn(self) -> ScoreFn:
@@ -135,13 +163,17 @@ class Evaluator:
         excl[np.arange(len(users)), self.data.targets(split)[users]] = False  # a repeated target stays a candidate
         return excl
 
+    def _masked(self, scores: np.ndarray, split: str, users: np.ndarray, excl=None) -> np.ndarray:
+        """A float32 copy of ``scores`` with every non-candidate of full ranking at ``-inf``."""
+        s = scores.astype(np.float32, copy=True)
+        s[self._excluded(split, users) if excl is None else excl] = -np.inf
+        return s
+
     def _counts(self, scores: np.ndarray, split: str, users: np.ndarray, protocol: str, excl=None):
         targets = self.data.targets(split)[users]
         rows = np.arange(len(users))
         if protocol == "full":
-            s = scores.astype(np.float32, copy=True)
-            s[self._excluded(split, users) if excl is None else excl] = -np.inf
-            return counts_from_scores(s, targets)
+            return counts_from_scores(self._masked(scores, split, users, excl), targets)
         cand = np.concatenate([targets[:, None], self.negatives[users]], axis=1)
         s = scores[rows[:, None], cand].astype(np.float32)
         s[:, 1:][~self.neg_ok[users]] = -np.inf
@@ -157,19 +189,56 @@ class Evaluator:
         protocols=PROTOCOLS,
     ) -> dict[tuple[str, str], dict[str, np.ndarray]]:
         """Per-user metrics ``{(split, protocol): {metric: (U,)}}`` of ``model + sum w_k prior_k``."""
+        return self._evaluate(model_fn, priors, weights, users, splits, protocols, 0)[0]
+
+    def per_user_and_lists(
+        self,
+        model_fn: ScoreFn,
+        priors: list[ScoreFn] = (),
+        weights: tuple[float, ...] = (),
+        users: np.ndarray | None = None,
+        k: int = MAX_K,
+    ) -> tuple[dict[tuple[str, str], dict[str, np.ndarray]], np.ndarray]:
+        """:meth:`per_user` on both splits and protocols, and the (U, k) top-k lists of the test split under
+        full ranking, from the same scores (no second pass): internal item indices, best first, 0 for an
+        empty slot (a user with fewer than k candidates). What :meth:`beyond` measures."""
+        return self._evaluate(model_fn, priors, weights, users, SPLITS, PROTOCOLS, k)
+
+    def _evaluate(self, model_fn, priors, weights, users, splits, protocols, k: int):
         users = np.arange(self.data.n_users) if users is None else users
-        out = {}
+        out, lists = {}, []
         for split in splits:
             acc = {p: ([], []) for p in protocols}
+            want = k > 0 and split == LIST_SPLIT
             for b in self._batches(users):
                 s = self._combined(model_fn, priors, weights, split, b)
                 for p in protocols:
-                    g, e = self._counts(s, split, b, p)
+                    if want and p == LIST_PROTOCOL:
+                        masked = self._masked(s, split, b)
+                        g, e = counts_from_scores(masked, self.data.targets(split)[b])
+                        lists.append(top_items(masked, k))
+                    else:
+                        g, e = self._counts(s, split, b, p)
                     acc[p][0].append(g)
                     acc[p][1].append(e)
             for p in protocols:
                 out[(split, p)] = rank_metrics(np.concatenate(acc[p][0]), np.concatenate(acc[p][1]))
-        return out
+        top = np.concatenate(lists) if lists else np.zeros((0, k), dtype=np.int32)
+        return out, top
+
+    def beyond(self, lists: np.ndarray, mask: np.ndarray | None = None) -> tuple[dict[str, float], dict[str, str]]:
+        """Beyond-accuracy figures (:func:`beyond.beyond_accuracy`) of the top-K ``lists`` (U, K) of
+        :meth:`per_user_and_lists`, over the rows where ``mask`` is true (all when None); popularity from
+        the training histories, diversity over the item text vectors when the run has them. Returns
+        ``(values, reasons)``; each reason (a NaN or absent figure) is logged once per evaluator."""
+        rows = lists if mask is None else lists[mask]
+        values, reasons = beyond_accuracy(rows, self.popularity, self.data.n_items, self.data.item_text,
+                                          self.data.item_text_present)
+        for name, why in reasons.items():
+            if (name, why) not in self._reasons_logged:
+                self._reasons_logged.add((name, why))
+                log.info("beyond-accuracy %s not measured: %s", name, why)
+        return values, reasons
 
     def _combined(self, model_fn, priors, weights, split, users):
         s = np.array(model_fn(split, users), dtype=np.float32, copy=True)

@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ExperimentResult:
-    metrics: pd.DataFrame  # backbone, variant, protocol, split, seed, metrics..., n_users
+    metrics: pd.DataFrame  # backbone, variant, protocol, split, seed, metrics..., beyond..., n_users
     groups: list[dict]  # one payload per (backbone, seed) group
     checkpoints: dict[str, str]  # "backbone/seed" -> checkpoint folder
     missing: dict[str, str]  # variant -> why it did not run
@@ -269,6 +269,10 @@ def run_notes(data: RecData, cfg, payloads, results: list[dict], missing, best) 
                if r["weights"]}
     coverage = {s: {"users_with_vector": r.n_present, "users_with_grounded_items": r.n_grounded_users,
                     "model_version": r.model_version} for s, r in data.rationales.items()}
+    not_measured: dict[str, set[str]] = {}  # "<subset>/<figure>" -> why it is NaN or absent somewhere
+    for r in results:
+        for k, why in (r.get("beyond_reasons") or {}).items():
+            not_measured.setdefault(k, set()).add(why)
     return {
         "missing_variants": missing,
         "rationale_coverage": coverage,
@@ -280,4 +284,5 @@ def run_notes(data: RecData, cfg, payloads, results: list[dict], missing, best) 
         "best": list(best) if best else None,
         "paired_reference": reference_label(ref) if ref else None,
         "paired_vs_reference": paired_comparisons(results, data.n_users, ref) if ref else [],
+        "beyond_not_measured": {k: sorted(v) for k, v in sorted(not_measured.items())},
     }

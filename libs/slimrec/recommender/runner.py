@@ -35,8 +35,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from slimrec.recommender.beyond import BEYOND_NAMES
 from slimrec.recommender.data import RecData
-from slimrec.recommender.evaluation import PROTOCOLS, Evaluator, summarise
+from slimrec.recommender.evaluation import LIST_PROTOCOL, LIST_SPLIT, PROTOCOLS, Evaluator, summarise
 from slimrec.recommender.metrics import METRIC_NAMES
 from slimrec.recommender.models import SeqRecModel, TextMatching
 from slimrec.recommender.train import (
@@ -169,11 +170,21 @@ def plan_groups(cfg, data: RecData) -> tuple[list[tuple[str, int, list[str]]], d
     return groups, missing
 
 
-def _rows(per_user: dict, mask: np.ndarray | None, subset: str) -> list[dict]:
+def _rows(per_user: dict, mask: np.ndarray | None, subset: str, lists: np.ndarray | None = None,
+          ev: Evaluator | None = None, reasons: dict | None = None) -> list[dict]:
+    """One row per (split, protocol) of the users in ``mask`` (all when None). With the test top-K ``lists``
+    (and ``ev``), the test/full row also carries the beyond-accuracy figures; why any is NaN or absent goes
+    into ``reasons`` (``{"<subset>/<figure>": reason}``)."""
     n = int(mask.sum()) if mask is not None else len(next(iter(next(iter(per_user.values())).values())))
+    extra: dict[str, float] = {}
+    if lists is not None and ev is not None:
+        extra, why = ev.beyond(lists, mask)
+        if reasons is not None:
+            reasons.update({f"{subset}/{k}": v for k, v in why.items()})
     out = []
     for (split, protocol), m in summarise(per_user, mask).items():
-        out.append({"split": split, "protocol": protocol, "subset": subset, "n_users": n, **m})
+        more = extra if (split, protocol) == (LIST_SPLIT, LIST_PROTOCOL) else {}
+        out.append({"split": split, "protocol": protocol, "subset": subset, "n_users": n, **m, **more})
     return out
 
 
@@ -185,18 +196,19 @@ def evaluate_variant(variant: str, score_fn, data: RecData, ev: Evaluator, cfg) 
     # a teacher-rationale variant is only meaningful where the teacher answered (a sample of users)
     users = np.nonzero(tmask)[0] if spec.rationale == "teacher" and tmask is not None else None
     weights, v_sel = ev.choose_weights(score_fn, fns, users)
-    per_user = ev.per_user(score_fn, fns, weights, users=users)
+    per_user, lists = ev.per_user_and_lists(score_fn, fns, weights, users=users)
+    reasons: dict[str, str] = {}
     if users is not None:
-        rows = _rows(per_user, None, TEACHER_SUBSET)
+        rows = _rows(per_user, None, TEACHER_SUBSET, lists, ev, reasons)
     else:
-        rows = _rows(per_user, None, "all")
+        rows = _rows(per_user, None, "all", lists, ev, reasons)
         if tmask is not None and tmask.sum() < data.n_users and "teacher" in cfg.variants:
-            rows += _rows(per_user, tmask, TEACHER_SUBSET)
+            rows += _rows(per_user, tmask, TEACHER_SUBSET, lists, ev, reasons)
     # per-user test NDCG@10 (rounded), for paired comparisons between variants (paired_comparisons)
     per_user_test = _per_user_test(per_user)
     return {"variant": variant, "weights": dict(zip(names, weights, strict=True)), "valid_selected": v_sel,
             "rows": rows, "teacher_users_only": users is not None, "per_user_test_ndcg_10": per_user_test,
-            "per_user_rows": None if users is None else users.tolist()}
+            "per_user_rows": None if users is None else users.tolist(), "beyond_reasons": reasons}
 
 
 # Variants and baselines that need no LLM: the claim is judged against the strongest of them.
@@ -343,22 +355,25 @@ def run_baselines(data: RecData, ev: Evaluator, cfg) -> list[dict]:
     }
     for name in cfg.baselines:
         for seed, fn, priors, w in fns[name]:
-            per_user = ev.per_user(fn, priors, w)
-            rows = _rows(per_user, None, "all")
+            per_user, lists = ev.per_user_and_lists(fn, priors, w)
+            reasons: dict[str, str] = {}
+            rows = _rows(per_user, None, "all", lists, ev, reasons)
             if tmask is not None and tmask.sum() < data.n_users and "teacher" in cfg.variants:
-                rows += _rows(per_user, tmask, TEACHER_SUBSET)
+                rows += _rows(per_user, tmask, TEACHER_SUBSET, lists, ev, reasons)
             out.append({"backbone": NO_BACKBONE, "variant": name, "seed": seed, "weights": {}, "rows": rows,
                         "model_key": None, "per_user_test_ndcg_10": _per_user_test(per_user),
-                        "per_user_rows": None})
+                        "per_user_rows": None, "beyond_reasons": reasons})
     return out
 
 
 # --------------------------------------------------------------------------------------------- tables
 def metrics_frame(results: list[dict]) -> pd.DataFrame:
-    """Long metrics rows: (backbone, variant, protocol, split, seed, metrics..., n_users).
+    """Long metrics rows: (backbone, variant, protocol, split, seed, metrics..., beyond..., n_users).
 
     Rows on the teacher-user subset carry the variant name ``<variant>@teacher_users``; variants that
     need teacher rationales keep their name (they are only ever measured there, ``n_users`` says on how many).
+    The beyond-accuracy columns (:data:`beyond.BEYOND_NAMES`) are filled on the test/full-ranking rows
+    only and NaN elsewhere (null in the table); NaN there too when a figure could not be measured.
     """
     recs = []
     for r in results:
@@ -367,7 +382,8 @@ def metrics_frame(results: list[dict]) -> pd.DataFrame:
             if row["subset"] == TEACHER_SUBSET and not r.get("teacher_users_only"):
                 v = f"{v}@{TEACHER_SUBSET}"
             recs.append({"backbone": r["backbone"], "variant": v, "protocol": row["protocol"], "split": row["split"],
-                         "seed": int(r["seed"]), **{m: row[m] for m in METRIC_NAMES}, "n_users": row["n_users"]})
+                         "seed": int(r["seed"]), **{m: row[m] for m in METRIC_NAMES},
+                         **{m: float(row.get(m, np.nan)) for m in BEYOND_NAMES}, "n_users": row["n_users"]})
     return pd.DataFrame(recs)
 
 

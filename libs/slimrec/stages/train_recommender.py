@@ -4,8 +4,10 @@ Every configured backbone x variant x seed is trained on the same leave-one-out
 split as one Ray Train ``TorchTrainer`` job, evaluated on the test target under
 both protocols (full ranking without the user's history; 100 sampled
 negatives outside the user's sequence) beside random, most-popular and
-transition-count baselines, and the best variant (by validation NDCG@10)
-writes top-K recommendations. Variants whose inputs do not exist yet (no item
+transition-count baselines, described beyond accuracy by its test users'
+full-ranking top-K lists (coverage, Gini, popularity, novelty, diversity:
+:mod:`slimrec.recommender.beyond`), and the best variant (by validation
+NDCG@10) writes top-K recommendations. Variants whose inputs do not exist yet (no item
 embeddings, no teacher or student rationales) are logged and listed in
 ``recommender_runs.notes``; nothing is filled in for them.
 
