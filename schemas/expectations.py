@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from datetime import date
 from typing import Any
 
-from slimrec.schemas.tables import TABLES, TableSpec, spec
+from slimrec.schemas.tables import TABLES, TEACHER_BATCH_STATUSES, TableSpec, spec
 
 SHA1 = r"^[0-9a-f]{40}$"
 
@@ -371,6 +371,9 @@ def _specific(table: str, th: Thresholds) -> tuple[list[Derived], list[Check]]:
         c += cc + _non_negative("attempts", "input_tokens", "output_tokens", "cost_usd", "latency_ms")
         c.append(_sha1("prompt_hash"))
         unknown("dq_unknown_grounded_item_ids", "grounded_item_ids", "items", "item_id")
+    elif table == "teacher_batches":
+        c += [_in_set("status", TEACHER_BATCH_STATUSES, "status outside the allowed set")]
+        c += _non_negative("round", "request_count", "completed_count", "failed_count")
     elif table == "student_rationales":
         dd, cc = _rationale(th)
         d += dd

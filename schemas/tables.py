@@ -148,6 +148,13 @@ _RATIONALE_COLS = (
     C("error", "string", True, "why the row is not ok"),
 )
 
+# teacher_batches.status: the Batch API's own statuses, plus slimrec's before the create is answered
+# (submitting) and after the answers are in teacher_rationales (collected) or no longer wanted (abandoned).
+TEACHER_BATCH_STATUSES = (
+    "submitting", "validating", "in_progress", "finalizing", "completed", "failed", "expired", "cancelling",
+    "cancelled", "collected", "abandoned",
+)
+
 TABLES: dict[str, TableSpec] = {
     s.name: s
     for s in [
@@ -252,6 +259,30 @@ TABLES: dict[str, TableSpec] = {
             ],
             ["prompt_hash", "teacher_model"],
             description="teacher answers, cached forever by prompt hash",
+        ),
+        _spec(
+            "teacher_batches",
+            [
+                C("submission_id", "string", False, "slimrec's id of one request file (uuid4 hex); also in the batch's "
+                  "metadata, to find a batch whose create answer was lost"),
+                C("teacher_model", "string", False),
+                C("base_url", "string", False, "the API root the batch lives on (a resume polls only its own)"),
+                C("round", "int32", False, "0: prompts sent for the first time in a run; n: retry n of failed lines"),
+                C("status", "string", False, "one of TEACHER_BATCH_STATUSES"),
+                C("batch_id", "string", True, "the API's batch id (null until the create is answered)"),
+                C("input_file_id", "string", True),
+                C("output_file_id", "string", True),
+                C("error_file_id", "string", True),
+                C("custom_ids", "list<string>", False, "the prompt_hash of each request line, in file order"),
+                C("request_count", "int32", False),
+                C("completed_count", "int32", True, "request_counts.completed, as last polled"),
+                C("failed_count", "int32", True, "request_counts.failed, as last polled"),
+                C("error", "string", True, "why the batch ended without every answer, or the last API error"),
+                C("created_ts", "timestamp", False),
+                C("updated_ts", "timestamp", False),
+            ],
+            ["submission_id"],
+            description="Batch API submissions of the teacher and their state (a killed run resumes them)",
         ),
         _spec(
             "student_models",

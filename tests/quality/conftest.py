@@ -63,6 +63,13 @@ def world() -> dict[str, list[dict]]:
              output_tokens=50, cost_usd=0.0, latency_ms=3.5, finish_reason="stop", answered_ts=TS)
         for k in range(1, 5)
     ]
+    teacher_batches = [
+        dict(submission_id=f"s{k}", teacher_model="gpt-4o-mini", base_url="https://api.openai.com/v1", round=k,
+             status=status, batch_id=f"batch_{k}", input_file_id=f"file-in{k}", output_file_id=f"file-out{k}",
+             error_file_id=None, custom_ids=[sha1(f"p{k}")], request_count=1, completed_count=1, failed_count=0,
+             error=None, created_ts=TS, updated_ts=TS)
+        for k, status in ((0, "collected"), (1, "in_progress"))
+    ]
     student_models = [
         dict(model_version="m1", base_model="tiny-llama", adapter_path="/models/m1", lora_config="{}",
              train_rows=10, heldout_rows=2, train_loss=1.5, val_loss=1.7, heldout_rouge_l_student=0.4,
@@ -132,6 +139,7 @@ def world() -> dict[str, list[dict]]:
             user_sequences=user_sequences,
             prompts=prompts,
             teacher_rationales=teacher,
+            teacher_batches=teacher_batches,
             student_models=student_models,
             student_rationales=student,
             rationale_embeddings=rationale_embeddings,

@@ -120,6 +120,9 @@ DEFECTS = [
         _set("teacher_rationales", 2, grounded_item_ids=["i1", "i9"]),
         f"{NULL}:dq_unknown_grounded_item_ids",
     ),
+    # --- teacher_batches
+    ("teacher_batches", "unknown status", _set("teacher_batches", 1, status="done"), f"{SET}:status"),
+    ("teacher_batches", "negative request count", _set("teacher_batches", 0, request_count=-1), f"{B}:request_count"),
     # --- student_models / student_rationales
     ("student_models", "rouge above 1", _set("student_models", 0, heldout_rouge_l_student=1.2), f"{B}:heldout_rouge_l_student"),
     ("student_rationales", "empty rationale", _set("student_rationales", 0, rationale=""), f"{B}:dq_ok_rationale_chars"),

@@ -7,12 +7,16 @@
 3. Anti-join against ``teacher_rationales`` for this teacher_model: only
    prompts without an ok answer and with fewer than ``max_attempts`` requests
    so far are sent; identical prompts of two users are sent once.
-4. Dry-run estimate (calls, tokens, cost) logged and returned in ``extra``;
-   with ``ctx.dry_run`` nothing is sent or written.
-5. Send (offline teacher, or the HTTP teacher's Ray actors) under the run's
-   budget; every ``commit_batch_size`` answers (or ``commit_interval_s``) are
-   MERGEd on (prompt_hash, teacher_model): a crash loses at most the batch in
-   flight, a rerun resumes, and a retried prompt's failed row is replaced.
+4. Dry-run estimate (calls, tokens, cost; an HTTP teacher's priced both
+   synchronously and through the Batch API) logged and returned in ``extra``;
+   with ``ctx.dry_run`` nothing is sent or written. Prompts inside a batch an
+   earlier run created (``teacher_batches``) are paid already: not priced.
+5. Send (offline teacher, the HTTP teacher's Ray actors, or the Batch API:
+   ``teacher.http.api=batch``, :mod:`slimrec.teacher.batch_teacher`) under the
+   run's budget; every ``commit_batch_size`` answers (or ``commit_interval_s``)
+   are MERGEd on (prompt_hash, teacher_model): a crash loses at most the batch
+   in flight, a rerun resumes (and polls the Batch API batches it left open,
+   never creating them again), and a retried prompt's failed row is replaced.
 
 ``extra``: calls, input_tokens, output_tokens, cost_usd (this run; estimates
 in a dry run), requests, statuses, cache counts and the estimate. The API key
@@ -31,7 +35,7 @@ import pandas as pd
 from pydantic import SecretStr
 
 from slimrec.stages.base import StageContext, StageResult, delete_rows_naming_unknown_items
-from slimrec.teacher.budget import Budget, estimate, price_of
+from slimrec.teacher.budget import Budget, api_of, estimate, price_of
 from slimrec.teacher.cache import CACHE_COLUMNS, RUN_COLUMNS, plan_requests, to_table_rows
 from slimrec.teacher.config import TeacherConfig
 from slimrec.teacher.planted import LEAKAGE_NOTE, per_user_keys, planted_model_name, planted_targets
@@ -41,8 +45,9 @@ log = logging.getLogger(__name__)
 
 STAGE = "teacher_rationales"
 # teacher_rationales is an input too: the anti-join reads it, and a run that left prompts to retry
-# must not look "unchanged" to the pipeline's skip check.
-INPUTS = ["prompts", "items", "user_sequences", "teacher_rationales"]
+# must not look "unchanged" to the pipeline's skip check; so is teacher_batches (Batch API state), so that
+# a run that left batches running is run again to collect them.
+INPUTS = ["prompts", "items", "user_sequences", "teacher_rationales", "teacher_batches"]
 OUTPUTS = ["teacher_rationales"]
 PROMPT_COLUMNS = ["user_id", "run_date", "teacher_prompt", "prompt_version", "prompt_hash", "history_len", "prompt_item_ids"]
 
@@ -69,6 +74,10 @@ def _with_planted(ctx: StageContext, cfg: TeacherConfig, pending: pd.DataFrame, 
     return out
 
 
+def _usd(x: float | None) -> str:
+    return "unknown (no price)" if x is None else f"{x:.4f}"
+
+
 def latest_prompts(prompts: pd.DataFrame, run_date, prompt_version: str | None) -> pd.DataFrame:
     """Latest prompt per user dated on or before ``run_date`` (template ``prompt_version`` when given).
 
@@ -93,6 +102,13 @@ def _read_cache(ctx: StageContext, version: int | None, teacher_model: str) -> p
     return ctx.lake.read_pandas(STAGE, version=version, columns=CACHE_COLUMNS, filters=[("teacher_model", "=", teacher_model)])
 
 
+def _batch_store(ctx: StageContext, inputs: dict, teacher_model: str):
+    """The Batch API's state table (``teacher_batches``), written with this stage's lineage."""
+    from slimrec.teacher.batch_teacher import TABLE, BatchStore
+
+    return BatchStore(ctx.lake, lambda: ctx.commit_info(STAGE, inputs, teacher_model=teacher_model, table=TABLE))
+
+
 def _build_teacher(ctx: StageContext, cfg: TeacherConfig, inputs: dict):
     """(teacher, title index for grounding or None)."""
     lake = ctx.lake
@@ -109,13 +125,22 @@ def _build_teacher(ctx: StageContext, cfg: TeacherConfig, inputs: dict):
     from slimrec.teacher.grounding import TitleIndex
     from slimrec.teacher.http_teacher import HttpTeacher
 
-    ctx.ray()
     titles = None
     if inputs.get("items") is not None:
         titles = TitleIndex(lake.read_pandas("items", version=inputs["items"], columns=["item_id", "title"]))
     else:
         log.warning("teacher: no items table; step-3 titles will not be grounded to item ids")
-    return HttpTeacher(cfg, api_key(cfg)), titles
+    key = api_key(cfg)
+    if cfg.http.api == "batch":
+        from slimrec.teacher.batch_teacher import BatchTeacher
+
+        def chat_teacher() -> HttpTeacher:  # retry_failed=chat only: Ray starts when a retry needs it
+            ctx.ray()
+            return HttpTeacher(cfg, key)
+
+        return BatchTeacher(cfg, key, _batch_store(ctx, inputs, cfg.http.model), chat_teacher=chat_teacher), titles
+    ctx.ray()
+    return HttpTeacher(cfg, key), titles
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -141,14 +166,26 @@ def run(ctx: StageContext) -> StageResult:
             filters=[("teacher_model", "=", teacher_model)])
         cached = cached[~cached["prompt_hash"].isin(stale["prompt_hash"].to_pylist())]
     pending, counts = plan_requests(sample, cached, cfg.max_attempts)
-    est = estimate(pending, cfg, teacher_model, system_prompt, counts["cached_ok"])
+    to_price = pending
+    if api_of(cfg) == "batch":
+        from slimrec.teacher.batch_teacher import api_root
+
+        # prompts in batches that earlier runs created are paid already: this run polls them, not prices them
+        held = _batch_store(ctx, inputs, teacher_model).held_prompts(teacher_model, api_root(cfg.http.base_url))
+        counts["in_open_batches"] = int(pending["prompt_hash"].isin(held).sum())
+        to_price = pending[~pending["prompt_hash"].isin(held)]
+    est = estimate(to_price, cfg, teacher_model, system_prompt, counts["cached_ok"])
     log.info(
         "teacher: %d prompts (%d users in the population) -> sample %d -> %d to send (%d cached ok, %d exhausted, "
-        "%d retries); estimate: %d calls, %d input + %d output tokens, cost %s USD, %d calls within budget",
+        "%d retries%s); estimate (%s): %d calls, %d input + %d output tokens, cost %s USD, %d calls within budget",
         len(prompts), len(population), len(sample), len(pending), counts["cached_ok"], counts["exhausted"],
-        counts["retry"], est["calls"], est["input_tokens"], est["output_tokens"],
-        "unknown (no price)" if est["cost_usd"] is None else f"{est['cost_usd']:.4f}", est["calls_within_budget"],
+        counts["retry"], f", {counts['in_open_batches']} in open batches" if "in_open_batches" in counts else "",
+        est["api"], est["calls"], est["input_tokens"], est["output_tokens"], _usd(est["cost_usd"]),
+        est["calls_within_budget"],
     )
+    for mode, m in est.get("modes", {}).items():
+        log.info("teacher: estimate if sent by %s: cost %s USD, %d of %d calls within budget", mode,
+                 _usd(m["cost_usd"]), m["calls_within_budget"], est["calls"])
     base_extra = {"teacher_model": teacher_model, **counts, "estimate": est,
                   "stale_deleted": 0 if stale is None else stale.num_rows}
     if ctx.dry_run:
@@ -191,6 +228,8 @@ def run(ctx: StageContext) -> StageResult:
         log.info("teacher: committed %d rows (batch %d, %d so far, %s) -> version %s",
                  len(rows), commits, totals["calls"], dict(statuses), version)
     stats = teacher.run_stats if isinstance(teacher.run_stats, dict) else teacher.run_stats.as_dict()
+    batch_extra = {k: stats[k] for k in ("batches_created", "batches_resumed", "batches_abandoned", "retried_in_batch",
+                                         "retried_chat", "in_flight", "batch_ids") if k in stats}
     totals["cost_usd"] = round(totals["cost_usd"], 6)
     log.info("teacher: %d prompts answered or failed in %.1fs: %s; %d requests, %d+%d tokens, %.4f USD; stopped by %s",
              totals["calls"], time.perf_counter() - t0, dict(statuses), totals["requests"], totals["input_tokens"],
@@ -199,5 +238,5 @@ def run(ctx: StageContext) -> StageResult:
         STAGE, {STAGE: version}, rows_in=len(sample), rows_out=totals["calls"],
         extra={**base_extra, **totals, "statuses": dict(statuses), "commits": commits,
                "not_sent": int(stats.get("not_sent", 0)), "stopped_by": stats.get("stopped_by"),
-               "fatal_error": stats.get("fatal_error")},
+               "fatal_error": stats.get("fatal_error"), **({"batch": batch_extra} if batch_extra else {})},
     )

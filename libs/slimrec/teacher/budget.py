@@ -42,6 +42,16 @@ def request_input_text(teacher_prompt: str, system_prompt: str | None) -> str:
     return (system_prompt or "") + "\n" + teacher_prompt
 
 
+def api_of(cfg: TeacherConfig) -> str:
+    """How the run sends prompts: ``offline``, ``chat`` (synchronous HTTP) or ``batch`` (the Batch API)."""
+    return "offline" if cfg.kind == "offline" else cfg.http.api
+
+
+def price_factor(cfg: TeacherConfig, api: str) -> float:
+    """Multiplier on the price table for ``api``: ``http.batch.price_factor`` for batch, 1 otherwise."""
+    return cfg.http.batch.price_factor if api == "batch" else 1.0
+
+
 def estimate(
     pending: pd.DataFrame, cfg: TeacherConfig, teacher_model: str, system_prompt: str | None, cached: int
 ) -> dict:
@@ -49,13 +59,18 @@ def estimate(
 
     Returns calls, input_tokens, output_tokens, cost_usd (None without a price),
     cached (prompts the cache already answers) and, when a cap is set, how many
-    of the calls fit within it (``calls_within_budget``).
+    of the calls fit within it (``calls_within_budget``), for the configured
+    ``api``. An HTTP teacher's estimate also prices both ways of sending,
+    ``modes: {chat: {cost_usd, calls_within_budget}, batch: {...}}`` (batch =
+    ``http.batch.price_factor`` x chat), so a dry run shows what switching saves.
     """
     price = price_of(cfg, teacher_model)
     out_per = min(cfg.est_output_tokens, cfg.http.max_tokens) if cfg.kind == "http" else cfg.est_output_tokens
     ins = [estimate_tokens(request_input_text(p, system_prompt), cfg.chars_per_token) for p in pending["teacher_prompt"]]
+    api = api_of(cfg)
     est = {
         "teacher_model": teacher_model,
+        "api": api,
         "calls": len(ins),
         "input_tokens": int(sum(ins)),
         "output_tokens": int(out_per * len(ins)),
@@ -63,15 +78,20 @@ def estimate(
         "cached": int(cached),
         "price_known": price is not None,
     }
-    c = cost_usd(price, est["input_tokens"], est["output_tokens"])
-    est["cost_usd"] = None if c is None else round(c, 6)
-    b = Budget.from_config(cfg, price)
-    fits = 0
-    for n_in in ins:
-        if not b.try_reserve(n_in, out_per):
-            break
-        fits += 1
-    est["calls_within_budget"] = fits
+
+    def priced(factor: float) -> dict:
+        c = cost_usd(price, est["input_tokens"], est["output_tokens"])
+        b = Budget.from_config(cfg, price)
+        fits = 0
+        for n_in in ins:
+            if not b.try_reserve(n_in, out_per, factor):
+                break
+            fits += 1
+        return {"cost_usd": None if c is None else round(c * factor, 6), "calls_within_budget": fits}
+
+    est.update(priced(price_factor(cfg, api)))
+    if cfg.kind == "http":
+        est["modes"] = {m: priced(price_factor(cfg, m)) for m in ("chat", "batch")}
     return est
 
 
@@ -101,9 +121,12 @@ class Budget:
             raise BudgetExceeded("max_cost_usd is set but the teacher model has no entry in teacher.prices")
         return cls(cfg.max_calls, cfg.max_tokens, cfg.max_cost_usd, price)
 
-    def try_reserve(self, est_input: int, est_output: int) -> bool:
-        """Reserve one call's estimate; False (and ``stopped_by`` set) when it would cross a cap."""
-        est_cost = cost_usd(self.price, est_input, est_output) or 0.0
+    def try_reserve(self, est_input: int, est_output: int, factor: float = 1.0) -> bool:
+        """Reserve one call's estimate; False (and ``stopped_by`` set) when it would cross a cap.
+
+        ``factor`` scales the price table for this call (a Batch API call: ``http.batch.price_factor``).
+        """
+        est_cost = (cost_usd(self.price, est_input, est_output) or 0.0) * factor
         with self._lock:
             if self.max_calls is not None and self.calls + 1 > self.max_calls:
                 self.stopped_by = self.stopped_by or "max_calls"
@@ -119,10 +142,12 @@ class Budget:
             self.reserved_cost += est_cost
             return True
 
-    def settle(self, est_input: int, est_output: int, input_tokens: int, output_tokens: int) -> None:
-        """Swap a reservation for what the call really used."""
-        est_cost = cost_usd(self.price, est_input, est_output) or 0.0
-        real_cost = cost_usd(self.price, input_tokens, output_tokens) or 0.0
+    def settle(self, est_input: int, est_output: int, input_tokens: int, output_tokens: int,
+               factor: float = 1.0) -> None:
+        """Swap a reservation for what the call really used (a reservation of 0, 0 only adds the use: an
+        answer of a batch that an earlier, killed run paid for and this run collects)."""
+        est_cost = (cost_usd(self.price, est_input, est_output) or 0.0) * factor
+        real_cost = (cost_usd(self.price, input_tokens, output_tokens) or 0.0) * factor
         with self._lock:
             self.reserved_tokens -= est_input + est_output
             self.reserved_cost -= est_cost

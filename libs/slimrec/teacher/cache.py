@@ -62,7 +62,8 @@ def to_table_rows(
 
     ``raw`` dicts: prompt_hash, content, finish_reason, error (transport
     failure, already redacted), attempts, input_tokens, output_tokens (None:
-    estimated), latency_ms, answered_ts, optional grounded_item_ids.
+    estimated), latency_ms, answered_ts, optional grounded_item_ids, optional
+    price_factor (the Batch API's discount on ``price``; default 1).
     ``pending``: the sent prompts (prompt_hash, user_id, prompt_version,
     teacher_prompt). ``previous``: cache rows of earlier runs, to add up
     attempts, tokens and cost. The ``RUN_COLUMNS`` hold this run's share.
@@ -108,6 +109,8 @@ def to_table_rows(
             if n_out is None:
                 n_out = estimate_tokens(text, chars_per_token)
         c = cost_usd(price, n_in, n_out)
+        if c is not None:
+            c *= r.get("price_factor", 1.0)
         # This run's spend, for the stage's totals; dropped before the write.
         row.update(run_input_tokens=int(n_in), run_output_tokens=int(n_out), run_cost_usd=c or 0.0)
         attempts = int(r.get("attempts") or 0)

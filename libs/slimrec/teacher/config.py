@@ -38,10 +38,47 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 
 
+class BatchApiConfig(_Frozen):
+    """The OpenAI-compatible Batch API (``teacher.http.api=batch``): slimrec.teacher.batch_teacher."""
+
+    price_factor: float = Field(
+        0.5, gt=0, le=1,
+        description="batch price = price_factor x the synchronous price in teacher.prices (OpenAI: 0.5, half "
+        "price); used by the budget, the cost columns and the dry run",
+    )
+    completion_window: Literal["24h"] = Field("24h", description="completion_window of each batch (the API allows 24h)")
+    max_requests_per_batch: int = Field(
+        50_000, ge=1, description="request lines per batch file (OpenAI: at most 50,000 and 200 MB); more prompts: more batches"
+    )
+    poll_interval_s: float = Field(30.0, gt=0, description="first wait between two status polls of a batch, seconds")
+    poll_backoff: float = Field(1.5, ge=1, description="each wait is the previous one times this, up to poll_max_interval_s")
+    poll_max_interval_s: float = Field(300.0, gt=0, description="longest wait between two polls of a batch, seconds")
+    max_wait_s: float = Field(
+        90_000.0, gt=0,
+        description="a run stops polling after this many seconds (default: the 24h window plus 1h); batches still "
+        "running stay in teacher_batches and the next run resumes polling them instead of paying again",
+    )
+    retry_failed: Literal["chat", "batch", "none"] = Field(
+        "chat",
+        description="lines that come back failed (error file, a batch that ends failed, expired or cancelled): chat: "
+        "sent again through the synchronous path (Ray actors) in the same run; batch: in a new batch; none: left "
+        "failed (a later run retries them until teacher.max_attempts). Each failed row keeps its reason",
+    )
+    retry_rounds: int = Field(
+        1, ge=0, description="new batches a run may create for lines that failed in its batches (retry_failed=batch)"
+    )
+
+
 class HttpTeacherConfig(_Frozen):
+    api: Literal["chat", "batch"] = Field(
+        "chat",
+        description="chat: one synchronous POST /chat/completions per prompt; batch: the OpenAI-compatible Batch API "
+        "(a JSONL file of requests, answered within the completion window at batch prices; see http.batch)",
+    )
     base_url: str = Field(
         "https://api.openai.com/v1",
-        description="OpenAI-compatible API root; POST {base_url}/chat/completions (OpenAI, a vLLM server, a gateway)",
+        description="OpenAI-compatible API root; POST {base_url}/chat/completions (OpenAI, a vLLM server, a gateway); "
+        "api=batch also uses {base_url}/files and {base_url}/batches",
     )
     model: str = Field("gpt-4o-mini", description="model name sent to the endpoint; also the teacher_model column")
     temperature: float = Field(0.0, ge=0, le=2, description="sampling temperature (0: most reproducible)")
@@ -63,6 +100,7 @@ class HttpTeacherConfig(_Frozen):
     num_workers: int = Field(1, ge=1, description="Ray actors sending requests; rate and concurrency are split among them")
     worker_num_cpus: float = Field(0.25, gt=0, description="CPUs each Ray actor asks for (fractional: I/O bound)")
     seed: int = Field(0, description="seed of the retry jitter")
+    batch: BatchApiConfig = Field(default_factory=BatchApiConfig, description="the Batch API (api=batch)")
 
 
 class OfflineTeacherConfig(_Frozen):
