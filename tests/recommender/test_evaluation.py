@@ -97,6 +97,21 @@ def test_top_k_excludes_the_whole_sequence(tiny_data):
         assert (np.diff(scores[u]) <= 0).all() and 0 not in items[u]
 
 
+def test_a_user_with_fewer_candidates_than_k_is_served_only_candidates(tiny_data):
+    from slimrec.recommender.experiment import top_k_frame
+
+    ev = Evaluator(tiny_data, tiny_cfg())
+    k = tiny_data.n_items  # more than any user's candidates: every list has excluded (-inf) fill
+    rows = np.arange(tiny_data.n_users)
+    items, scores = ev.top_k(ev.random_fn(0), k=k)
+    recs = top_k_frame(tiny_data, rows, items, scores)
+    ptr, seq = tiny_data.split_sequences("serve")
+    for u, (ids, sc) in enumerate(zip(recs["item_ids"], recs["scores"], strict=True)):
+        seen = {tiny_data.item_ids[i - 1] for i in seq[ptr[u] : ptr[u + 1]].tolist()}
+        assert len(ids) == len(sc) == tiny_data.n_items - len(seen)  # every candidate once, nothing else
+        assert not set(ids) & seen and np.isfinite(sc).all()
+
+
 def test_baselines_random_and_popular(tiny_data):
     ev = Evaluator(tiny_data, tiny_cfg())
     full = ev.per_user(ev.random_fn(0), protocols=("sampled100",), splits=("test",))

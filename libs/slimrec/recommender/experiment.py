@@ -223,11 +223,16 @@ def recommend(data, cfg, ev, payloads, checkpoints, best) -> pd.DataFrame:
 
 
 def top_k_frame(data: RecData, rows: np.ndarray, items: np.ndarray, scores: np.ndarray, **const) -> pd.DataFrame:
-    """Recommendation rows of users ``rows`` from :meth:`Evaluator.top_k` output, plus constant columns."""
+    """Recommendation rows of users ``rows`` from :meth:`Evaluator.top_k` output, plus constant columns.
+
+    A user with fewer candidates than k (a history that covers most of the catalogue) gets a shorter list:
+    :meth:`Evaluator.top_k` fills the rest with excluded items scored -inf, which are never served.
+    """
+    keep = np.isfinite(scores)
     return pd.DataFrame({
         "user_id": data.user_ids[rows],
-        "item_ids": [list(data.item_ids[r - 1]) for r in items],
-        "scores": [list(map(float, s)) for s in scores],
+        "item_ids": [list(data.item_ids[r[m] - 1]) for r, m in zip(items, keep, strict=True)],
+        "scores": [list(map(float, s[m])) for s, m in zip(scores, keep, strict=True)],
         **const,
     })
 
