@@ -135,6 +135,15 @@ def _close(ctx) -> None:
         ctx._spark.stop()
 
 
+def _echo_tracking(mlflow_run_id: str | None, ctx) -> None:
+    """Name the MLflow run a command logged (slimrec.tracking); a failure was already logged as a warning."""
+    if mlflow_run_id:
+        from slimrec.tracking import redact_uri, resolve_uri
+
+        uri = redact_uri(resolve_uri(ctx.cfg.tracking, ctx.lake.root) or "")
+        typer.echo(f"mlflow: run {mlflow_run_id} in experiment {ctx.cfg.tracking.experiment} at {uri}")
+
+
 class _Command:
     """Around a command's body: any failure becomes one line (:func:`_fail`), and Spark is stopped."""
 
@@ -215,7 +224,8 @@ def run(
     report_dir: Annotated[str, typer.Option("--report-dir", help="where the run report files go")] = "reports",
     verbose: bool = False,
 ):
-    """Run every stage in order with the quality gate after each; print and write the run report."""
+    """Run every stage in order with the quality gate after each; print and write the run report; log the run
+    to MLflow (tracking.mlflow_uri; default lake/_mlflow/mlflow.db, null turns it off)."""
     _setup_logging(verbose)
     with _Command(lake) as cmd:
         if dataset is None and start in (None, "ingest"):
@@ -241,6 +251,9 @@ def run(
             stage_table,
             write_report,
         )
+        from slimrec.tracking import check_tracking, track_command
+
+        check_tracking(ctx.cfg.tracking, ctx.lake.root)  # before hours of work, not after
 
         def progress(i, n, name):
             typer.echo(f"[{i + 1}/{n}] {name}", err=True)
@@ -259,6 +272,7 @@ def run(
         typer.echo(format_paired(paired))
         paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date)
         typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
+        _echo_tracking(track_command(ctx, "run", paths), ctx)
 
 
 @app.command(epilog="Example: slim refresh --run-date 2024-02-01 --events replay/events-2024-02-01.csv "
@@ -274,12 +288,16 @@ def refresh(
     report_dir: Annotated[str, typer.Option("--report-dir", help="where the run report files go")] = "reports",
     verbose: bool = False,
 ):
-    """Daily refresh: merge the day's events, redo only what they change, rescore affected users."""
+    """Daily refresh: merge the day's events, redo only what they change, rescore affected users; log the
+    refresh to MLflow (tracking.mlflow_uri)."""
     _setup_logging(verbose)
     with _Command(lake) as cmd:
         ctx = cmd.ctx = _context(lake, profile, config, set_, run_date)
         from slimrec.refresh import refresh as do_refresh
         from slimrec.report import format_stages, stage_table, write_report
+        from slimrec.tracking import check_tracking, track_command
+
+        check_tracking(ctx.cfg.tracking, ctx.lake.root)
 
         with ctx.lake.lock():
             _record_run(ctx, profile)
@@ -288,6 +306,7 @@ def refresh(
         typer.echo("\n" + format_stages(stage_table(results)))
         paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date)
         typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
+        _echo_tracking(track_command(ctx, "refresh", paths), ctx)
 
 
 @app.command(epilog="Example: slim replay --lake lake-src --out replay --days 3 --share 0.2")

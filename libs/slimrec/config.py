@@ -98,6 +98,27 @@ class PromptsConfig(_Frozen):
     student_title_chars: int = Field(60, description="per-item title cap inside the student prompt")
 
 
+class TrackingConfig(_Frozen):
+    mlflow_uri: str | None = Field(
+        "_mlflow/mlflow.db",
+        description="where `slim run` and `slim refresh` log one MLflow run each (slimrec.tracking): a tracking "
+        "server URL (http://host:5000), any MLflow tracking URI, or a file path: a local SQLite store, "
+        "artifacts beside it; a relative path lies under the lake root (the current directory when the lake "
+        "is an object store). null or empty: no tracking. Credentials go in MLFLOW_TRACKING_USERNAME / "
+        "MLFLOW_TRACKING_PASSWORD / MLFLOW_TRACKING_TOKEN, never in the URL",
+    )
+    experiment: str = Field("slimrec", description="MLflow experiment the runs go to (created when missing)")
+    http_timeout_s: int = Field(
+        5, ge=1, description="seconds one request to a tracking server may take (MLFLOW_HTTP_REQUEST_TIMEOUT, "
+        "unless the environment sets it)")
+    http_max_retries: int = Field(
+        1, ge=0, description="retries of a failed request (MLFLOW_HTTP_REQUEST_MAX_RETRIES, unless the "
+        "environment sets it); a server that stays down costs about (retries + 1) x http_timeout_s")
+    http_backoff_factor: int = Field(
+        1, ge=0, description="wait between retries: the first follows at once, retry n waits factor x 2^(n-1) "
+        "seconds, plus up to 1 s of jitter (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, unless the environment sets it)")
+
+
 class PipelineConfig(_Frozen):
     profile: str = Field("dev", description="name of the profile this config started from")
     dataset_name: str = Field("dataset", description="short name of the data set, written to metrics")
@@ -111,6 +132,7 @@ class PipelineConfig(_Frozen):
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="embed stage")
     recommender: RecommenderConfig = Field(default_factory=RecommenderConfig, description="train_recommender")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Great Expectations gates")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking of each command")
     ray_address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray")
 
     def as_json(self) -> str:
