@@ -206,7 +206,17 @@ def stage(
         with ctx.lake.lock():
             _record_run(ctx, profile)
             r = run_stage(name, ctx, check=not no_check)
+        cost = r.extra.pop("cost", None)
         typer.echo(f"{name}: rows in {r.rows_in}, rows out {r.rows_out}, tables {r.tables}, {r.extra}")
+        if cost is not None:
+            from slimrec.cost import cost_table, format_cost_table
+
+            typer.echo(format_cost_table(cost_table([cost], ctx.cfg.cost).iloc[:1], ctx.cfg.cost))
+        if dry_run:
+            from slimrec.cost import dry_run_table, format_dry_run
+
+            last = (ctx.lake.stage_record(name) or {}).get("cost")
+            typer.echo("\n" + format_dry_run(dry_run_table({name: r.extra}, {name: last}, ctx.cfg.cost)))
 
 
 @app.command(epilog="Example: slim run --dataset data/amazon_office_2014 --lake lake --profile dev")
@@ -222,12 +232,17 @@ def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     report_dir: Annotated[str, typer.Option("--report-dir", help="where the run report files go")] = "reports",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the cost table (estimates from the lake as it "
+                                                            "is, last measured figures per stage); run nothing")] = False,
     verbose: bool = False,
 ):
     """Run every stage in order with the quality gate after each; print and write the run report; log the run
     to MLflow (tracking.mlflow_uri; default lake/_mlflow/mlflow.db, null turns it off)."""
     _setup_logging(verbose)
     with _Command(lake) as cmd:
+        if dry_run:
+            _dry_run(cmd, lake, profile, config, set_, run_date, start, stop)
+            return
         if dataset is None and start in (None, "ingest"):
             from slimrec.ingest import IngestError
             from slimrec.lake import Lake
@@ -270,9 +285,39 @@ def run(
         paired = latest_paired(ctx.lake)
         typer.echo(f"\n{paired_title(paired)}; paired per user, test NDCG@10 averaged over seeds:")
         typer.echo(format_paired(paired))
-        paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date)
+        _echo_costs(ctx, results)
+        paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date, cfg=ctx.cfg)
         typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
         _echo_tracking(track_command(ctx, "run", paths), ctx)
+
+
+def _echo_costs(ctx, results) -> None:
+    """Print this run's cost per stage and each LLM variant's gain over text per $1,000 and per hour."""
+    from slimrec.cost import COST_NOTE, format_cost_table, format_variant_costs, run_cost_tables
+    from slimrec.results import latest_metrics, metrics_summary
+
+    costs, variants = run_cost_tables(ctx.lake, results, ctx.cfg, metrics_summary(latest_metrics(ctx.lake)))
+    typer.echo("\nCost per stage (this run):\n" + format_cost_table(costs, ctx.cfg.cost))
+    typer.echo(f"\nGain over text per $1,000 and per hour. {COST_NOTE}\n" + format_variant_costs(variants))
+
+
+def _dry_run(cmd: _Command, lake, profile, config, sets, run_date, start, stop) -> None:
+    """``slim run --dry-run``: the cost table before anything is spent (nothing is written, no lock taken)."""
+    from slimrec.cost import COST_NOTE, format_dry_run, format_variant_costs, lake_charges, variant_costs
+    from slimrec.pipeline import dry_run_costs
+    from slimrec.results import latest_metrics, metrics_summary
+
+    ctx = cmd.ctx = _context(lake, profile, config, sets, run_date, dry_run=True)
+    table = dry_run_costs(ctx, start, stop)
+    t = ctx.cfg.teacher
+    typer.echo(f"Dry run (teacher {t.kind}{', http.api=' + t.http.api if t.kind == 'http' else ''}): estimates "
+               "from the lake as it is now; the last measured run of each stage on the right (cost.cpu_hour_usd "
+               f"{ctx.cfg.cost.cpu_hour_usd:g}, cost.gpu_hour_usd {ctx.cfg.cost.gpu_hour_usd:g}):")
+    typer.echo(format_dry_run(table))
+    variants = variant_costs(metrics_summary(latest_metrics(ctx.lake)), lake_charges(ctx.lake, ctx.cfg),
+                             ctx.cfg.cost, ctx.cfg.recommender.text_matching_source)
+    typer.echo(f"\nGain over text per $1,000 and per hour, from the lake's latest run. {COST_NOTE}\n"
+               + format_variant_costs(variants))
 
 
 @app.command(epilog="Example: slim refresh --run-date 2024-02-01 --events replay/events-2024-02-01.csv "
@@ -304,7 +349,8 @@ def refresh(
             results = do_refresh(ctx, events, retrain=retrain,
                                  progress=lambda i, n, name: typer.echo(f"[{i + 1}/{n}] {name}", err=True))
         typer.echo("\n" + format_stages(stage_table(results)))
-        paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date)
+        _echo_costs(ctx, results)
+        paths = write_report(ctx.lake, results, report_dir, ctx.run_id, ctx.run_date, cfg=ctx.cfg)
         typer.echo(f"\nreport: {', '.join(str(p) for p in paths.values())}")
         _echo_tracking(track_command(ctx, "refresh", paths), ctx)
 

@@ -119,6 +119,23 @@ class TrackingConfig(_Frozen):
         "seconds, plus up to 1 s of jitter (MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR, unless the environment sets it)")
 
 
+class CostConfig(_Frozen):
+    """Prices of compute for the cost table (slimrec.cost); the teacher's token prices are teacher.prices."""
+
+    cpu_hour_usd: float = Field(
+        0.05, ge=0, description="USD per CPU-hour (one core busy for an hour). The default is a rough on-demand "
+        "cloud price of one vCPU (2025 list prices of general-purpose instances, about 0.04-0.05); it is the "
+        "user's to set for their machines. 0 leaves CPU time out of the dollars")
+    gpu_hour_usd: float = Field(
+        2.50, ge=0, description="USD per GPU-hour of the GPUs a stage reserved. The default is a rough on-demand "
+        "price of one data-centre GPU (A100/H100 class, 2-4 USD an hour at GPU clouds in 2025); the user's to "
+        "set. Where a GPU-hour price already covers its host's CPUs, set cpu_hour_usd to 0 on that machine")
+    sample_interval_s: float = Field(
+        2.0, gt=0, description="seconds between samples of the process tree's CPU times while a stage runs "
+        "(Spark JVM, Ray processes); a process that ends between samples loses at most this much of its CPU time "
+        "unless the driver itself reaps it")
+
+
 class PipelineConfig(_Frozen):
     profile: str = Field("dev", description="name of the profile this config started from")
     dataset_name: str = Field("dataset", description="short name of the data set, written to metrics")
@@ -133,6 +150,7 @@ class PipelineConfig(_Frozen):
     recommender: RecommenderConfig = Field(default_factory=RecommenderConfig, description="train_recommender")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Great Expectations gates")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking of each command")
+    cost: CostConfig = Field(default_factory=CostConfig, description="compute prices and CPU sampling of the cost table")
     ray_address: str | None = Field(None, description="Ray cluster address; None starts or joins a local Ray")
 
     def as_json(self) -> str:

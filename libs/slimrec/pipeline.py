@@ -135,29 +135,74 @@ def gate(ctx: StageContext, result: StageResult, outputs: list[str]) -> None:
                      run_date=None, run_id=ctx.run_id)
 
 
+def record_cost(ctx: StageContext, cost: dict) -> None:
+    """Append a stage's cost figures (:mod:`slimrec.cost`) to this run's record (``stage_costs``)."""
+    if ctx.dry_run:
+        return
+    rec = ctx.lake.run_record(ctx.run_id) or {}
+    rec.setdefault("stage_costs", []).append(cost)
+    ctx.lake.record_run(ctx.run_id, rec)
+
+
+def skipped_stage(ctx: StageContext, name: str, why: str) -> StageResult:
+    """The result of a stage that does not run (it costs nothing, and its cost record says why)."""
+    from slimrec.cost import skipped_cost
+
+    log.info("stage %s: skipped (%s)", name, why)
+    cost = skipped_cost(name, why, ctx.run_date)
+    record_cost(ctx, cost)
+    return StageResult(name, skipped=True, extra={"reason": why, "cost": cost})
+
+
+def measured(ctx: StageContext, body) -> tuple[StageResult, dict]:
+    """``body(meter)`` (returns a StageResult; may call ``meter.mark_run_end()`` before its gate) under a
+    :class:`slimrec.cost.StageMeter`: (the result, with ``extra["cost"]``, and the cost record)."""
+    from slimrec.cost import StageMeter, stage_cost
+
+    with StageMeter(ctx.cfg.cost.sample_interval_s) as meter:
+        result = body(meter)
+    cost = stage_cost(result, meter.figures, ctx.cfg, ctx.run_date)
+    if not ctx.dry_run:
+        result.extra["cost"] = cost
+        record_cost(ctx, cost)
+    return result, cost
+
+
 def run_stage(name: str, ctx: StageContext, check: bool = True, allow_skip: bool = False) -> StageResult:
     mod = stage_module(name)
     if allow_skip:
         skip, why = should_skip(ctx, name)
         if skip:
-            log.info("stage %s: skipped (%s)", name, why)
-            return StageResult(name, skipped=True, extra={"reason": why})
+            return skipped_stage(ctx, name, why)
     missing = [t for t in mod.INPUTS if not ctx.lake.exists(t) and t in REQUIRED_INPUTS.get(name, mod.INPUTS)]
     if missing:
         raise StageError(f"stage {name} needs table(s) {', '.join(missing)}; run the stages that write them first")
     log.info("stage %s: start (run_date=%s, run_id=%s)", name, ctx.run_date, ctx.run_id)
     started_from = None if ctx.dry_run else _stage_inputs(ctx, name, mod)
-    t0 = time.perf_counter()
-    result = mod.run(ctx)
-    result.extra["seconds"] = round(time.perf_counter() - t0, 1)
-    log.info("stage %s: done in %.1fs, rows in %d, rows out %d, tables %s",
-             name, result.extra["seconds"], result.rows_in, result.rows_out, result.tables)
-    if check and not ctx.dry_run:
-        gate(ctx, result, mod.OUTPUTS)
+
+    def body(meter) -> StageResult:
+        t0 = time.perf_counter()
+        result = mod.run(ctx)
+        result.extra["seconds"] = round(time.perf_counter() - t0, 1)
+        meter.mark_run_end()  # GPU-hours are the stage's own wall time; CPU counts its gate too
+        log.info("stage %s: done in %.1fs, rows in %d, rows out %d, tables %s",
+                 name, result.extra["seconds"], result.rows_in, result.rows_out, result.tables)
+        if check and not ctx.dry_run:
+            gate(ctx, result, mod.OUTPUTS)
+        return result
+
+    result, cost = measured(ctx, body)
     if started_from is not None:
+        from slimrec.cost import add_totals
+
+        # cost_total sums the finished runs since the stage's config last changed (a planted experiment's
+        # teacher, say, starts its own count, and the default run's starts again after it)
+        last = ctx.lake.stage_record(name) or {}
+        previous = last.get("cost_total") if last.get("config") == started_from["config"] else None
         ctx.lake.record_stage(name, {**started_from, "checked": check and ctx.cfg.quality.enabled,
                                      "run_id": ctx.run_id, "run_date": ctx.run_date.isoformat(),
-                                     "tables": result.tables})
+                                     "tables": result.tables, "cost": cost,
+                                     "cost_total": add_totals(previous, cost)})
     return result
 
 
@@ -182,6 +227,41 @@ def run_pipeline(ctx: StageContext, start: str | None = None, stop: str | None =
             progress(i, len(names), name)
         results.append(run_stage(name, ctx, allow_skip=True))
     return results
+
+
+# Stages whose ``run`` estimates without writing under ``ctx.dry_run`` and is worth asking for a cost
+# estimate; the others (Spark stages, the recommender) show only their last measured figures.
+ESTIMATED = ("teacher_rationales", "distill_student", "student_rationales", "embed")
+
+
+def dry_run_costs(ctx: StageContext, start: str | None = None, stop: str | None = None):
+    """The cost table of ``slim run --dry-run`` (:func:`slimrec.cost.dry_run_table`), nothing written.
+
+    Each stage in :data:`ESTIMATED` whose required inputs exist runs its own dry run against the lake as
+    it is now (a stage before it that would change its inputs is not foreseen); every stage shows the
+    figures of its last finished run from its stage record, or "not measured yet".
+    """
+    from slimrec.config import ConfigError
+    from slimrec.cost import dry_run_table
+
+    if not ctx.dry_run:
+        raise StageError("dry_run_costs needs a dry-run context")
+    names = STAGES[STAGES.index(start) if start else 0 : (STAGES.index(stop) + 1) if stop else None]
+    estimates: dict[str, dict] = {}
+    for name in names:
+        mod = stage_module(name)
+        missing = [t for t in REQUIRED_INPUTS.get(name, mod.INPUTS) if not ctx.lake.exists(t)]
+        if name not in ESTIMATED:
+            estimates[name] = {"reason": "no estimate for this stage"}
+        elif missing:
+            estimates[name] = {"reason": f"no estimate: {', '.join(missing)} not built yet"}
+        else:
+            try:
+                estimates[name] = mod.run(ctx).extra
+            except (StageError, ConfigError) as e:  # e.g. no student registered yet: say so, estimate the rest
+                estimates[name] = {"reason": f"no estimate: {e}"}
+    records = {n: (ctx.lake.stage_record(n) or {}).get("cost") for n in names}
+    return dry_run_table(estimates, records, ctx.cfg.cost)
 
 
 def results_json(results: list[StageResult]) -> list[dict]:

@@ -71,22 +71,29 @@ def merge_events(ctx: StageContext, events_path: str | Path) -> StageResult:
 
 
 def refresh(ctx: StageContext, events_path: str | Path, retrain: bool = False, progress=None) -> list[StageResult]:
-    from slimrec.pipeline import gate
+    from slimrec.pipeline import gate, measured, skipped_stage
 
-    results = [merge_events(ctx, events_path)]
-    if not ctx.dry_run:
-        gate(ctx, results[0], ["interactions"])
+    def merge(meter) -> StageResult:
+        result = merge_events(ctx, events_path)
+        meter.mark_run_end()
+        if not ctx.dry_run:
+            gate(ctx, result, ["interactions"])
+        return result
+
+    def rescore_step(meter) -> StageResult:
+        return rescore(ctx)
+
+    results = [measured(ctx, merge)[0]]
     later = [s for s in STAGES if s != "ingest"]
     for i, name in enumerate(later):
         if progress:
             progress(i, len(later), name)
         if name == "train_recommender" and not retrain:
-            results.append(rescore(ctx))
+            results.append(measured(ctx, rescore_step)[0])
             continue
         if name == "distill_student" and not retrain and ctx.lake.exists("student_models"):
             why = "the current student is kept; `slim refresh --retrain` distils a new one"
-            log.info("refresh: distill_student skipped: %s", why)
-            results.append(StageResult(name, skipped=True, extra={"reason": why}))
+            results.append(skipped_stage(ctx, name, why))
             continue
         results.append(run_stage(name, ctx, allow_skip=True))
     return results

@@ -30,6 +30,11 @@ from slimrec.stages.base import StageResult
 log = logging.getLogger(__name__)
 
 
+def _records(df: pd.DataFrame) -> list[dict]:
+    """Rows as dicts with NaN as None (strict JSON readers refuse NaN)."""
+    return df.astype(object).where(df.notna(), None).to_dict(orient="records")
+
+
 def format_missing(missing: dict[str, str]) -> str:
     """One line per variant that was configured but could not run, or "" when none."""
     return "\n".join(f"not run: {v}: {why}" for v, why in missing.items())
@@ -95,12 +100,20 @@ def format_stages(stages: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
-def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: str, run_date) -> dict[str, Path]:
-    """Write ``run-<date>-<run_id>.json``, ``.md`` and a one-file ``.html`` report with charts."""
+def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: str, run_date,
+                 cfg=None) -> dict[str, Path]:
+    """Write ``run-<date>-<run_id>.json``, ``.md`` and a one-file ``.html`` report with charts.
+
+    ``cfg``: the run's PipelineConfig, for the cost table's prices (None: the defaults)."""
+    from slimrec.config import PipelineConfig
+    from slimrec.cost import COST_NOTE, format_cost_table, format_variant_costs, run_cost_tables
+
+    cfg = cfg or PipelineConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stages = stage_table(results)
     summary = metrics_summary(latest_metrics(lake))
+    costs, variant_cost = run_cost_tables(lake, results, cfg, summary)
     beyond = beyond_summary(summary)
     reasons = latest_beyond_reasons(lake)
     paired = latest_paired(lake)
@@ -117,11 +130,14 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
         "missing_variants": missing,
         "paired_reference": paired_reference(paired),
         "paired_vs_reference": paired.to_dict(orient="records"),
+        "prices": cfg.cost.model_dump(mode="json"),
+        "stage_costs": _records(costs),
+        "variant_costs": _records(variant_cost),
     }
     paths = {"json": stem.with_suffix(".json"), "md": stem.with_suffix(".md")}
     paths["json"].write_text(json.dumps(payload, indent=2, default=str))
     paths["html"] = stem.with_suffix(".html")
-    paths["html"].write_text(render_html(lake, results, run_id, run_date))
+    paths["html"].write_text(render_html(lake, results, run_id, run_date, cfg=cfg))
     paths["md"].write_text(
         f"# slimrec run {run_id} ({run_date})\n\n## Stages\n\n```\n{format_stages(stages)}\n```\n\n"
         f"## Metrics (test target; mean±std over seeds; full ranking first)\n\n```\n{format_metrics(summary)}\n```\n"
@@ -130,5 +146,7 @@ def write_report(lake, results: list[StageResult], out_dir: str | Path, run_id: 
         + (f"\nVariants configured but not run:\n\n```\n{format_missing(missing)}\n```\n" if missing else "")
         + f"\n## {paired_title(paired)}\n\nPaired per user, test NDCG@10 averaged over seeds."
         f"\n\n```\n{format_paired(paired)}\n```\n"
+        f"\n## Cost per stage (this run)\n\n```\n{format_cost_table(costs, cfg.cost)}\n```\n"
+        f"\n## Gain over text per $1,000 and per hour\n\n{COST_NOTE}\n\n```\n{format_variant_costs(variant_cost)}\n```\n"
     )
     return paths

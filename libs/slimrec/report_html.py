@@ -217,8 +217,52 @@ def _examples(lake, n: int) -> str:
     return "".join(out)
 
 
-def render_html(lake, results, run_id: str, run_date, n_examples: int = 3) -> str:
-    """The whole report page as a string."""
+def _cell(x, fmt: str) -> str:
+    return "-" if x is None or x != x else format(x, fmt)
+
+
+def _cost_html(costs: pd.DataFrame, variants: pd.DataFrame, prices) -> str:
+    """The run's cost per stage and each LLM variant's gain over text per $1,000 and per hour."""
+    from slimrec.cost import COST_NOTE
+
+    out = [f"<h2>Cost per stage (this run)</h2><p>Compute priced at {prices.cpu_hour_usd:g} USD per CPU-hour and "
+           f"{prices.gpu_hour_usd:g} per GPU-hour (<code>cost.*</code>); CPU-hours are the measured CPU time of the "
+           "driver and its process tree (Spark JVM, local Ray), GPU-hours the GPUs a stage reserved times its wall "
+           "time (an allocation, not a utilisation).</p>"]
+    if costs.empty:
+        out.append("<p>No stage ran.</p>")
+    else:
+        rows = "".join(
+            f"<tr><td class=l>{html.escape(r.stage)}</td><td class=l>{r.status}</td><td>{_cell(r.calls, ',.0f')}</td>"
+            f"<td>{_cell(r.input_tokens, ',.0f')}</td><td>{_cell(r.output_tokens, ',.0f')}</td>"
+            f"<td>{_cell(r.texts, ',.0f')}</td><td>{r.wall_s:.1f}</td><td>{r.cpu_hours:.4f}</td>"
+            f"<td>{r.gpu_hours:.4f}</td><td>{_cell(r.api_usd, '.4f')}</td><td>{r.compute_usd:.4f}</td>"
+            f"<td>{r.usd:.4f}</td><td class=l>{html.escape(r.note)}</td></tr>" for r in costs.itertuples(index=False))
+        out.append("<table id='cost'><tr><th class=l>stage</th><th class=l>status</th><th>calls</th><th>input tokens</th>"
+                   "<th>output tokens</th><th>texts</th><th>wall s</th><th>CPU-hours</th><th>GPU-hours</th>"
+                   f"<th>API $</th><th>compute $</th><th>total $</th><th class=l>note</th></tr>{rows}</table>")
+    out.append(f"<h2>Gain over text per $1,000 and per hour</h2><p>{html.escape(COST_NOTE)}</p>")
+    if variants.empty:
+        out.append("<p>No LLM variant in the latest train_recommender run.</p>")
+        return "".join(out)
+    rows = "".join(
+        f"<tr><td class=l>{r.backbone}</td><td class=l>{html.escape(r.variant)}</td><td>{r.ndcg_10:.4f}</td>"
+        f"<td>{_cell(r.text_ndcg_10, '.4f')}</td><td>{_cell(r.gain, '+.4f')}</td><td>{r.usd:.4f}</td>"
+        f"<td>{r.hours:.4f} {r.hour_unit}s</td><td>{_cell(r.gain_per_1k_usd, '+.4f')}</td>"
+        f"<td>{_cell(r.gain_per_hour, '+.4f')} per {r.hour_unit}</td><td class=l>{html.escape(r.charged)}"
+        f"{'; ' + html.escape(r.note) if r.note else ''}</td></tr>" for r in variants.itertuples(index=False))
+    out.append("<table id='variant-cost'><tr><th class=l>backbone</th><th class=l>variant</th><th>NDCG@10</th>"
+               "<th>text</th><th>gain</th><th>$ charged</th><th>hours charged</th><th>gain per $1,000</th>"
+               f"<th>gain per hour</th><th class=l>charged stages</th></tr>{rows}</table>")
+    return "".join(out)
+
+
+def render_html(lake, results, run_id: str, run_date, n_examples: int = 3, cfg=None) -> str:
+    """The whole report page as a string (``cfg``: the run's PipelineConfig, for the cost table's prices)."""
+    from slimrec.config import PipelineConfig
+    from slimrec.cost import run_cost_tables
+
+    cfg = cfg or PipelineConfig()
     stages = stage_table(results)
     metrics = latest_metrics(lake)
     summary = metrics_summary(metrics)
@@ -259,6 +303,7 @@ def render_html(lake, results, run_id: str, run_date, n_examples: int = 3) -> st
         parts.append("<h2>Stages</h2><table id='stages'><tr><th class=l>stage</th><th class=l>status</th>"
                      f"<th>seconds</th><th>rows in</th><th>rows out</th><th>cost USD</th></tr>{st}</table>")
         parts.append(_stage_chart(stages))
+    parts.append(_cost_html(*run_cost_tables(lake, results, cfg, summary), cfg.cost))
     lengths = {}
     for name, table in (("teacher", "teacher_rationales"), ("student", "student_rationales")):
         df = _latest(lake, table, ["rationale", "status"])

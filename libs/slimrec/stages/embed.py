@@ -8,7 +8,8 @@ commit on its key; a run with nothing to encode makes no commit.
 A missing rationale table is skipped with a log line (its stage has not run).
 
 ``StageResult.extra``: encoder id, rows encoded per table and source, texts
-encoded (steps mode: up to three per rationale) and ``encode_s`` /
+encoded (steps mode: up to three per rationale; ``texts_by_source``: item,
+teacher, student) and ``encode_s`` /
 ``texts_per_s``, wall clock of the Ray pass including the actor pool's start
 and model load.
 """
@@ -101,6 +102,10 @@ def run(ctx: StageContext) -> StageResult:
         "rationales_encoded": {s: int((todo_rat["source"] == s).sum()) for s in per_source},
         "rationale_candidates": per_source,
         "texts_encoded": n_texts,
+        # texts per source: the cost table charges each rationale variant its source's share of the stage
+        "texts_by_source": {"item": int(todo_items["texts"].map(len).sum()),
+                            **{s: int(todo_rat.loc[todo_rat["source"] == s, "texts"].map(len).sum())
+                               for s in per_source}},
     }
     log.info(
         "embed: %d items (%d changed), %d rationales (%d changed) -> %d texts to encode",
