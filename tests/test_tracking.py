@@ -360,3 +360,14 @@ def test_slim_run_refuses_tracking_it_cannot_do_before_any_stage(tmp_path, monke
     assert r.exit_code == 2, r.output
     assert "error: tracking.mlflow_uri" in r.output and "tracking.mlflow_uri=null" in r.output
     assert not (tmp_path / "lake" / "_runs").exists()  # refused before the run was recorded or any stage ran
+
+
+def test_the_config_log_line_of_a_command_holds_no_secret(tmp_path, caplog):
+    from slimrec.cli import _context
+
+    with caplog.at_level(logging.INFO, logger="slimrec"):
+        ctx = _context(str(tmp_path / "lake"), "tiny", None, OVERRIDES[:2], None, dry_run=True)
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("config (profile tiny"))
+    assert SECRET_S3 not in line and "hunter2" not in line
+    assert '"spark.app.id": "visible"' in line and "head:10001" in line  # only the secrets go
+    assert ctx.cfg.spark.extra_conf["spark.hadoop.fs.s3a.secret.key"] == SECRET_S3  # the config itself keeps them

@@ -9,6 +9,7 @@ prints one line and the path of a log file holding the traceback.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import platform
@@ -116,7 +117,11 @@ def _context(lake: str, profile: str, config: Path | None, sets: list[str] | Non
     ctx = StageContext(cfg=cfg, lake=Lake(lake, target_file_rows=cfg.lake.target_file_rows),
                        run_date=_parse_date(run_date), dry_run=dry_run, force=force,
                        dataset_dir=dataset)
-    log.info("config (profile %s, hash %s): %s", profile, cfg.config_hash(), cfg.as_json())
+    from slimrec.tracking import redacted_config
+
+    # secret-like values (a storage key in spark.extra_conf, a password in a URL) never reach the log
+    log.info("config (profile %s, hash %s): %s", profile, cfg.config_hash(),
+             json.dumps(redacted_config(cfg), sort_keys=True))
     return ctx
 
 
