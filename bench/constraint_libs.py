@@ -36,26 +36,11 @@ LIBS = ("xgrammar", "outlines_core", "lmformatenforcer", "outlines_core_shape", 
 
 
 def catalogue_regex(shape, titles) -> str:
-    """:func:`~slimrec.rationale_shape.shape_regex` with each quoted title one of ``titles`` (Python syntax)."""
-    from slimrec.rationale_shape import (
-        END,
-        ITEM_SEP,
-        ITEMS_LEAD,
-        NO_ITEMS,
-        STEP_LABELS,
-        TEXT_CHAR_CLASS,
-        TEXT_FIRST_CLASS,
-    )
+    """:func:`~slimrec.rationale_shape.shape_regex` with each quoted title one of ``titles``, unanchored."""
+    from slimrec.rationale_shape import shape_regex
 
-    def lit(x: str) -> str:
-        return re.escape(x).replace("\\\n", "\\n")
-
-    s1, s2, s3 = (lit(x) for x in STEP_LABELS)
-    title = '"(' + "|".join(lit(t) for t in sorted(set(titles))) + ')"'
-    items = f"{title}({lit(ITEM_SEP)}{title}){{0,{shape.max_items - 1}}}"
-    return (f"{s1}{TEXT_FIRST_CLASS}{TEXT_CHAR_CLASS}{{0,{shape.step1_max_chars - 1}}}"
-            f"{s2}{TEXT_FIRST_CLASS}{TEXT_CHAR_CLASS}{{0,{shape.step2_max_chars - 1}}}"
-            f"{s3}{lit(ITEMS_LEAD)}({items}|{lit(NO_ITEMS)}){lit(END)}")
+    title = '"(' + "|".join(re.escape(t).replace("\\\n", "\\n") for t in sorted(set(titles))) + ')"'
+    return shape_regex(shape, title).removeprefix("^").removesuffix("$")
 
 
 def _rss_mb() -> float:

@@ -205,9 +205,10 @@ def grammar_ebnf(shape: RationaleShape, titles: Sequence[str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def shape_regex(shape: RationaleShape) -> str:
+def shape_regex(shape: RationaleShape, title: str | None = None) -> str:
     """A regular expression (Java and Python syntax alike) of every text :func:`grammar_ebnf` accepts, with
     any quoted title in place of the catalogue trie: the table expectation of a constrained student's rows.
+    ``title``: the pattern of one quoted title instead (bench/constraint_libs.py passes the catalogue's).
 
     >>> import re; bool(re.fullmatch(shape_regex(RationaleShape(5, 5, 2)), format_rationale("a", "b", ["Pen A"])))
     True
@@ -216,7 +217,7 @@ def shape_regex(shape: RationaleShape) -> str:
         return re.escape(x).replace("\\\n", "\\n")  # re.escape's backslash + newline -> the escape \n
 
     s1, s2, s3 = (lit(x) for x in STEP_LABELS)
-    title = f'"[^"]{{{MIN_TITLE_CHARS},{MAX_TITLE_CHARS}}}"'
+    title = title or f'"[^"]{{{MIN_TITLE_CHARS},{MAX_TITLE_CHARS}}}"'
     items = f"{title}({lit(ITEM_SEP)}{title}){{0,{shape.max_items - 1}}}"
     return (f"^{s1}{TEXT_FIRST_CLASS}{TEXT_CHAR_CLASS}{{0,{shape.step1_max_chars - 1}}}"
             f"{s2}{TEXT_FIRST_CLASS}{TEXT_CHAR_CLASS}{{0,{shape.step2_max_chars - 1}}}"
