@@ -1,4 +1,7 @@
-"""The lake on real Spark and real Delta: modes, time travel, metadata, other engines reading."""
+"""The lake on real Spark and real Delta: modes, time travel, metadata, other engines reading.
+
+Every test that takes ``tmp_lake`` runs twice: on local disk and on a real S3 server (SeaweedFS on
+127.0.0.1), where Spark's executors write and read through pyarrow's S3 filesystem."""
 
 from __future__ import annotations
 
@@ -24,6 +27,13 @@ def _prompts(spark, users, seq_hash="h0"):
         "user_id string, teacher_prompt string, student_prompt string, prompt_version string, prompt_hash string, "
         "history_len int, n_prompt_items int, prompt_item_ids array<string>, seq_hash string",
     )
+
+
+@pytest.fixture(params=["local", "s3"])
+def tmp_lake(request, tmp_path):
+    from slimrec.lake import Lake
+
+    return Lake(tmp_path / "lake") if request.param == "local" else request.getfixturevalue("s3_lake")
 
 
 def info(d=date(2024, 1, 2), **inputs):
@@ -101,7 +111,7 @@ def test_other_engines_read_what_spark_wrote(spark, tmp_lake):
     rows = [(f"u{i}", f"i{i % 3}", t, i, False, "f") for i in range(7)]
     tmp_lake.write_spark(_interactions(spark, rows).repartition(3), "interactions", "overwrite", info())
     tmp_lake.write_spark(_prompts(spark, ["u1", "u2"]), "prompts", "replace_date", info())
-    con = duckdb_connection()
+    con = duckdb_connection(tmp_lake)
     n, users = con.sql(
         f"SELECT count(*), count(DISTINCT user_id) FROM delta_scan('{tmp_lake.path('interactions')}')"
     ).fetchone()
@@ -110,7 +120,7 @@ def test_other_engines_read_what_spark_wrote(spark, tmp_lake):
     assert duck == [("u1", date(2024, 1, 2)), ("u2", date(2024, 1, 2))]
     from deltalake import DeltaTable
 
-    assert sorted(DeltaTable(tmp_lake.path("interactions")).to_pyarrow_table().column("user_id").to_pylist()) == \
+    assert sorted(DeltaTable(tmp_lake.path("interactions"), storage_options=tmp_lake.storage_options).to_pyarrow_table().column("user_id").to_pylist()) == \
         sorted(r[0] for r in rows)
 
 

@@ -307,8 +307,11 @@ def test_resolve_uri_places_paths_and_keeps_urls(tmp_path, monkeypatch):
     assert uri("/srv/mlflow.db") == "sqlite:////srv/mlflow.db"
     assert uri("http://mlflow:5000") == "http://mlflow:5000"
     assert uri("databricks") == "databricks"
-    monkeypatch.chdir(tmp_path)
-    assert uri("m.db", root="s3://bucket/lake") == f"sqlite:///{tmp_path.resolve()}/m.db"
+    monkeypatch.chdir(tmp_path)  # an object-store lake keeps its store in the lake's local folder
+    from slimrec.lake import Lake
+
+    root = Lake("s3://bucket/lake").local_root
+    assert uri("m.db", root=root) == f"sqlite:///{tmp_path.resolve()}/.slimrec-local/bucket/lake/m.db"
 
 
 def test_check_tracking_names_the_missing_package(monkeypatch):

@@ -114,7 +114,7 @@ def _context(lake: str, profile: str, config: Path | None, sets: list[str] | Non
 
     overrides = list(sets or [])
     cfg = load_config(profile, config, overrides)
-    ctx = StageContext(cfg=cfg, lake=Lake(lake, target_file_rows=cfg.lake.target_file_rows),
+    ctx = StageContext(cfg=cfg, lake=Lake.from_config(lake, cfg.lake),
                        run_date=_parse_date(run_date), dry_run=dry_run, force=force,
                        dataset_dir=dataset)
     from slimrec.tracking import redacted_config
@@ -145,7 +145,7 @@ def _echo_tracking(mlflow_run_id: str | None, ctx) -> None:
     if mlflow_run_id:
         from slimrec.tracking import redact_uri, resolve_uri
 
-        uri = redact_uri(resolve_uri(ctx.cfg.tracking, ctx.lake.root) or "")
+        uri = redact_uri(resolve_uri(ctx.cfg.tracking, ctx.lake.local_root) or "")
         typer.echo(f"mlflow: run {mlflow_run_id} in experiment {ctx.cfg.tracking.experiment} at {uri}")
 
 
@@ -273,7 +273,7 @@ def run(
         )
         from slimrec.tracking import check_tracking, track_command
 
-        check_tracking(ctx.cfg.tracking, ctx.lake.root)  # before hours of work, not after
+        check_tracking(ctx.cfg.tracking, ctx.lake.local_root)  # before hours of work, not after
 
         def progress(i, n, name):
             typer.echo(f"[{i + 1}/{n}] {name}", err=True)
@@ -347,7 +347,7 @@ def refresh(
         from slimrec.report import format_stages, stage_table, write_report
         from slimrec.tracking import check_tracking, track_command
 
-        check_tracking(ctx.cfg.tracking, ctx.lake.root)
+        check_tracking(ctx.cfg.tracking, ctx.lake.local_root)
 
         with ctx.lake.lock():
             _record_run(ctx, profile)

@@ -58,6 +58,28 @@ class SparkConfig(_Frozen):
 class LakeConfig(_Frozen):
     root: str = Field("lake", description="folder (or object-store URI) that holds one Delta table per folder")
     target_file_rows: int = Field(500_000, description="rows per Parquet file written by an executor, at most")
+    storage_options: dict[str, str] = Field(default_factory=dict, description=(
+        "object-store settings that are not secret, for delta-rs and pyarrow alike (AWS_ENDPOINT_URL, AWS_REGION, "
+        "AWS_ALLOW_HTTP...); credentials come from the environment (AWS_ACCESS_KEY_ID...) and a secret-looking key "
+        "here is refused"))
+    s3_commit: Literal["conditional_put", "unsafe_rename"] = Field("conditional_put", description=(
+        "how commits to an S3 lake stay safe with concurrent writers: conditional_put (If-None-Match: AWS S3, MinIO, "
+        "R2, SeaweedFS) or unsafe_rename (servers without conditional writes; two writers at once can lose a commit)"))
+    local_dir: str | None = Field(None, description=(
+        "for an object-store lake: the folder for what must be a path (student models, checkpoints, run artifacts, "
+        "the default MLflow store); None: .slimrec-local/<bucket>/<prefix> under the current directory. A folder "
+        "every node shares on a multi-node cluster"))
+    spark_reader: Literal["auto", "parquet", "datasource"] = Field("auto", description=(
+        "how Spark reads a table's files: parquet (Spark's reader: local disk, HDFS, or a scheme the cluster's "
+        "Hadoop serves), datasource (pyarrow on the executors: any object store, no connector jars); auto: parquet "
+        "for local and HDFS lakes, datasource otherwise"))
+
+    @model_validator(mode="after")
+    def _no_secrets(self):
+        from slimrec.storage import check_storage_options
+
+        check_storage_options(self.storage_options)
+        return self
 
 
 class IngestConfig(_Frozen):

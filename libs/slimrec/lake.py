@@ -26,7 +26,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -38,11 +37,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
+from deltalake.exceptions import CommitFailedError
 from deltalake.transaction import create_table_with_add_actions
 
 from slimrec.config import LakeConfig
 from slimrec.delta_files import split_diverted
 from slimrec.schemas.tables import TableSpec, spec
+from slimrec.storage import delta_options, filesystem, is_remote, join
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +114,58 @@ class CommitInfo:
         return CommitProperties(custom_metadata=md)
 
 
-def _is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
+_is_remote = is_remote
+
+
+@contextmanager
+def _concurrent_commit(table: str):
+    """A commit that lost the race for its Delta version to another writer becomes a clear LakeError
+    (delta-rs retries what it can, an append over an append; an overwrite over a new version cannot be)."""
+    try:
+        yield
+    except CommitFailedError as e:
+        raise LakeError(f"{table}: another writer committed to this table while this one was writing ({e}); "
+                        "nothing of this write is visible. Run one writer per table, then rerun the stage") from None
 
 
 class Lake:
     def __init__(self, root: str | os.PathLike, storage_options: dict[str, str] | None = None,
-                 target_file_rows: int = LakeConfig.model_fields["target_file_rows"].default):
+                 target_file_rows: int = LakeConfig.model_fields["target_file_rows"].default,
+                 s3_commit: str = "conditional_put", local_dir: str | None = None,
+                 spark_reader: str = "auto"):
         self.target_file_rows = target_file_rows  # rows per Parquet file an executor writes, at most
         root = str(root)
-        self.root = root if _is_remote(root) else str(Path(root).expanduser().resolve())
-        self.storage_options = storage_options
+        self.root = root.rstrip("/") if _is_remote(root) else str(Path(root).expanduser().resolve())
+        # the configured (non-secret) settings, for pyarrow's filesystems; delta-rs gets them with the
+        # commit-safety choice (slimrec.storage)
+        self.fs_options = dict(storage_options or {})
+        self.storage_options = delta_options(self.root, storage_options, s3_commit)
+        self._local_dir = local_dir
+        self.spark_reader = spark_reader
+
+    @classmethod
+    def from_config(cls, root: str | os.PathLike, cfg: LakeConfig) -> Lake:
+        return cls(root, storage_options=cfg.storage_options or None, target_file_rows=cfg.target_file_rows,
+                   s3_commit=cfg.s3_commit, local_dir=cfg.local_dir, spark_reader=cfg.spark_reader)
+
+    @property
+    def is_remote(self) -> bool:
+        return _is_remote(self.root)
+
+    @property
+    def local_root(self) -> Path:
+        """The folder for what must be a path, not a table (models, checkpoints, run artifacts, a SQLite
+        tracking store): the lake root itself on local disk; for an object-store lake ``lake.local_dir``, or
+        ``.slimrec-local/<bucket>/<prefix>`` under the current directory. On a multi-node cluster it must
+        be a folder every node shares (docs/clusters.md)."""
+        if not self.is_remote:
+            return Path(self.root)
+        if self._local_dir:
+            return Path(self._local_dir).expanduser().resolve()
+        from urllib.parse import urlparse
+
+        u = urlparse(self.root)
+        return (Path.cwd() / ".slimrec-local" / u.netloc / u.path.strip("/")).resolve()
 
     # ------------------------------------------------------------------ locating
     def path(self, table: str) -> str:
@@ -177,9 +219,33 @@ class Lake:
     def count(self, table: str, version: int | None = None) -> int:
         return self._dt(table, version).count()
 
+    def _spark_reader(self) -> str:
+        if self.spark_reader != "auto":
+            return self.spark_reader
+        return "parquet" if not self.is_remote or self.root.startswith(("hdfs://", "dbfs:/")) else "datasource"
+
     def read_spark(self, spark, table: str, version: int | None = None):
-        """A Spark DataFrame over the table's files at ``version`` (executors read in parallel)."""
+        """A Spark DataFrame over the table's files at ``version`` (executors read in parallel).
+
+        ``lake.spark_reader``: ``parquet`` is Spark's own reader (local disk, or a scheme the cluster's
+        Hadoop serves); ``datasource`` reads the files listed by delta-rs with pyarrow's filesystems on the
+        executors (:class:`slimrec.spark_delta.DeltaFilesReadSource`: object stores without connector
+        jars); ``auto`` takes the first for local and HDFS lakes, the second for object stores.
+        """
         s = spec(table)
+        if self._spark_reader() == "datasource":
+            from slimrec.spark_delta import read_files
+
+            dt = self._dt(table, version)
+            adds = pa.table(dt.get_add_actions(flatten=True))
+            pcols = [c for c in adds.column_names if c.startswith("partition.")]
+            uri = self.path(table)
+            files = [(p if "://" in p or p.startswith("/") else join(uri, p),
+                      {c.removeprefix("partition."): row[c] for c in pcols})
+                     for p, row in zip(adds.column("path").to_pylist(), adds.select(pcols).to_pylist(), strict=True)]
+            if not files:
+                return spark.createDataFrame([], s.spark_schema())
+            return read_files(spark, files, s.spark_schema(), self.fs_options)
         files = self.file_uris(table, version)
         if not files:
             return spark.createDataFrame([], s.spark_schema())
@@ -247,7 +313,8 @@ class Lake:
             merger = merger.when_not_matched_insert_all()
             if delete_missing is not None:
                 merger = merger.when_not_matched_by_source_delete(delete_missing)
-            merger.execute()
+            with _concurrent_commit(table):
+                merger.execute()
         else:
             kwargs: dict[str, Any] = dict(
                 partition_by=list(s.partition_by) or None,
@@ -262,7 +329,8 @@ class Lake:
             write_mode = "append" if mode in ("append", "merge") else "overwrite"
             if not self.exists(table) and len(data) == 0 and write_mode == "append":
                 write_mode = "overwrite"  # create the empty table so readers find it
-            write_deltalake(uri, data, mode=write_mode, schema_mode="merge" if widen else None, **kwargs)
+            with _concurrent_commit(table):
+                write_deltalake(uri, data, mode=write_mode, schema_mode="merge" if widen else None, **kwargs)
         v = self.version(table)
         log.info("lake: %s %s %d rows -> version %s", table, mode, len(data), v)
         return v
@@ -296,10 +364,11 @@ class Lake:
         if missing:
             raise LakeError(f"delete_keys on {table}: keys lack {missing}")
         keys = keys.select(list(s.key)).cast(pa.schema([s.arrow_schema().field(k) for k in s.key]))
-        self._dt(table).merge(
-            keys, self._merge_predicate(s), source_alias="s", target_alias="t",
-            commit_properties=info.properties("delete"),
-        ).when_matched_delete().execute()
+        with _concurrent_commit(table):
+            self._dt(table).merge(
+                keys, self._merge_predicate(s), source_alias="s", target_alias="t",
+                commit_properties=info.properties("delete"),
+            ).when_matched_delete().execute()
         v = self.version(table)
         log.info("lake: %s deleted %d keys -> version %s", table, len(keys), v)
         return v
@@ -364,12 +433,17 @@ class Lake:
         return self._write_split(df, table, s, mode, info, column, mapped=fn)
 
     def _write_split(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo, column: str, mapped=None) -> SplitWrite:
-        staging = os.path.join(self.path(table), "_diverted", uuid.uuid4().hex)
+        staging = join(self.path(table), "_diverted", uuid.uuid4().hex)
+        fs, staging_path = filesystem(staging, self.fs_options)
         try:
             version, written, files = self._write_files_then_commit(df, table, s, mode, info, (column, staging), mapped)
-            diverted = pq.read_table(files) if files else pa.table({})
+            diverted = (pa.concat_tables([pq.read_table(filesystem(f, self.fs_options)[1], filesystem=fs) for f in files])
+                        if files else pa.table({}))
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            try:
+                fs.delete_dir(staging_path)
+            except (FileNotFoundError, OSError):
+                pass  # nothing was diverted (the folder was never made), or already gone
         return SplitWrite(version, written, diverted)
 
     def _conform_spark(self, df, s: TableSpec, info: CommitInfo, keep: list[str] = ()):
@@ -396,10 +470,12 @@ class Lake:
         uri = self.path(table)
         Path(uri).mkdir(parents=True, exist_ok=True) if not _is_remote(uri) else None
         if mapped is None:
-            actions, diverted = collect_add_actions(df, uri, s, self.target_file_rows, *(divert or (None, None)))
+            actions, diverted = collect_add_actions(df, uri, s, self.target_file_rows, *(divert or (None, None)),
+                                                    fs_options=self.fs_options)
         else:
             fn = lambda t: with_lineage(mapped(t), s, info)  # noqa: E731 - runs in the executors
-            actions, diverted = collect_mapped_add_actions(df, fn, uri, s, self.target_file_rows, *(divert or (None, None)))
+            actions, diverted = collect_mapped_add_actions(df, fn, uri, s, self.target_file_rows, *(divert or (None, None)),
+                                                           fs_options=self.fs_options)
         if mode == "replace_date":
             bad = {a.partition_values.get("run_date") for a in actions} - {info.run_date.isoformat()}
             if bad:
@@ -407,15 +483,11 @@ class Lake:
         props = info.properties(mode)
         schema = s.arrow_schema()
         if not self.exists(table):
-            create_table_with_add_actions(
-                uri,
-                _delta_schema(schema),
-                actions,
-                mode="overwrite",
-                partition_by=list(s.partition_by) or None,
-                commit_properties=props,
-                storage_options=self.storage_options,
-            )
+            with _concurrent_commit(table):
+                create_table_with_add_actions(
+                    uri, _delta_schema(schema), actions, mode="overwrite", partition_by=list(s.partition_by) or None,
+                    commit_properties=props, storage_options=self.storage_options,
+                )
         else:
             if mode == "append" and not actions:
                 log.info("lake: %s append of 0 rows: no commit", table)
@@ -424,14 +496,11 @@ class Lake:
             kwargs: dict[str, Any] = {}
             if mode == "replace_date":
                 kwargs["partition_filters"] = [("run_date", "=", info.run_date.isoformat())]
-            dt.create_write_transaction(
-                actions,
-                "append" if mode == "append" else "overwrite",
-                _delta_schema(schema),
-                partition_by=list(s.partition_by) or None,
-                commit_properties=props,
-                **kwargs,
-            )
+            with _concurrent_commit(table):
+                dt.create_write_transaction(
+                    actions, "append" if mode == "append" else "overwrite", _delta_schema(schema),
+                    partition_by=list(s.partition_by) or None, commit_properties=props, **kwargs,
+                )
         v = self.version(table)
         n = sum(json.loads(a.stats).get("numRecords", 0) for a in actions)
         log.info("lake: %s %s %d rows in %d files -> version %s", table, mode, n, len(actions), v)
@@ -501,12 +570,11 @@ class Lake:
     def _run_record_path(self, run_id: str) -> str:
         return f"{self.root.rstrip('/')}/_runs/{run_id}.json"
 
-    @staticmethod
-    def _read_record(path: str) -> dict[str, Any] | None:
+    def _read_record(self, path: str) -> dict[str, Any] | None:
         if _is_remote(path):
             import pyarrow.fs as pafs
 
-            fs, p = pafs.FileSystem.from_uri(path)
+            fs, p = filesystem(path, self.fs_options)
             if fs.get_file_info(p).type == pafs.FileType.NotFound:
                 return None
             with fs.open_input_stream(p) as f:
@@ -516,14 +584,11 @@ class Lake:
         except FileNotFoundError:
             return None
 
-    @staticmethod
-    def _write_record(path: str, record: dict[str, Any]) -> None:
+    def _write_record(self, path: str, record: dict[str, Any]) -> None:
         """Replace the JSON file at ``path`` atomically (a reader sees the old or the new record)."""
         data = json.dumps(record, sort_keys=True, default=str)
         if _is_remote(path):
-            import pyarrow.fs as pafs
-
-            fs, p = pafs.FileSystem.from_uri(path)
+            fs, p = filesystem(path, self.fs_options)
             with fs.open_output_stream(p) as f:  # object-store PUTs are atomic
                 f.write(data.encode())
             return
@@ -582,17 +647,33 @@ def _delta_schema(arrow_schema: pa.Schema):
     return Schema.from_arrow(arrow_schema)
 
 
-def duckdb_connection():
+def _load_duckdb_extension(con, package: str, name: str) -> None:
+    """``LOAD`` the extension file a ``duckdb-extension-*`` package ships (no download at run time)."""
+    import importlib
+
+    mod = importlib.import_module(package)
+    found = sorted(Path(mod.__file__).parent.glob(f"extensions/*/{name}.duckdb_extension"))
+    if not found:
+        raise LakeError(f"{package.replace('_', '-')} is installed without its extension file")
+    con.execute(f"LOAD '{found[-1]}'")
+
+
+def duckdb_connection(lake: Lake | None = None):
     """A DuckDB connection with the Delta extension loaded from the ``duckdb-extension-delta`` package.
 
-    ``con.sql(f"SELECT count(*) FROM delta_scan('{lake.path('items')}')")`` then reads any table.
+    ``con.sql(f"SELECT count(*) FROM delta_scan('{lake.path('items')}')")`` then reads any table; for an S3
+    ``lake`` the connection also loads ``httpfs`` and holds a secret with the lake's endpoint and the
+    environment's credentials.
     """
     import duckdb
-    import duckdb_extension_delta
 
-    found = sorted(Path(duckdb_extension_delta.__file__).parent.glob("extensions/*/delta.duckdb_extension"))
-    if not found:
-        raise LakeError("duckdb-extension-delta is installed without its extension file")
     con = duckdb.connect()
-    con.execute(f"LOAD '{found[-1]}'")
+    _load_duckdb_extension(con, "duckdb_extension_delta", "delta")
+    if lake is not None and lake.is_remote:
+        from slimrec.storage import duckdb_secret_sql
+
+        sql = duckdb_secret_sql(lake.root, lake.fs_options)
+        if sql:
+            _load_duckdb_extension(con, "duckdb_extension_httpfs", "httpfs")
+            con.execute(sql)
     return con

@@ -105,7 +105,7 @@ def rescore(ctx: StageContext) -> StageResult:
     from slimrec.recommender.serving import rescore as rescore_users
 
     cfg = ctx.cfg.recommender
-    root = Path(cfg.artifacts_dir) if Path(cfg.artifacts_dir).is_absolute() else Path(ctx.lake.root) / cfg.artifacts_dir
+    root = Path(cfg.artifacts_dir) if Path(cfg.artifacts_dir).is_absolute() else ctx.lake.local_root / cfg.artifacts_dir
     if ctx.dry_run:
         return StageResult(STEP, skipped=True, extra={"reason": "dry run"})
     try:

@@ -27,9 +27,16 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pyspark.sql.datasource import DataSource, DataSourceArrowWriter, WriterCommitMessage
+from pyspark.sql.datasource import (
+    DataSource,
+    DataSourceArrowWriter,
+    DataSourceReader,
+    InputPartition,
+    WriterCommitMessage,
+)
 
 from slimrec.delta_files import file_stats, make_add_action, partition_value, split_diverted
+from slimrec.storage import filesystem, join
 
 
 @dataclass
@@ -40,7 +47,9 @@ class FilesWritten(WriterCommitMessage):
 
 class _Writer(DataSourceArrowWriter):
     def __init__(self, options: dict):
-        self.root = options["path"]
+        self.root = options["path"]  # a local folder or an object-store URI
+        # not secrets (see slimrec.storage): an executor takes its credentials from its own environment
+        self.fs_options = json.loads(options.get("fs_options") or "{}")
         self.manifest = options.get("manifest")  # None when run inside a map (collect_mapped_add_actions)
         self.partition_by = [p for p in options.get("partition_by", "").split(",") if p]
         self.schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(options["arrow_schema"])))
@@ -50,19 +59,23 @@ class _Writer(DataSourceArrowWriter):
         if self.divert and not self.divert_dir:
             raise ValueError("divert_column needs divert_dir")
 
+    def _put(self, t: pa.Table, uri: str, **kw) -> int:
+        """Write ``t`` as one Parquet file at ``uri`` (local or object store); its size in bytes."""
+        fs, path = filesystem(uri, self.fs_options)
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        pq.write_table(t, path, filesystem=fs, coerce_timestamps="us", **kw)
+        return fs.get_file_info(path).size
+
     def _write_diverted(self, parts: list[pa.Table]) -> str:
-        os.makedirs(self.divert_dir, exist_ok=True)
         name = f"part-{uuid.uuid4().hex}.parquet"
-        pq.write_table(pa.concat_tables(parts), os.path.join(self.divert_dir, name), coerce_timestamps="us")
+        self._put(pa.concat_tables(parts), join(self.divert_dir, name))
         return name
 
     def _write_file(self, t: pa.Table, pvals: dict) -> dict:
         sub = "/".join(f"{k}={pvals[k] if pvals[k] is not None else '__HIVE_DEFAULT_PARTITION__'}" for k in self.partition_by)
         rel = (sub + "/" if sub else "") + f"part-{uuid.uuid4().hex}.snappy.parquet"
-        full = os.path.join(self.root, rel)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        pq.write_table(t, full, compression="snappy", coerce_timestamps="us")
-        return {"path": rel, "size": os.path.getsize(full), "partition_values": pvals, "stats": file_stats(t)}
+        size = self._put(t, join(self.root, rel), compression="snappy")
+        return {"path": rel, "size": size, "partition_values": pvals, "stats": file_stats(t)}
 
     def _split(self, t: pa.Table) -> list[tuple[dict, pa.Table]]:
         """``t`` -> (partition values, rows without the partition columns) per partition value present."""
@@ -132,11 +145,12 @@ class _Writer(DataSourceArrowWriter):
 
     def abort(self, messages):
         for m in messages:
-            paths = [os.path.join(self.root, a["path"]) for a in getattr(m, "actions", None) or []]
-            paths += [os.path.join(self.divert_dir, p) for p in getattr(m, "diverted", None) or []]
-            for path in paths:
+            uris = [join(self.root, a["path"]) for a in getattr(m, "actions", None) or []]
+            uris += [join(self.divert_dir, p) for p in getattr(m, "diverted", None) or []]
+            for uri in uris:
+                fs, path = filesystem(uri, self.fs_options)
                 try:
-                    os.remove(path)
+                    fs.delete_file(path)
                 except FileNotFoundError:
                     pass
 
@@ -150,17 +164,19 @@ class DeltaFilesDataSource(DataSource):
         return _Writer(self.options)
 
 
-def _writer_options(table_uri: str, spec, target_file_rows: int, divert_column, divert_dir) -> dict:
+def _writer_options(table_uri: str, spec, target_file_rows: int, divert_column, divert_dir,
+                    fs_options: dict | None = None) -> dict:
     opts = {"path": table_uri, "partition_by": ",".join(spec.partition_by),
             "arrow_schema": spec.arrow_schema().serialize().to_pybytes().hex(),
-            "target_file_rows": str(target_file_rows)}
+            "target_file_rows": str(target_file_rows), "fs_options": json.dumps(fs_options or {})}
     if divert_column:
         opts |= {"divert_column": divert_column, "divert_dir": divert_dir}
     return opts
 
 
 def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: int,
-                               divert_column: str | None = None, divert_dir: str | None = None) -> tuple[list, list[str]]:
+                               divert_column: str | None = None, divert_dir: str | None = None,
+                               fs_options: dict | None = None) -> tuple[list, list[str]]:
     """:func:`collect_add_actions` of ``fn`` applied to each partition of ``df``, in one pass.
 
     ``fn`` takes a partition as one Arrow table and returns the rows to write (``spec``'s columns,
@@ -170,7 +186,7 @@ def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: i
     writing leaves its files unreferenced, invisible to Delta readers, as a failed task of the
     Data Source path can.
     """
-    opts = _writer_options(table_uri, spec, target_file_rows, divert_column, divert_dir)
+    opts = _writer_options(table_uri, spec, target_file_rows, divert_column, divert_dir, fs_options)
 
     def task(batches):
         batches = list(batches)
@@ -182,11 +198,11 @@ def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: i
     rows = df.mapInArrow(task, "actions string, diverted string").collect()
     actions = [make_add_action(a["path"], a["size"], a["partition_values"], a["stats"])
                for r in rows for a in json.loads(r.actions)]
-    return actions, [os.path.join(divert_dir, p) for r in rows for p in json.loads(r.diverted)] if divert_column else []
+    return actions, [join(divert_dir, p) for r in rows for p in json.loads(r.diverted)] if divert_column else []
 
 
 def collect_add_actions(df, table_uri: str, spec, target_file_rows: int, divert_column: str | None = None,
-                        divert_dir: str | None = None) -> tuple[list, list[str]]:
+                        divert_dir: str | None = None, fs_options: dict | None = None) -> tuple[list, list[str]]:
     """Let the executors write ``df`` (``spec``'s columns, and ``divert_column`` if given) as files.
 
     Returns the add-actions and the paths of the files that hold the diverted rows (see the module
@@ -194,9 +210,76 @@ def collect_add_actions(df, table_uri: str, spec, target_file_rows: int, divert_
     """
     with tempfile.TemporaryDirectory(prefix="slimrec-manifest-") as d:
         manifest = os.path.join(d, "actions.json")
-        opts = _writer_options(table_uri, spec, target_file_rows, divert_column, divert_dir) | {"manifest": manifest}
+        opts = _writer_options(table_uri, spec, target_file_rows, divert_column, divert_dir, fs_options) | {"manifest": manifest}
         df.write.format("slimrec_delta_files").mode("append").options(**opts).save()
         with open(manifest) as f:
             raw = json.load(f)
     actions = [make_add_action(a["path"], a["size"], a["partition_values"], a["stats"]) for a in raw["actions"]]
-    return actions, [os.path.join(divert_dir, p) for p in raw["diverted"]] if divert_column else []
+    return actions, [join(divert_dir, p) for p in raw["diverted"]] if divert_column else []
+
+
+# ---------------------------------------------------------------------------------------------- reading
+class _FileGroup(InputPartition):
+    def __init__(self, files: list):
+        self.files = files  # [uri, {partition column: value as text or None}]
+
+
+class _Reader(DataSourceReader):
+    def __init__(self, options: dict, schema):
+        from pyspark.sql.pandas.types import to_arrow_schema
+
+        self.files = json.loads(options["files"])
+        self.fs_options = json.loads(options.get("fs_options") or "{}")
+        # the batches must carry exactly the Arrow schema Spark derives from the DataFrame's schema
+        self.schema = to_arrow_schema(schema, timezone="UTC")
+        self.files_per_task = max(1, int(options.get("files_per_task", "1")))
+
+    def partitions(self):
+        n = self.files_per_task
+        return [_FileGroup(self.files[i:i + n]) for i in range(0, len(self.files), n)]
+
+    def read(self, partition):
+        """Each file's record batches, its partition values as constant columns, columns the file lacks
+        (added to the table later) as nulls, all cast to the table's schema."""
+        for uri, pvals in partition.files:
+            fs, path = filesystem(uri, self.fs_options)
+            pf = pq.ParquetFile(fs.open_input_file(path))
+            stored = set(pf.schema_arrow.names)
+            cols = [f.name for f in self.schema if f.name in stored and f.name not in pvals]
+            for b in pf.iter_batches(columns=cols):
+                out = []
+                for f in self.schema:
+                    if f.name in pvals:
+                        v = pvals[f.name]
+                        out.append(pa.nulls(b.num_rows, f.type) if v is None
+                                   else pa.array([v] * b.num_rows, pa.string()).cast(f.type))
+                    elif f.name in stored:
+                        out.append(b.column(f.name).cast(f.type, safe=False))
+                    else:
+                        out.append(pa.nulls(b.num_rows, f.type))
+                yield pa.RecordBatch.from_arrays(out, schema=self.schema)
+
+
+class DeltaFilesReadSource(DataSource):
+    """``spark.read.format("slimrec_delta_read")``: the given data files of a Delta snapshot, read by the
+    executors with pyarrow's filesystems (local disk, S3, GCS, Azure: no Hadoop connector jars), one task per
+    ``files_per_task`` files. :meth:`slimrec.lake.Lake.read_spark` fills the options from delta-rs."""
+
+    @classmethod
+    def name(cls):
+        return "slimrec_delta_read"
+
+    def reader(self, schema):
+        return _Reader(self.options, schema)
+
+
+def read_files(spark, files: list[tuple[str, dict]], spark_schema, fs_options: dict | None = None,
+               files_per_task: int = 1):
+    """A DataFrame over Delta data ``files`` ([uri, partition values]) through :class:`DeltaFilesReadSource`."""
+    def text(v):
+        return None if v is None else v.isoformat() if hasattr(v, "isoformat") else str(v)
+
+    payload = [[uri, {k: text(v) for k, v in pv.items()}] for uri, pv in files]
+    return (spark.read.format("slimrec_delta_read").schema(spark_schema)
+            .option("files", json.dumps(payload)).option("fs_options", json.dumps(fs_options or {}))
+            .option("files_per_task", str(files_per_task)).load())

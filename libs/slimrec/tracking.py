@@ -80,13 +80,13 @@ _BAD_NAME_CHARS = re.compile(r"[^\w./\- ]+")
 
 
 # ---------------------------------------------------------------------------------------------- config
-def resolve_uri(tcfg: TrackingConfig, lake_root: str) -> str | None:
+def resolve_uri(tcfg: TrackingConfig, lake_root: str | Path) -> str | None:
     """The tracking URI for MLflow, or None when tracking is off.
 
     A URI with a scheme is kept (``http://host:5000``, ``sqlite:////srv/mlflow.db``, ``databricks``); a file
-    path becomes a local SQLite store, a relative one under the lake root (``_mlflow/mlflow.db`` ->
-    ``sqlite:////.../lake/_mlflow/mlflow.db``), or under the current directory when the lake is an object
-    store.
+    path becomes a local SQLite store, a relative one under ``lake_root`` (:attr:`slimrec.lake.Lake.local_root`:
+    the lake root, or for an object-store lake its local folder; ``_mlflow/mlflow.db`` ->
+    ``sqlite:////.../lake/_mlflow/mlflow.db``).
     """
     uri = (tcfg.mlflow_uri or "").strip()
     if not uri:
@@ -95,8 +95,7 @@ def resolve_uri(tcfg: TrackingConfig, lake_root: str) -> str | None:
         return uri
     path = Path(uri).expanduser()
     if not path.is_absolute():
-        remote_lake = "://" in lake_root and not lake_root.startswith("file://")
-        path = (Path.cwd() if remote_lake else Path(lake_root)) / path
+        path = Path(str(lake_root).removeprefix("file://")) / path
     return f"sqlite:///{path.resolve()}"
 
 
@@ -105,7 +104,7 @@ def local_database(uri: str) -> Path | None:
     return Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
 
 
-def check_tracking(tcfg: TrackingConfig, lake_root: str) -> None:
+def check_tracking(tcfg: TrackingConfig, lake_root: str | Path) -> None:
     """Fail before the pipeline runs (ConfigError) when tracking is on but cannot work here."""
     uri = resolve_uri(tcfg, lake_root)
     if uri is None:
@@ -428,7 +427,7 @@ def track_command(ctx, command: str, report_paths: dict[str, Path] | None = None
     id, or None when tracking is off or failed. Never raises: a failure is one warning, and the lake, which
     already holds everything, is untouched."""
     tcfg = ctx.cfg.tracking
-    uri = resolve_uri(tcfg, ctx.lake.root)
+    uri = resolve_uri(tcfg, ctx.lake.local_root)
     if uri is None or ctx.dry_run:
         return None
     t0 = time.perf_counter()

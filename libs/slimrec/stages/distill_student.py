@@ -157,7 +157,7 @@ def run(ctx: StageContext) -> StageResult:
         log.info("distill_student dry run: %s", extra)
         return StageResult(STAGE, rows_in=len(pairs), extra=extra)
 
-    root = models_dir(cfg, lake.root)
+    root = models_dir(cfg, lake.local_root)
     items = lake.read_pandas("items", version=inputs["items"]) if inputs["items"] is not None else None
     # The base's corpus is the catalogue plus the pairs' own prompts and answers, not every prompt: prompts of
     # users without a teacher answer change daily and would rebuild the base (and retrain) for nothing.

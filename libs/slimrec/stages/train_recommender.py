@@ -111,8 +111,9 @@ def run(ctx: StageContext) -> StageResult:
         log.info("%s: dry run: would train %d (backbone, seed) groups; missing %s", STAGE, len(groups), missing)
         return StageResult(STAGE, {t: None for t in OUTPUTS}, rows_in=data.n_users, skipped=True, extra=extra)
 
-    # A relative artifacts_dir lives under the lake root, not wherever the command was started.
-    artifacts = Path(cfg.artifacts_dir) if Path(cfg.artifacts_dir).is_absolute() else Path(ctx.lake.root) / cfg.artifacts_dir
+    # A relative artifacts_dir lives under the lake root (its local folder for an object-store lake), not
+    # wherever the command was started.
+    artifacts = Path(cfg.artifacts_dir) if Path(cfg.artifacts_dir).is_absolute() else ctx.lake.local_root / cfg.artifacts_dir
     res = run_experiment(data, cfg, ctx.run_id, artifacts, ray_address=ctx.cfg.ray_address)
     finished = datetime.now(tz=UTC)
     per_user = artifacts / ctx.run_id / PER_USER_FILE

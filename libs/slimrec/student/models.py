@@ -2,7 +2,7 @@
 
 Paths: ``<models_dir>/tiny-llama-*`` (built bases), ``<models_dir>/student/<model_version>/adapter``
 (registered adapters), ``<models_dir>/student_runs/<model_version>`` (Ray Train runs and
-checkpoints). ``models_dir`` is ``student.models_dir`` or ``<lake root>/_models``.
+checkpoints). ``models_dir`` is ``student.models_dir`` or ``<lake local root>/_models``.
 
 Nothing is downloaded: ``HF_HUB_OFFLINE=1`` is set before transformers is
 imported here, and a Hugging Face name must already be in the local cache.
@@ -26,13 +26,15 @@ def set_offline() -> None:
         os.environ.setdefault(k, v)
 
 
-def models_dir(cfg: StudentConfig, lake_root: str) -> Path:
-    """``student.models_dir`` or ``<lake root>/_models`` (a local folder: models are loaded from paths)."""
+def models_dir(cfg: StudentConfig, local_root: str | Path) -> Path:
+    """``student.models_dir`` or ``<local root>/_models`` (a folder: models are loaded from paths).
+
+    ``local_root`` is :attr:`slimrec.lake.Lake.local_root`: the lake root on local disk, ``lake.local_dir``
+    (or a folder under the current directory) for an object-store lake.
+    """
     if cfg.models_dir:
         return Path(cfg.models_dir).expanduser().resolve()
-    if "://" in lake_root and not lake_root.startswith("file://"):
-        raise ValueError(f"lake root {lake_root} is remote: set student.models_dir to a local or shared folder")
-    return Path(lake_root.removeprefix("file://")) / "_models"
+    return Path(str(local_root).removeprefix("file://")) / "_models"
 
 
 def adapter_dir(root: Path, model_version: str) -> Path:
