@@ -20,7 +20,7 @@ import time
 from bench.common import RESULTS, format_rows, git_commit
 from bench.docs import write_benchmarks_md
 
-BENCHES = ["foundation", "teacher", "student", "embed", "recommender"]
+BENCHES = ["foundation", "object_store", "teacher", "student", "embed", "recommender"]
 
 
 def main() -> int:

@@ -70,3 +70,15 @@ def test_student_seed_rows_give_the_mean_and_the_spread_over_seeds():
     assert u["case"] == "3 student seeds (1, 2, 3)" and u["value"] == pytest.approx(0.99)
     assert u["spread"] == "sd 0.01; per seed 1, 0.99, 0.98"
     assert rows["held-out step-3 recall, student"]["spread"].startswith("sd 0.1; per seed 0.2, 0.3, 0.4")
+
+
+def test_a_benchmark_without_results_here_keeps_its_last_section(tmp_path):
+    """Results files stay where a benchmark ran: rerunning one elsewhere must not erase the others."""
+    old = ("# Benchmarks\n\nintro\n\n## foundation\n\n- date: 2026-01-01\n\n| case |\n|---|\n| x |\n\n"
+           "## teacher\n\n- date: old\n")
+    (tmp_path / "teacher.json").write_text(json.dumps({"bench": "teacher", "at": "2026-02-02", "rows": []}))
+    page = benchmarks_markdown(tmp_path, old)
+    assert "## foundation\n\n- date: 2026-01-01\n\n| case |\n|---|\n| x |\n" in page
+    assert "- date: 2026-02-02" in page and "- date: old" not in page
+    assert "bench.foundation" not in page.split("## foundation")[0]  # not listed as never run
+    assert page.index("## foundation") < page.index("## teacher")

@@ -78,7 +78,9 @@ def _fail(exc: BaseException, lake: str | None) -> None:
     if isinstance(exc, _known_errors()):
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2)
-    logdir = Path(lake or ".") / "_logs"
+    from slimrec.lake import local_root_for
+
+    logdir = local_root_for(lake or ".") / "_logs"  # an object-store lake's tracebacks go to its local folder
     logdir.mkdir(parents=True, exist_ok=True)
     path = logdir / f"error-{date.today().isoformat()}-{os.getpid()}.log"
     path.write_text("".join(traceback.format_exception(exc)))

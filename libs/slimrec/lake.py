@@ -117,6 +117,18 @@ class CommitInfo:
 _is_remote = is_remote
 
 
+def local_root_for(root: str, local_dir: str | None = None) -> Path:
+    """:attr:`Lake.local_root` of a lake at ``root``."""
+    if not _is_remote(root):
+        return Path(str(root).removeprefix("file://")).expanduser().resolve()
+    if local_dir:
+        return Path(local_dir).expanduser().resolve()
+    from urllib.parse import urlparse
+
+    u = urlparse(root)
+    return (Path.cwd() / ".slimrec-local" / u.netloc / u.path.strip("/")).resolve()
+
+
 @contextmanager
 def _concurrent_commit(table: str):
     """A commit that lost the race for its Delta version to another writer becomes a clear LakeError
@@ -158,14 +170,7 @@ class Lake:
         tracking store): the lake root itself on local disk; for an object-store lake ``lake.local_dir``, or
         ``.slimrec-local/<bucket>/<prefix>`` under the current directory. On a multi-node cluster it must
         be a folder every node shares (docs/clusters.md)."""
-        if not self.is_remote:
-            return Path(self.root)
-        if self._local_dir:
-            return Path(self._local_dir).expanduser().resolve()
-        from urllib.parse import urlparse
-
-        u = urlparse(self.root)
-        return (Path.cwd() / ".slimrec-local" / u.netloc / u.path.strip("/")).resolve()
+        return local_root_for(self.root, self._local_dir)
 
     # ------------------------------------------------------------------ locating
     def path(self, table: str) -> str:
