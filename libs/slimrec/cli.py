@@ -80,7 +80,7 @@ def _fail(exc: BaseException, lake: str | None) -> None:
         raise typer.Exit(2)
     from slimrec.lake import local_root_for
 
-    logdir = local_root_for(lake or ".") / "_logs"  # an object-store lake's tracebacks go to its local folder
+    logdir = local_root_for(lake or ".") / "_logs"  # an object-store lake's local folder
     logdir.mkdir(parents=True, exist_ok=True)
     path = logdir / f"error-{date.today().isoformat()}-{os.getpid()}.log"
     path.write_text("".join(traceback.format_exception(exc)))
@@ -163,7 +163,8 @@ class _Command:
     def __exit__(self, exc_type, exc, tb) -> bool:
         _close(self.ctx)
         if isinstance(exc, Exception) and not isinstance(exc, (typer.Exit, typer.BadParameter)):
-            _fail(exc, self.lake)  # raises typer.Exit with the one-line message
+            # raises typer.Exit with the one-line message; the traceback goes to the lake's local folder
+            _fail(exc, str(self.ctx.lake.local_root) if self.ctx is not None else self.lake)
         return False
 
 

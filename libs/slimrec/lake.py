@@ -229,8 +229,9 @@ class Lake:
             return self.spark_reader
         return "parquet" if not self.is_remote or self.root.startswith(("hdfs://", "dbfs:/")) else "datasource"
 
-    def read_spark(self, spark, table: str, version: int | None = None):
-        """A Spark DataFrame over the table's files at ``version`` (executors read in parallel).
+    def read_spark(self, spark, table: str, version: int | None = None, only_files: tuple[str, ...] | None = None):
+        """A Spark DataFrame over the table's files at ``version`` (executors read in parallel); with
+        ``only_files`` (URIs as :meth:`file_uris` gives them), over those of them only.
 
         ``lake.spark_reader``: ``parquet`` is Spark's own reader (local disk, or a scheme the cluster's
         Hadoop serves); ``datasource`` reads the files listed by delta-rs with pyarrow's filesystems on the
@@ -248,10 +249,15 @@ class Lake:
             files = [(p if "://" in p or p.startswith("/") else join(uri, p),
                       {c.removeprefix("partition."): row[c] for c in pcols})
                      for p, row in zip(adds.column("path").to_pylist(), adds.select(pcols).to_pylist(), strict=True)]
+            if only_files is not None:
+                from urllib.parse import unquote
+
+                wanted = {unquote(f) for f in only_files}
+                files = [f for f in files if unquote(f[0]) in wanted]
             if not files:
                 return spark.createDataFrame([], s.spark_schema())
             return read_files(spark, files, s.spark_schema(), self.fs_options)
-        files = self.file_uris(table, version)
+        files = self.file_uris(table, version) if only_files is None else list(only_files)
         if not files:
             return spark.createDataFrame([], s.spark_schema())
         reader = spark.read.schema(s.spark_schema())

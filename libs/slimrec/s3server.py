@@ -119,8 +119,12 @@ class S3Server:
                 saved = {k: os.environ.get(k) for k in self.env}
                 os.environ.update(self.env)
                 try:
+                    import pyarrow.fs as pafs
+
                     fs, path = filesystem(f"s3://{self.bucket}/")
-                    fs.get_file_info(path)  # the bucket exists and the credentials are accepted
+                    # the credentials are accepted and the bucket exists (weed makes it just after it starts)
+                    if fs.get_file_info(path).type != pafs.FileType.Directory:
+                        raise OSError(f"bucket {self.bucket} not there yet")
                 finally:
                     for k, v in saved.items():
                         if v is None:

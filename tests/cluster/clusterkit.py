@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -409,3 +410,33 @@ def visible_state(lake) -> dict[str, dict]:
                       keys=set(map(tuple, df[key_of(s)].map(_norm).values.tolist())) if len(df) else set())
     con.close()
     return out
+
+
+def place_lake(src: Path, where: str, tmp_path: Path, request) -> str:
+    """A copy of the lake folder ``src`` on local disk (``where="local"``) or on the session's S3 server
+    (``"s3"``: uploaded under a fresh prefix); the new lake's root."""
+    if where == "local":
+        shutil.copytree(src, tmp_path / "lake")
+        return str(tmp_path / "lake")
+    import uuid
+
+    import pyarrow.fs as pafs
+    from slimrec.storage import filesystem
+
+    server = request.getfixturevalue("s3_server")
+    uri = f"s3://{server.bucket}/cluster-{uuid.uuid4().hex[:8]}/lake"
+    fs, path = filesystem(uri)
+    pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return uri
+
+
+def lake_files(root: str):
+    """(path, bytes) of every file under a lake root, local or on an object store."""
+    import pyarrow.fs as pafs
+    from slimrec.storage import filesystem
+
+    fs, path = filesystem(root)
+    for info in fs.get_file_info(pafs.FileSelector(path, recursive=True)):
+        if info.type == pafs.FileType.File:
+            with fs.open_input_stream(info.path) as f:
+                yield info.path, f.read()

@@ -15,11 +15,21 @@ to anyone).
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 
 import pytest
-from clusterkit import RUN_DATE, VENV_BIN, Procs, free_ports, http_json, project_env, run, wait_for
+from clusterkit import (
+    RUN_DATE,
+    VENV_BIN,
+    Procs,
+    free_ports,
+    http_json,
+    lake_files,
+    place_lake,
+    project_env,
+    run,
+    wait_for,
+)
 from slimrec.lake import Lake
 from slimrec.teacher.fake_server import FakeOpenAIServer
 
@@ -77,11 +87,14 @@ def _submit(cluster, sid: str, entrypoint: list[str], log) -> dict:
     return info
 
 
-def test_ray_stages_run_unchanged_under_ray_job_submit(ray_cluster, prompted_lake, tmp_path):
-    lake_dir = tmp_path / "lake"
-    shutil.copytree(prompted_lake, lake_dir)
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_ray_stages_run_unchanged_under_ray_job_submit(ray_cluster, prompted_lake, tmp_path, where, request):
+    """On local disk and on a real S3 server (the nodes take the endpoint and credentials from their
+    environment, as they take the teacher's key)."""
+    lake_dir = place_lake(prompted_lake, where, tmp_path, request)
     log = tmp_path / "jobs.log"
-    common = ["--lake", str(lake_dir), "--profile", "tiny", "--run-date", RUN_DATE.isoformat(), "--no-check"]
+    common = ["--lake", str(lake_dir), "--profile", "tiny", "--run-date", RUN_DATE.isoformat(), "--no-check",
+              "--set", f"lake.local_dir={tmp_path / 'local'}"]
     tag = ray_cluster["dir"].name
     with FakeOpenAIServer(api_key=KEY) as srv:
         teacher = _submit(ray_cluster, f"teacher-{tag}", [
@@ -115,6 +128,5 @@ def test_ray_stages_run_unchanged_under_ray_job_submit(ray_cluster, prompted_lak
     # The key travelled in the nodes' environment only: not in the job records, logs or tables.
     for text in (json.dumps(teacher), json.dumps(embed), logs):
         assert KEY not in text
-    for p in lake_dir.rglob("*"):
-        if p.is_file():
-            assert KEY.encode() not in p.read_bytes(), p
+    for path, data in lake_files(str(lake_dir)):
+        assert KEY.encode() not in data, path

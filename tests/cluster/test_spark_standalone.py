@@ -15,7 +15,6 @@ profiles through importlib.resources, so they load from inside the zip.
 
 from __future__ import annotations
 
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from clusterkit import (
     compare_lakes,
     free_ports,
     http_json,
+    place_lake,
     project_env,
     run,
     wait_for,
@@ -82,9 +82,11 @@ def _py_files(dest: Path) -> Path:
     return z
 
 
-def test_spark_stages_run_unchanged_under_spark_submit(spark_cluster, ingested_lake, prompted_lake, tmp_path):
-    lake_dir = tmp_path / "lake"
-    shutil.copytree(ingested_lake, lake_dir)
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_spark_stages_run_unchanged_under_spark_submit(spark_cluster, ingested_lake, prompted_lake, tmp_path, where,
+                                                       request):
+    """On local disk and on a real S3 server: the cluster's executors write and read the lake themselves."""
+    lake_dir = place_lake(ingested_lake, where, tmp_path, request)
     log = tmp_path / "submit.log"
     apps = {}
     for job, stage in (("user_sequences", "build_sequences"), ("prompts", "build_prompts")):
@@ -95,7 +97,7 @@ def test_spark_stages_run_unchanged_under_spark_submit(spark_cluster, ingested_l
                  "--conf", "spark.driver.host=127.0.0.1", "--conf", "spark.ui.enabled=false",
                  str(REPO / "jobs" / f"{job}.py"),
                  "--lake", str(lake_dir), "--profile", "tiny", "--run-date", RUN_DATE.isoformat(),
-                 "--set", f"spark.app_name={app_name}", "--no-check"],
+                 "--set", f"spark.app_name={app_name}", "--set", f"lake.local_dir={tmp_path / 'local'}", "--no-check"],
                 env=spark_cluster["env"], timeout_s=600, log=log)
         out = r.stdout + r.stderr  # spark-submit sends the Python driver's stderr to its stdout
         assert r.returncode == 0, f"spark-submit {job}.py failed:\n{out[-3000:]}"

