@@ -65,3 +65,25 @@ def test_second_refresh_on_s3_commits_nothing(s3_refreshed):
     assert s3_refreshed["v2"] == s3_refreshed["v1"]
     changed = {t for t, v in s3_refreshed["v1"].items() if s3_refreshed["v0"].get(t) != v}
     assert {"interactions", "user_sequences", "prompts", "recommendations"} <= changed
+
+
+def test_the_secret_key_is_written_nowhere(refreshed, s3_refreshed):
+    """The S3 secret lives in the environment only: not in any lake object, report, log or local file."""
+    import os
+    from pathlib import Path
+
+    import pyarrow.fs as pafs
+    from slimrec.storage import filesystem
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"].encode()
+    fs, path = filesystem(s3_refreshed["lake"].root)
+    objects = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True)) if i.type == pafs.FileType.File]
+    assert objects
+    for info in objects:
+        with fs.open_input_stream(info.path) as f:
+            assert secret not in f.read(), info.path
+    local = [p for d in ("s3-local", "s3-r0", "s3-r1", "s3-r2") for p in Path(refreshed["root"], d).rglob("*")
+             if p.is_file()]
+    assert local
+    for p in local:
+        assert secret not in p.read_bytes(), p
