@@ -251,15 +251,14 @@ def run(
         if dry_run:
             _dry_run(cmd, lake, profile, config, set_, run_date, start, stop)
             return
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, force=force)
         if dataset is None and start in (None, "ingest"):
             from slimrec.ingest import IngestError
-            from slimrec.lake import Lake
 
-            if not Lake(lake).exists("interactions"):
+            if not ctx.lake.exists("interactions"):  # through the lake's configured storage settings
                 raise IngestError(f"{lake} holds no ingested data: pass --dataset DIR")
             typer.echo(f"no --dataset: {lake} is already ingested, so the run starts at build_sequences", err=True)
             start = "build_sequences"
-        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset, force=force)
         from slimrec.pipeline import run_pipeline
         from slimrec.report import (
             format_metrics,
@@ -486,14 +485,13 @@ def experiment_planted(
         except ValueError:
             raise ConfigError(f"--precisions {precisions!r} is not a comma-separated list of numbers") from None
         start = None
+        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset)
         if dataset is None:
             from slimrec.ingest import IngestError
-            from slimrec.lake import Lake
 
-            if not Lake(lake).exists("interactions"):
+            if not ctx.lake.exists("interactions"):
                 raise IngestError(f"{lake} holds no ingested data: pass --dataset DIR")
             start = "build_sequences"
-        ctx = cmd.ctx = _context(lake, profile, config, set_, run_date, dataset=dataset)
         from slimrec.planted_experiment import format_checks, format_curve, run_planted, write_pages
 
         def config_for(extra: list[str]):

@@ -6,7 +6,7 @@ turns one description into each of them:
 
 * the standard environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
   ``AWS_SESSION_TOKEN``, ``AWS_REGION``, ``AWS_ENDPOINT_URL``, ``AWS_ALLOW_HTTP``; Google's and
-  Azure's own for ``gs://`` and ``az://``), which is where secrets belong;
+  Azure's own for ``gs://`` and ``abfss://``), which is where secrets belong;
 * ``lake.storage_options`` in the config, for the settings that are not secret (an endpoint, a
   region). A key that names a secret is refused there (:func:`check_storage_options`), so a config
   file, a log line or a table never carries one.
@@ -40,7 +40,7 @@ class StorageError(ValueError):
 
 
 def is_remote(uri: str) -> bool:
-    """True for an object-store URI (``s3://``, ``gs://``, ``az://``...); local paths and ``file://`` are not."""
+    """True for an object-store URI (``s3://``, ``gs://``, ``abfss://``...); local paths and ``file://`` are not."""
     return "://" in str(uri) and not str(uri).startswith("file://")
 
 
