@@ -35,7 +35,7 @@ run of :meth:`BatchTeacher.answer`:
    run. A prompt's row is yielded once, when it is final: its ``attempts`` count
    every request of the run, and a failure keeps the earlier reasons.
 
-Why aiohttp and not the ``openai`` SDK (a dependency too): the synchronous
+Why aiohttp and not the ``openai`` SDK (not a dependency): the synchronous
 path already speaks this API through aiohttp with the project's retry rules
 and key redaction, and the SDK retries every request on its own (twice by
 default, without an idempotency key), the batch create included (a create
