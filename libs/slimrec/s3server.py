@@ -87,7 +87,8 @@ class S3Server:
 
     def start(self) -> S3Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        # -logdir: weed's own log files go to the data folder, not /tmp
+        args = [weed_binary(), "-logdir", str(self.data_dir), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-bucket={self.bucket}", "-admin.ui=false", "-webdav=false",
                 *(f"-{flag}={port}" for flag, port in self.ports.items())]
         env = os.environ | {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
