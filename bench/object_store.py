@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -34,14 +35,6 @@ from bench.common import PeakRSS, record, row
 
 RUN_DATE = date(2024, 1, 15)
 CASES = [("local", "parquet"), ("local", "datasource"), ("s3", "datasource")]
-
-
-def _copy_table(src_path: str, dst_uri: str) -> None:
-    import pyarrow.fs as pafs
-    from slimrec.storage import filesystem
-
-    dst_fs, dst = filesystem(dst_uri)
-    pafs.copy_files(src_path, dst, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=dst_fs)
 
 
 def _fingerprint(lake) -> tuple[int, list[str]]:
@@ -77,6 +70,7 @@ def main() -> int:
         from slimrec.pipeline import run_stage
         from slimrec.spark import get_spark
         from slimrec.stages.base import StageContext
+        from slimrec.storage import upload_folder
 
         cfg = load_config("dev", None, ["ingest.format=events"])
         spark = get_spark(cfg.spark)
@@ -97,12 +91,10 @@ def main() -> int:
                 root = str(work / f"lake-{where}-{reader}-{k}") if where == "local" else f"s3://{server.bucket}/run{k}/lake"
                 lake = Lake(root, spark_reader=reader)
                 if where == "local":
-                    import shutil
-
                     shutil.copytree(src.path("interactions"), lake.path("interactions"))
                 else:
                     t0 = time.perf_counter()
-                    _copy_table(src.path("interactions"), lake.path("interactions"))
+                    upload_folder(src.path("interactions"), lake.path("interactions"))
                     uploads.append(time.perf_counter() - t0)
                 ctx = StageContext(cfg=cfg, lake=lake, run_date=RUN_DATE, dataset_dir=str(dataset), _spark=spark)
                 with PeakRSS() as mem:

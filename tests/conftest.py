@@ -15,11 +15,11 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # The object-store tests' S3 server (fixture ``s3_server``) gets its port now, before any engine starts:
 # Spark's Python workers and Ray's workers inherit the environment of the process that started them, and
 # take their endpoint and credentials from it as they would on a cluster.
-from slimrec.s3server import S3Server, free_ports  # noqa: E402 - after the environment above
+from slimrec.s3server import S3Server, client_env, free_ports  # noqa: E402 - after the environment above
 
 S3_PORT = free_ports(1)[0]
-_s3 = S3Server("unused", s3_port=S3_PORT)
-for _k, _v in _s3.env.items():
+S3_ENDPOINT = f"http://127.0.0.1:{S3_PORT}"
+for _k, _v in client_env(S3_ENDPOINT).items():
     os.environ.setdefault(_k, _v)
 
 
@@ -46,7 +46,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """A SeaweedFS S3 server on 127.0.0.1 (bucket ``slim``) for the whole session."""
-    if os.environ.get("AWS_ENDPOINT_URL") != _s3.endpoint:
+    if os.environ.get("AWS_ENDPOINT_URL") != S3_ENDPOINT:
         pytest.fail("AWS_ENDPOINT_URL was set before the tests started: the object-store tests need their own server")
     with S3Server(tmp_path_factory.mktemp("s3"), s3_port=S3_PORT) as s3:
         yield s3

@@ -114,12 +114,9 @@ class CommitInfo:
         return CommitProperties(custom_metadata=md)
 
 
-_is_remote = is_remote
-
-
 def local_root_for(root: str, local_dir: str | None = None) -> Path:
     """:attr:`Lake.local_root` of a lake at ``root``."""
-    if not _is_remote(root):
+    if not is_remote(root):
         return Path(str(root).removeprefix("file://")).expanduser().resolve()
     if local_dir:
         return Path(local_dir).expanduser().resolve()
@@ -147,7 +144,7 @@ class Lake:
                  spark_reader: str = "auto"):
         self.target_file_rows = target_file_rows  # rows per Parquet file an executor writes, at most
         root = str(root)
-        self.root = root.rstrip("/") if _is_remote(root) else str(Path(root).expanduser().resolve())
+        self.root = root.rstrip("/") if is_remote(root) else str(Path(root).expanduser().resolve())
         # the configured (non-secret) settings, for pyarrow's filesystems; delta-rs gets them with the
         # commit-safety choice (slimrec.storage)
         self.fs_options = dict(storage_options or {})
@@ -162,7 +159,7 @@ class Lake:
 
     @property
     def is_remote(self) -> bool:
-        return _is_remote(self.root)
+        return is_remote(self.root)
 
     @property
     def local_root(self) -> Path:
@@ -479,7 +476,7 @@ class Lake:
         from slimrec.spark_delta import collect_add_actions, collect_mapped_add_actions
 
         uri = self.path(table)
-        Path(uri).mkdir(parents=True, exist_ok=True) if not _is_remote(uri) else None
+        Path(uri).mkdir(parents=True, exist_ok=True) if not is_remote(uri) else None
         if mapped is None:
             actions, diverted = collect_add_actions(df, uri, s, self.target_file_rows, *(divert or (None, None)),
                                                     fs_options=self.fs_options)
@@ -551,7 +548,7 @@ class Lake:
         dies, so a killed run never leaves a stale lock. (Local and POSIX-shared file systems; on an
         object store, serialise runs in the scheduler instead.)
         """
-        if _is_remote(self.root):
+        if is_remote(self.root):
             yield
             return
         d = Path(self.root) / "_locks"
@@ -582,7 +579,7 @@ class Lake:
         return f"{self.root.rstrip('/')}/_runs/{run_id}.json"
 
     def _read_record(self, path: str) -> dict[str, Any] | None:
-        if _is_remote(path):
+        if is_remote(path):
             import pyarrow.fs as pafs
 
             fs, p = filesystem(path, self.fs_options)
@@ -598,7 +595,7 @@ class Lake:
     def _write_record(self, path: str, record: dict[str, Any]) -> None:
         """Replace the JSON file at ``path`` atomically (a reader sees the old or the new record)."""
         data = json.dumps(record, sort_keys=True, default=str)
-        if _is_remote(path):
+        if is_remote(path):
             fs, p = filesystem(path, self.fs_options)
             with fs.open_output_stream(p) as f:  # object-store PUTs are atomic
                 f.write(data.encode())

@@ -37,6 +37,13 @@ _PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.gr
                "admin.port", "admin.port.grpc", "webdav.port")
 
 
+def client_env(endpoint: str) -> dict[str, str]:
+    """What a client of the server at ``endpoint`` needs: delta-rs, pyarrow and DuckDB (through
+    :mod:`slimrec.storage`) all read these."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+
+
 class S3ServerError(RuntimeError):
     """The server's binary is missing, or it did not come up."""
 
@@ -81,9 +88,7 @@ class S3Server:
 
     @property
     def env(self) -> dict[str, str]:
-        """What a client needs: delta-rs, pyarrow and DuckDB (through :mod:`slimrec.storage`) all read these."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-                "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+        return client_env(self.endpoint)
 
     def start(self) -> S3Server:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -101,8 +106,10 @@ class S3Server:
         return self
 
     def _wait_ready(self) -> None:
-        from slimrec.storage import filesystem
+        import pyarrow.fs as pafs
 
+        fs = pafs.S3FileSystem(access_key=ACCESS_KEY, secret_key=SECRET_KEY, region="us-east-1", scheme="http",
+                               endpoint_override=self.endpoint.removeprefix("http://"))
         deadline = time.monotonic() + self.startup_timeout
         last = ""
         while time.monotonic() < deadline:
@@ -117,21 +124,9 @@ class S3Server:
                 time.sleep(0.3)
                 continue
             try:
-                saved = {k: os.environ.get(k) for k in self.env}
-                os.environ.update(self.env)
-                try:
-                    import pyarrow.fs as pafs
-
-                    fs, path = filesystem(f"s3://{self.bucket}/")
-                    # the credentials are accepted and the bucket exists (weed makes it just after it starts)
-                    if fs.get_file_info(path).type != pafs.FileType.Directory:
-                        raise OSError(f"bucket {self.bucket} not there yet")
-                finally:
-                    for k, v in saved.items():
-                        if v is None:
-                            os.environ.pop(k, None)
-                        else:
-                            os.environ[k] = v
+                # the credentials are accepted and the bucket exists (weed makes it just after it starts)
+                if fs.get_file_info(self.bucket).type != pafs.FileType.Directory:
+                    raise OSError(f"bucket {self.bucket} not there yet")
                 return
             except OSError as e:
                 last = str(e)

@@ -92,6 +92,20 @@ def _setting(options: dict[str, str], *names: str) -> str | None:
     return None
 
 
+def _endpoint(options: dict[str, str]):
+    """The S3 endpoint from ``options`` or the environment, parsed (a bare host:port takes http when
+    ``AWS_ALLOW_HTTP`` is true, https otherwise), or None."""
+    endpoint = _setting(options, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "endpoint", "endpoint_url")
+    if not endpoint:
+        return None
+    allow_http = (_setting(options, "AWS_ALLOW_HTTP", "allow_http") or "").lower() in ("1", "true", "yes")
+    return urlparse(endpoint if "://" in endpoint else ("http://" if allow_http else "https://") + endpoint)
+
+
+def _region(options: dict[str, str]) -> str | None:
+    return _setting(options, "AWS_REGION", "AWS_DEFAULT_REGION", "region")
+
+
 def filesystem(uri: str, options: dict[str, str] | None = None) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path in it for ``uri`` (a local path, ``file://``, ``s3://``, ``gs://``...).
 
@@ -105,15 +119,11 @@ def filesystem(uri: str, options: dict[str, str] | None = None) -> tuple[pafs.Fi
     u = urlparse(uri)
     if u.scheme in ("s3", "s3a"):
         kw: dict = {}
-        endpoint = _setting(options, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "endpoint", "endpoint_url")
-        allow_http = (_setting(options, "AWS_ALLOW_HTTP", "allow_http") or "").lower() in ("1", "true", "yes")
-        if endpoint:
-            e = urlparse(endpoint if "://" in endpoint else ("http://" if allow_http else "https://") + endpoint)
-            kw["endpoint_override"] = e.netloc
-            kw["scheme"] = e.scheme
-        region = _setting(options, "AWS_REGION", "AWS_DEFAULT_REGION", "region")
-        if region:
-            kw["region"] = region
+        e = _endpoint(options)
+        if e:
+            kw |= {"endpoint_override": e.netloc, "scheme": e.scheme}
+        if _region(options):
+            kw["region"] = _region(options)
         return pafs.S3FileSystem(**kw), f"{u.netloc}{u.path}".rstrip("/")
     fs, path = pafs.FileSystem.from_uri(uri)
     return fs, path
@@ -141,11 +151,15 @@ def duckdb_secret_sql(uri: str, options: dict[str, str] | None = None) -> str | 
             parts.append(f"SESSION_TOKEN '{os.environ['AWS_SESSION_TOKEN']}'")
     else:
         parts.append("PROVIDER credential_chain")
-    region = _setting(options, "AWS_REGION", "AWS_DEFAULT_REGION", "region")
-    if region:
-        parts.append(f"REGION '{region}'")
-    endpoint = _setting(options, "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "endpoint", "endpoint_url")
-    if endpoint:
-        e = urlparse(endpoint if "://" in endpoint else "https://" + endpoint)
+    if _region(options):
+        parts.append(f"REGION '{_region(options)}'")
+    e = _endpoint(options)
+    if e:
         parts += [f"ENDPOINT '{e.netloc}'", "URL_STYLE 'path'", f"USE_SSL {'true' if e.scheme == 'https' else 'false'}"]
     return f"CREATE OR REPLACE SECRET slimrec_lake ({', '.join(parts)})"
+
+
+def upload_folder(src: str | os.PathLike, dst_uri: str, options: dict[str, str] | None = None) -> None:
+    """Copy the local folder ``src`` (a Delta table, a whole lake) to ``dst_uri``, file by file."""
+    fs, path = filesystem(dst_uri, options)
+    pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

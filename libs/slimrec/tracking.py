@@ -95,7 +95,7 @@ def resolve_uri(tcfg: TrackingConfig, lake_root: str | Path) -> str | None:
         return uri
     path = Path(uri).expanduser()
     if not path.is_absolute():
-        path = Path(str(lake_root).removeprefix("file://")) / path
+        path = Path(lake_root) / path
     return f"sqlite:///{path.resolve()}"
 
 

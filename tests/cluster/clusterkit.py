@@ -420,13 +420,11 @@ def place_lake(src: Path, where: str, tmp_path: Path, request) -> str:
         return str(tmp_path / "lake")
     import uuid
 
-    import pyarrow.fs as pafs
-    from slimrec.storage import filesystem
+    from slimrec.storage import upload_folder
 
     server = request.getfixturevalue("s3_server")
     uri = f"s3://{server.bucket}/cluster-{uuid.uuid4().hex[:8]}/lake"
-    fs, path = filesystem(uri)
-    pafs.copy_files(str(src), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    upload_folder(src, uri)
     return uri
 
 

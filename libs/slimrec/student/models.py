@@ -34,7 +34,7 @@ def models_dir(cfg: StudentConfig, local_root: str | Path) -> Path:
     """
     if cfg.models_dir:
         return Path(cfg.models_dir).expanduser().resolve()
-    return Path(str(local_root).removeprefix("file://")) / "_models"
+    return Path(local_root) / "_models"
 
 
 def adapter_dir(root: Path, model_version: str) -> Path:
