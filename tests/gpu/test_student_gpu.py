@@ -48,8 +48,8 @@ def gpu_adapter(tmp_path_factory):
     cfg = small_student_config(train={"epochs": 10, "min_steps": 0, "batch_size": 4, "learning_rate": 1e-2,
                                       "precision": "bf16"}, max_prompt_tokens=128,
                                infer={"max_new_tokens": 120, "batch_size": 8, "num_actors": 1, "cpus_per_actor": 0.5,
-                                      "torch_threads": 1, "write_batch_rows": 16, "step1_max_chars": 150,
-                                      "step2_max_chars": 100, "max_items": 2})
+                                      "torch_threads": 1, "write_batch_rows": 16, "step1_max_words": 12,
+                                      "step2_max_words": 8, "word_max_chars": 10, "max_items": 2})
     root = tmp_path_factory.mktemp("gpu_models")
     corpus = build_corpus(items, prompts["student_prompt"].tolist(), teacher["rationale"].tolist(), cfg.tiny)
     base, _ = ensure_tiny_model(root, corpus, cfg.tiny)

@@ -20,7 +20,7 @@ def catalogue():
 
     items = items_frame()
     ct = CatalogueTitles(items, 100)
-    shape = RationaleShape(step1_max_chars=60, step2_max_chars=40, max_items=2)
+    shape = RationaleShape(step1_max_words=10, step2_max_words=6, word_max_chars=8, max_items=2)
     return items, ct, grammar_ebnf(shape, ct.titles), max_new_tokens(shape, ct.titles)
 
 

@@ -78,17 +78,22 @@ def test_trie_grammar_accepts_exactly_the_titles(tokenizer):
 
 def test_bounds_and_punctuation_of_the_declared_shape(tokenizer):
     titles = _titles()
-    shape = RationaleShape(step1_max_chars=40, step2_max_chars=30, max_items=2)
+    shape = RationaleShape(step1_max_words=4, step2_max_words=3, word_max_chars=6, max_items=2)
     ebnf = grammar_ebnf(shape, titles)
-    ok = format_rationale("a" * 40, "b" * 30, [titles[0], titles[-1]])
-    assert _accepts(ebnf, tokenizer, ok)
-    assert len(ok.encode()) <= max_output_bytes(shape, titles)
+    longest = format_rationale(" ".join(["a" * 6] * 4), " ".join(["b" * 6] * 3), [titles[0], titles[-1]])
+    assert _accepts(ebnf, tokenizer, longest)
+    assert len(longest.encode()) <= max_output_bytes(shape, titles)
+    assert shape.step_max_chars(1) == 4 * 6 + 3 and shape.step_max_chars(2) == 3 * 6 + 2
     assert _accepts(ebnf, tokenizer, format_rationale("x", "y", []))  # "none stand out"
+    assert _accepts(ebnf, tokenizer, format_rationale("It's (2) a-b, ok.", "#1 ~x", [titles[0]]))  # punctuation
     rejected = [
-        format_rationale("a" * 41, "b", [titles[0]]),  # step 1 too long
-        format_rationale("a", "b" * 31, [titles[0]]),  # step 2 too long
+        format_rationale("a a a a a", "b", [titles[0]]),  # step 1: five words, at most four
+        format_rationale("a", "b b b b", [titles[0]]),  # step 2: four words, at most three
+        format_rationale("a" * 7, "b", [titles[0]]),  # a word of seven characters, at most six
         format_rationale("", "b", [titles[0]]),  # empty step
-        format_rationale(" a", "b", [titles[0]]),  # a step starts with a visible character
+        format_rationale(" a", "b", [titles[0]]),  # a step starts with a word
+        format_rationale("a  b", "b", [titles[0]]),  # one space between words
+        format_rationale("a ", "b", [titles[0]]),  # and none after the last
         format_rationale('say "hi"', "b", [titles[0]]),  # double quotes only around titles
         format_rationale("caf\u00e9", "b", [titles[0]]),  # free text is ASCII (one byte per character)
         format_rationale("a", "b", titles[:3]),  # three items, at most two
@@ -101,7 +106,7 @@ def test_bounds_and_punctuation_of_the_declared_shape(tokenizer):
 
 def test_strings_the_compiled_grammar_generates_parse_within_the_token_bound(tokenizer):
     titles = _titles()
-    shape = RationaleShape(step1_max_chars=60, step2_max_chars=50, max_items=3)
+    shape = RationaleShape(step1_max_words=8, step2_max_words=6, word_max_chars=8, max_items=3)
     ebnf = grammar_ebnf(shape, titles)
     bound = max_new_tokens(shape, titles)
     regex = shape_regex(shape)
@@ -131,7 +136,10 @@ def test_strings_the_compiled_grammar_generates_parse_within_the_token_bound(tok
         assert err is None, (err, text)
         assert re.fullmatch(regex, text), text  # the table expectation's regex holds what the grammar writes
         assert set(parsed.item_names) <= set(titles) and len(parsed.item_names) <= shape.max_items
-        assert len(parsed.step1) <= shape.step1_max_chars and len(parsed.step2) <= shape.step2_max_chars
+        for step, body in ((1, parsed.step1), (2, parsed.step2)):
+            words = body.split(" ")
+            assert len(words) <= (shape.step1_max_words if step == 1 else shape.step2_max_words), body
+            assert max(len(w) for w in words) <= shape.word_max_chars and len(body) <= shape.step_max_chars(step)
         seen_counts.add(len(parsed.item_names))
     assert seen_counts >= {1, 2}  # the walks reached more than one list length
 

@@ -133,7 +133,7 @@ def constraint(cfg: StudentConfig, items: pd.DataFrame) -> Constraint:
     if cfg.infer.engine == "vllm" and cfg.max_prompt_tokens + bound > cfg.vllm.max_model_len:
         raise StageError(f"student_rationales: prompt ({cfg.max_prompt_tokens}) + the grammar's longest rationale "
                          f"({bound} tokens) exceed vllm.max_model_len={cfg.vllm.max_model_len}; raise it or lower "
-                         "student.infer.step1_max_chars / step2_max_chars / max_items")
+                         "student.infer.step1_max_words / step2_max_words / word_max_chars / max_items")
     secs = time.perf_counter() - t0
     log.info("student_rationales: grammar over %d catalogue titles (%d items cannot be named), %s, "
              "max_new_tokens %d, %d EBNF chars, built in %.2f s", len(titles), titles.dropped, shape, bound,
