@@ -64,6 +64,22 @@ def test_a_constrained_actor_without_grammar_or_library_refuses_to_start(tiny_ba
         TransformersGenerator(base, None, infer, max_prompt_tokens=96, grammar=ebnf, max_new_tokens=bound)
 
 
+def test_an_answer_bound_beyond_the_models_context_is_warned_at_start(tiny_base, catalogue, caplog):
+    base, _, _ = tiny_base  # 512 positions
+    items, ct, ebnf, bound = catalogue
+    infer = InferSettings(torch_threads=1).model_dump(mode="json")
+    with caplog.at_level("WARNING", logger="slimrec.student.generate"):
+        TransformersGenerator(base, None, infer, max_prompt_tokens=96, grammar=ebnf, max_new_tokens=bound)
+    assert bound + 96 <= 512 and "exceed the base model's context" not in caplog.text
+    big = RationaleShape(step1_max_words=40, step2_max_words=20, word_max_chars=10, max_items=2)
+    big_bound = max_new_tokens(big, ct.titles)
+    assert big_bound + 96 > 512
+    with caplog.at_level("WARNING", logger="slimrec.student.generate"):
+        TransformersGenerator(base, None, infer, max_prompt_tokens=96, grammar=grammar_ebnf(big, ct.titles),
+                              max_new_tokens=big_bound)
+    assert f"longest answer ({big_bound} tokens) + the prompt (96) exceed the base model's context (512" in caplog.text
+
+
 def test_a_grammar_dead_end_ends_the_row_with_a_reason(tiny_base, catalogue):
     import torch
     from slimrec.student.constrain import StudentGrammar

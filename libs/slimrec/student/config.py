@@ -33,7 +33,9 @@ class TinyModelConfig(_Frozen):
     intermediate_size: int = Field(512, ge=16, description="Llama MLP inner size")
     num_layers: int = Field(4, ge=1, description="Llama decoder layers")
     num_heads: int = Field(3, ge=1, description="attention heads (head dim = hidden_size / num_heads; 64 suits vLLM kernels)")
-    max_position_embeddings: int = Field(1024, ge=64, description="longest prompt + answer the model takes, tokens")
+    max_position_embeddings: int = Field(
+        4096, ge=64, description="longest prompt + answer the model takes, tokens: holds the prompt and the "
+        "grammar's byte-safe bound of a constrained answer (dev: 160 + 2,857); rotary positions, so no weights grow")
     corpus_description_chars: int = Field(
         300, ge=0, description="item descriptions, cut to this many characters, join the catalogue text (0: none)"
     )

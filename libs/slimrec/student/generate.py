@@ -153,6 +153,12 @@ class TransformersGenerator:
         if self.grammar is not None:
             from slimrec.student.constrain import StudentGrammar
 
+            context = getattr(self.model.config, "max_position_embeddings", None)
+            if context and max_prompt_tokens + self.max_new_tokens > context:
+                log.warning("the grammar's longest answer (%d tokens) + the prompt (%d) exceed the base model's "
+                            "context (%d positions): an answer that long would run past it; lower "
+                            "student.infer.step1_max_words / step2_max_words / word_max_chars / max_items",
+                            self.max_new_tokens, max_prompt_tokens, context)
             vocab = int(self.model.get_output_embeddings().weight.shape[0])  # logits' last dim, (V,)
             self.grammar = StudentGrammar(grammar, self.tokenizer, vocab, threads=_threads(self.infer.torch_threads,
                                                                                            self.infer.num_actors))
