@@ -9,10 +9,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # bench/ is a folder of the checkout, not part of the installed package
+from bench.docs import benchmarks_markdown
 
-from bench.docs import benchmarks_markdown  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_page_names_date_machine_command_and_rows(tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,10 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # bench/ is a folder of the checkout, not part of the installed package
-
-from bench.foundation import (  # noqa: E402
+from bench.foundation import (
     OutputMismatch,
     _duck_connect,
     assert_same,

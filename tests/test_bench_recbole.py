@@ -6,20 +6,13 @@ user, order by time) written in pandas; the bench itself checks the real RecBole
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
+from slimrec.recommender.config import RecommenderConfig
+from slimrec.recommender.data import build_rec_data, split_leave_one_out
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # bench/ is a folder of the checkout, not part of the installed package
-
-from slimrec.recommender.config import RecommenderConfig  # noqa: E402
-from slimrec.recommender.data import build_rec_data, split_leave_one_out  # noqa: E402
-
-from bench.recbole import (  # noqa: E402
+from bench.recbole import (
     INTER_HEADER,
     check_split,
     inter_frame,

@@ -28,11 +28,10 @@ Free text (steps 1 and 2) is words of printable ASCII (no space, no double
 quote) separated by single spaces: every character is one byte, which keeps the
 token bound tight (any UTF-8 character would triple it). Its length is bounded
 in words and characters per word, not in characters per step: xgrammar masks a
-bounded run of characters (``[ -~]{0,379}``) by checking the vocabulary token by
-token at every step (0.49 ms per token and row with the tiny student's 4,096
-tokens), while short bounded words separated by spaces hit its precomputed
-masks (0.012 ms); see ``bench/student.py``. Titles keep their own characters,
-non-ASCII included.
+long bounded run of characters (``[ -~]{0,379}``) by checking the vocabulary
+token by token at every step, while short bounded words separated by spaces hit
+its precomputed masks (constrained against free decoding: ``bench/student.py``).
+Titles keep their own characters, non-ASCII included.
 """
 
 from __future__ import annotations
@@ -71,10 +70,13 @@ class RationaleShape:
         if min(self.step1_max_words, self.step2_max_words, self.word_max_chars, self.max_items) < 1:
             raise ValueError(f"rationale shape bounds must be >= 1: {self}")
 
+    def max_words(self, step: int) -> int:
+        """Words of step ``step``'s body (1 or 2) at most."""
+        return self.step1_max_words if step == 1 else self.step2_max_words
+
     def step_max_chars(self, step: int) -> int:
         """Characters of step ``step``'s body (1 or 2) at most: its words at their longest, single spaces between."""
-        words = self.step1_max_words if step == 1 else self.step2_max_words
-        return words * self.word_max_chars + (words - 1) * len(WORD_SEP)
+        return self.max_words(step) * self.word_max_chars + (self.max_words(step) - 1) * len(WORD_SEP)
 
 
 def render_title(title: str | None, max_chars: int) -> str:
@@ -192,7 +194,7 @@ def _trie_rules(titles: Sequence[str], prefix: str = "t") -> list[str]:
 
 def _text(shape: RationaleShape, step: int, regex: bool = False) -> str:
     """Step ``step``'s body (1 or 2): ``[!#-~]{1,W} (" " [!#-~]{1,W}){0,K-1}`` in EBNF, or the same as a regex."""
-    words = shape.step1_max_words if step == 1 else shape.step2_max_words
+    words = shape.max_words(step)
     word = f"{WORD_CHAR_CLASS}{{1,{shape.word_max_chars}}}"
     sep = WORD_SEP if regex else f"{_literal(WORD_SEP)} "
     gap = "" if regex else " "

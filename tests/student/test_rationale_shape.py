@@ -138,7 +138,7 @@ def test_strings_the_compiled_grammar_generates_parse_within_the_token_bound(tok
         assert set(parsed.item_names) <= set(titles) and len(parsed.item_names) <= shape.max_items
         for step, body in ((1, parsed.step1), (2, parsed.step2)):
             words = body.split(" ")
-            assert len(words) <= (shape.step1_max_words if step == 1 else shape.step2_max_words), body
+            assert len(words) <= shape.max_words(step), body
             assert max(len(w) for w in words) <= shape.word_max_chars and len(body) <= shape.step_max_chars(step)
         seen_counts.add(len(parsed.item_names))
     assert seen_counts >= {1, 2}  # the walks reached more than one list length

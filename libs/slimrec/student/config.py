@@ -123,7 +123,7 @@ class InferSettings(_Frozen):
     word_max_chars: int = Field(24, ge=1, description="constrained: characters of one word of steps 1 and 2 at most "
                                 "(words are printable ASCII between single spaces; offline teacher on the bundled "
                                 "data: 99% of steps have no word over 19). Bounds in words, not characters per step: "
-                                "xgrammar masks a long bounded run of characters about 40x slower per token")
+                                "xgrammar masks a long bounded run of characters token by token at every step")
     max_items: int | None = Field(
         None, ge=1, description="constrained: step-3 titles at most; None: student.max_target_items (what it was "
         "trained to write), or 10 when that is None too")
