@@ -34,45 +34,41 @@ from slimrec.results import metrics_summary
 from slimrec.stages.base import StageContext, StageResult
 
 PRICES = CostConfig(cpu_hour_usd=0.05, gpu_hour_usd=2.5)
-# a child that spends `cpu` seconds of CPU time (not wall time: the machine may be busy), then sleeps `rest`
-BURN = "import time,sys\nwhile time.process_time() < {cpu}: pass\ntime.sleep({rest})"
+# a child that spends `cpu` seconds of CPU time (not wall time: the machine may be busy), says so, then sleeps `rest`
+BURN = "import time,sys\nwhile time.process_time() < {cpu}: pass\nprint('burnt', flush=True)\ntime.sleep({rest})"
 
 
 def _burner(cpu: float, rest: float = 0.0) -> list[str]:
     return [sys.executable, "-c", BURN.format(cpu=cpu, rest=rest)]
 
 
-def _wait_cpu(pid: int, seconds: float) -> None:
-    """Until process ``pid`` has spent about ``seconds`` of CPU time (30 s at most)."""
-    import psutil
-
-    deadline = time.time() + 30
-    while sum(psutil.Process(pid).cpu_times()[:2]) < seconds - 0.05:  # /proc counts in 10 ms ticks
-        assert time.time() < deadline
-        time.sleep(0.05)
+def _start_burnt(cpu: float, rest: float) -> subprocess.Popen:
+    """A child that has spent its ``cpu`` seconds and is asleep when this returns: it says so on stdout, so a
+    busy machine cannot leave part of the burn for later (polling its CPU time could)."""
+    p = subprocess.Popen(_burner(cpu, rest), stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "burnt"
+    return p
 
 
 def test_meter_counts_a_live_child_from_the_tree():
     with StageMeter(interval_s=0.1) as m:
-        p = subprocess.Popen(_burner(0.6, rest=1.0))
-        _wait_cpu(p.pid, 0.6)  # burnt, now asleep and still alive when the meter closes
-    p.wait()
+        p = _start_burnt(0.6, rest=1.0)  # burnt, now asleep and still alive when the meter closes
+    p.communicate()
     assert m.figures["cpu_children_s"] == pytest.approx(0.6, abs=0.15)
     assert m.figures["processes"] >= 1
 
 
 def test_meter_counts_a_reaped_child_it_never_sampled():
     with StageMeter(interval_s=60) as m:  # no sample while the child lives: only RUSAGE_CHILDREN sees it
-        subprocess.run(_burner(0.5), check=True)
+        subprocess.run(_burner(0.5), check=True, stdout=subprocess.DEVNULL)
     assert m.figures["cpu_children_s"] == pytest.approx(0.5, abs=0.15)
 
 
 def test_meter_leaves_out_what_a_child_spent_before_the_stage():
-    p = subprocess.Popen(_burner(0.5, rest=1.5))
-    _wait_cpu(p.pid, 0.5)
+    p = _start_burnt(0.5, rest=1.5)
     with StageMeter(interval_s=0.1) as m:
         time.sleep(0.3)  # the child sleeps: it spends nothing while the stage runs
-    p.wait()
+    p.communicate()
     assert m.figures["cpu_children_s"] < 0.1
     assert m.figures["run_wall_s"] == m.figures["wall_s"]  # no mark_run_end: the whole span
 
