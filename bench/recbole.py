@@ -2,6 +2,7 @@
 
     bash bench/recbole_env.sh          # once: RecBole in its own virtual environment, bench/.recbole-venv
     python -m bench.recbole [--seeds 0,1] [--explain-seeds 0] [--epochs 10] [--patience 5] [--no-explain] [--quick]
+                            [--reuse-recbole bench/results/recbole.json]
 
 Why a separate environment: RecBole 1.2.1 (the latest release) requires ``ray<=2.6.3``, and
 ``pip install --dry-run recbole==1.2.1`` in the project's venv would replace the pinned
@@ -36,9 +37,13 @@ Steps (one results file, ``bench/results/recbole.json``):
    loop in this process only (:class:`recbole_settings_in_slimrec`): RecBole's training rows (one
    row per history prefix with its target in the last column, 1,024 rows a step; slimrec's rows
    predict every position of a user at once) and RecBole's Adam betas (0.9, 0.999) instead of
-   slimrec's (0.9, 0.98). The prefix rows cost RecBole's 8x more compute an epoch; with the
-   cross-entropy loss they would also score every item at every padded position, so they run on
-   the BPR pair only.
+   slimrec's (0.9, 0.98). The same with RecBole's default loss (CE): slimrec's SASRec with RecBole's
+   rows (``--explain-seeds``), with a block shaped like RecBole's (:func:`recbole_shaped_sasrec`:
+   post-LN, LayerNorm on the embeddings, no sqrt(d) scaling; ``--seeds``), that block with RecBole's
+   N(0, 0.02) initialisation (``--seeds``), and all of these with RecBole's Adam betas
+   (``--explain-seeds``). The prefix rows cost 8x more compute an epoch than slimrec's own rows.
+   ``--reuse-recbole`` takes RecBole's side from an earlier results file instead of training it
+   again (its rows say so); slimrec's side always runs.
 
 Time: RecBole's SASRec trains on one row per prefix (38,543 rows of 50 positions an epoch on this
 data, against slimrec's 4,905 user rows that predict at every position), so its epoch costs about
@@ -52,10 +57,10 @@ attention weights), 50 most recent items, Adam at lr 0.003, ``--epochs`` epochs 
 on validation NDCG@10 (full ranking, history excluded on both sides; RecBole's ``stopping_step``
 is ``patience - 1`` because it stops after ``stopping_step + 1`` validations without a gain),
 batches of 1,024 training targets for RecBole (one target per row, about 38 steps an epoch) against
-slimrec's 128 users a step (about 1,000 targets, 39 steps). What cannot be matched without editing
-either model: RecBole's SASRec is post-LN with LayerNorm on the embeddings, no sqrt(d) scaling,
-N(0, 0.02) initialisation and Adam betas (0.9, 0.999); its losses are CE over every item (default)
-or BPR with one negative, slimrec's default is BCE with 8 sampled negatives.
+slimrec's 128 users a step (about 1,000 targets, 39 steps). What slimrec's settings cannot match (step 5
+patches them in, this process only): RecBole's SASRec is post-LN with LayerNorm on the embeddings,
+no sqrt(d) scaling, N(0, 0.02) initialisation and Adam betas (0.9, 0.999); its losses are CE over
+every item (default) or BPR with one negative, slimrec's default is BCE with 8 sampled negatives.
 """
 
 from __future__ import annotations
@@ -286,18 +291,74 @@ def prefix_rows(data, max_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return inputs, targets, row_user
 
 
+def recbole_shaped_sasrec(normal_init: bool):
+    """A SASRec backbone with the layout of RecBole's (for a measured explanation run; written here, not
+    taken from RecBole): LayerNorm and dropout on the summed item and position embeddings, no sqrt(d)
+    scaling; post-LN blocks ``x = LN(x + Drop(Attn(x)))``, ``x = LN(x + Drop(W2 relu(W1 x)))`` with queries,
+    keys and values from the same input; no final LayerNorm. ``normal_init``: every weight N(0, 0.02) and
+    biases 0 (RecBole's), else Xavier-normal like slimrec's SASRec. Positions stay slimrec's (the most
+    recent item in the last column); RecBole left-aligns a sequence, so its position 0 is the oldest item."""
+    import torch
+    from slimrec.recommender.models import attention, causal_attention_mask
+    from slimrec.torch_ops import Dropout
+    from torch import nn
+
+    class RecBoleShapedSASRec(nn.Module):
+        per_position = True
+
+        def __init__(self, d: int, max_len: int, num_blocks: int, num_heads: int, dropout: float):
+            super().__init__()
+            self.d, self.heads, self.p = d, num_heads, dropout
+            self.pos_emb = nn.Embedding(max_len, d)
+            self.emb_ln = nn.LayerNorm(d, eps=1e-8)
+            self.drop = Dropout(dropout)
+            self.qkv = nn.ModuleList([nn.Linear(d, 3 * d) for _ in range(num_blocks)])
+            self.out = nn.ModuleList([nn.Linear(d, d) for _ in range(num_blocks)])
+            self.ln_attn = nn.ModuleList([nn.LayerNorm(d, eps=1e-8) for _ in range(num_blocks)])
+            self.ffn = nn.ModuleList([nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, d))
+                                      for _ in range(num_blocks)])
+            self.ln_ffn = nn.ModuleList([nn.LayerNorm(d, eps=1e-8) for _ in range(num_blocks)])
+            for name, w in self.named_parameters():
+                if "ln" in name:
+                    continue
+                if normal_init:
+                    nn.init.normal_(w, 0.0, 0.02) if w.dim() > 1 else nn.init.zeros_(w)
+                elif w.dim() > 1:
+                    nn.init.xavier_normal_(w)
+
+        def forward(self, ids: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+            B, L = ids.shape
+            x = self.drop(self.emb_ln(emb + self.pos_emb(torch.arange(L, device=ids.device))[None]))
+            attn_mask = causal_attention_mask(ids, x.dtype)
+            h, dh = self.heads, self.d // self.heads
+            p = self.p if self.training else 0.0
+            for i in range(len(self.qkv)):
+                q, k, v = self.qkv[i](x).view(B, L, 3, h, dh).permute(2, 0, 3, 1, 4)
+                a = attention(q, k, v, attn_mask, p).transpose(1, 2).reshape(B, L, self.d)
+                x = self.ln_attn[i](x + self.drop(self.out[i](a)))
+                x = self.ln_ffn[i](x + self.drop(self.ffn[i](x)))
+            return x
+
+    return RecBoleShapedSASRec
+
+
 class recbole_settings_in_slimrec:  # noqa: N801 - used as a context manager
     """Patch slimrec's training (this process only, for a measured explanation run) with RecBole's
-    ``rows="prefix"`` (:func:`prefix_rows`) and/or Adam ``betas`` (RecBole: torch's default (0.9, 0.999))."""
+    ``rows="prefix"`` (:func:`prefix_rows`), Adam ``betas`` (RecBole: torch's default (0.9, 0.999)),
+    ``block="recbole"`` (:func:`recbole_shaped_sasrec` as the SASRec backbone) and ``normal_init``
+    (N(0, 0.02) for the block's weights and the item embeddings, RecBole's; slimrec: Xavier-normal)."""
 
-    def __init__(self, rows: str | None = None, betas: tuple[float, float] | None = None):
-        self.rows, self.betas = rows, betas
+    def __init__(self, rows: str | None = None, betas: tuple[float, float] | None = None,
+                 block: str | None = None, normal_init: bool = False):
+        if normal_init and block != "recbole":
+            raise ValueError("normal_init is measured with block='recbole' only")
+        self.rows, self.betas, self.block, self.normal_init = rows, betas, block, normal_init
 
     def __enter__(self):
         import torch
-        from slimrec.recommender import train
+        from slimrec.recommender import models, train
 
-        self._saved = (train.train_rows_per_position, train.torch.optim.Adam)
+        self._saved = (train.train_rows_per_position, train.torch.optim.Adam, models.make_backbone, models.ItemEncoder)
         if self.rows == "prefix":
             train.train_rows_per_position = prefix_rows
         if self.betas is not None:
@@ -309,12 +370,33 @@ class recbole_settings_in_slimrec:  # noqa: N801 - used as a context manager
                     super().__init__(params, **kw)
 
             train.torch.optim.Adam = Adam
+        if self.block == "recbole":
+            shaped, make = recbole_shaped_sasrec(self.normal_init), models.make_backbone
+
+            def make_backbone(name, cfg):
+                if name != "sasrec":
+                    return make(name, cfg)
+                return shaped(cfg.hidden_dim, cfg.max_len, cfg.num_blocks, cfg.num_heads, cfg.dropout)
+
+            models.make_backbone = make_backbone
+        if self.normal_init:
+            encoder = models.ItemEncoder
+
+            class ItemEncoder(encoder):
+                def __init__(self, n_items, d, text=None):
+                    super().__init__(n_items, d, text)
+                    with torch.no_grad():
+                        torch.nn.init.normal_(self.id_emb.weight, 0.0, 0.02)
+                        self.id_emb.weight[0].zero_()
+
+            models.ItemEncoder = ItemEncoder
         return self
 
     def __exit__(self, *exc):
-        from slimrec.recommender import train
+        from slimrec.recommender import models, train
 
-        train.train_rows_per_position, train.torch.optim.Adam = self._saved
+        (train.train_rows_per_position, train.torch.optim.Adam, models.make_backbone,
+         models.ItemEncoder) = self._saved
 
 
 def slimrec_runs(data, seeds: list[int], sets: list[str], tag: str) -> dict:
@@ -370,10 +452,14 @@ def main() -> int:
     ap.add_argument("--no-explain", action="store_true", help="skip the loss-swap runs that explain a gap")
     ap.add_argument("--quick", action="store_true", help="one seed, 2 epochs, no explanation runs (a smoke run)")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds one RecBole run may take")
+    ap.add_argument("--reuse-recbole", metavar="JSON", default=None,
+                    help="take RecBole's side (its runs and split check) from an earlier results file of this bench "
+                         "instead of training it again (same seeds, epochs and patience; named in every RecBole row)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    if venv_python() is None:
+    reused = json.loads(Path(args.reuse_recbole).read_text()) if args.reuse_recbole else None
+    if reused is None and venv_python() is None:
         print(f"RecBole's environment {VENV} is missing: run `bash bench/recbole_env.sh` first", file=sys.stderr)
         return 3
     import torch
@@ -400,22 +486,38 @@ def main() -> int:
         raise SystemExit(f"{inter_path}: leave-one-out of the exported rows does not give slimrec's targets")
     log.info("exported %d users x %d items (%d interactions) to %s", data.n_users, data.n_items,
              len(data.hist_items) + 2 * data.n_users, inter_path)
-    # RecBole's own loading of the file, checked before any training
-    split = run_recbole(data_dir, WORK / "split", seeds[0], recbole_settings(cfg, loss="CE", epochs=epochs,
-                                                                           patience=patience), 600, split_only=True)
-    checked = check_split(data, split, cfg.max_len)
-    log.info("RecBole's leave-one-out split equals slimrec's: valid and test targets and inputs of all %d users "
-             "(%s RecBole training rows)", checked["users_checked"], checked["train_rows"])
     explain_seeds = [int(s) for s in args.explain_seeds.split(",") if s != ""]
-
-    rb = {s: recbole_seed(data, cfg, data_dir, s, "CE", epochs, patience, args.timeout, "ce") for s in seeds}
+    if reused is not None:
+        old = reused["extra"]
+        runs = {loss: {int(k): v for k, v in res.items()} for loss, res in old["recbole"].items()}
+        want = {"CE": seeds, "BPR": explain_seeds if explain else []}
+        if (old["epochs"], old["patience"]) != (epochs, patience) or any(
+                not set(ss) <= set(runs.get(loss, {})) for loss, ss in want.items()):
+            raise SystemExit(f"{args.reuse_recbole}: RecBole ran {old['epochs']} epochs, patience {old['patience']}, "
+                             f"seeds { {k: sorted(v) for k, v in runs.items()} }; this run needs {epochs}, {patience}, "
+                             f"{want}")
+        checked = old["split_check"]
+        source = f"RecBole's runs of {reused['at']} (commit {reused['commit']}), reused"
+        log.info("%s from %s", source, args.reuse_recbole)
+        rb = {s: runs["CE"][s] for s in seeds}
+    else:
+        # RecBole's own loading of the file, checked before any training
+        split = run_recbole(data_dir, WORK / "split", seeds[0], recbole_settings(cfg, loss="CE", epochs=epochs,
+                                                                               patience=patience), 600, split_only=True)
+        checked = check_split(data, split, cfg.max_len)
+        log.info("RecBole's leave-one-out split equals slimrec's: valid and test targets and inputs of all %d users "
+                 "(%s RecBole training rows)", checked["users_checked"], checked["train_rows"])
+        source = None
+        rb = {s: recbole_seed(data, cfg, data_dir, s, "CE", epochs, patience, args.timeout, "ce") for s in seeds}
     sl = slimrec_runs(data, seeds, sets, "slimrec-base")
     extra = {"epochs": epochs, "patience": patience, "seeds": seeds, "explain_seeds": explain_seeds if explain else [],
-             "split_check": checked, "recbole": {}, "slimrec": {"base": sl}}
+             "split_check": checked, "recbole": {}, "slimrec": {"base": sl}, "recbole_source": source}
     extra["recbole"]["CE"] = rb
     rows = []
 
     def rb_rows(res: dict, case: str):
+        if source:
+            case = f"{case} ({source})"
         for rule, label in (("history_excluded", "history excluded"), ("stock", "RecBole stock: history not excluded")):
             for m, rbm in (("ndcg_10", "ndcg@10"), ("hr_10", "hit@10")):
                 v, sp = _mean_spread([r[rule][rbm] for r in res.values()])
@@ -448,9 +550,30 @@ def main() -> int:
         sl_ce = slimrec_runs(data, seeds, [*sets, "recommender.loss=ce"], "slimrec-ce")
         extra["slimrec"]["ce"] = sl_ce
         sl_rows(sl_ce, "slimrec-sasrec loss=ce", rb, "recbole-sasrec CE")
+        # RecBole's settings one at a time in slimrec's loop, with the same (default) loss; the prefix rows
+        # cost 8x an epoch, so they run on the explanation seeds only
+        ce = [*sets, "recommender.loss=ce"]
+        for key, label, patch, run_seeds, more in (
+            ("ce_prefix_rows", "RecBole's rows (1 per prefix, 1024 a step)", {"rows": "prefix"}, explain_seeds,
+             ["recommender.batch_size=1024"]),
+            ("ce_recbole_block", "RecBole's block (post-LN, embedding LayerNorm, no sqrt(d))", {"block": "recbole"},
+             seeds, []),
+            ("ce_recbole_block_init", "RecBole's block and N(0, 0.02) init",
+             {"block": "recbole", "normal_init": True}, seeds, []),
+            ("ce_all_recbole", "RecBole's block, init, rows and Adam betas (0.9, 0.999)",
+             {"block": "recbole", "normal_init": True, "rows": "prefix", "betas": (0.9, 0.999)}, explain_seeds,
+             ["recommender.batch_size=1024"]),
+        ):
+            if not run_seeds:
+                continue
+            with recbole_settings_in_slimrec(**patch):
+                res = slimrec_runs(data, run_seeds, [*ce, *more], f"slimrec-{key.replace('_', '-')}")
+            extra["slimrec"][key] = res
+            sl_rows(res, f"slimrec-sasrec loss=ce, {label}", {s: rb[s] for s in run_seeds}, "recbole-sasrec CE")
     if explain and explain_seeds:
-        rb_bpr = {s: recbole_seed(data, cfg, data_dir, s, "BPR", epochs, patience, args.timeout, "bpr")
-                  for s in explain_seeds}
+        rb_bpr = ({s: runs["BPR"][s] for s in explain_seeds} if reused is not None else
+                  {s: recbole_seed(data, cfg, data_dir, s, "BPR", epochs, patience, args.timeout, "bpr")
+                   for s in explain_seeds})
         extra["recbole"]["BPR"] = rb_bpr
         rb_rows(rb_bpr, "recbole-sasrec BPR (1 neg)")
         bpr = [*sets, "recommender.loss=bpr", "recommender.num_negatives=1"]

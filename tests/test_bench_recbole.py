@@ -19,6 +19,7 @@ from bench.recbole import (
     leave_one_out,
     prefix_rows,
     read_atomic,
+    recbole_settings_in_slimrec,
     score_matrix,
     slimrec_evaluations,
     write_atomic,
@@ -106,3 +107,29 @@ def test_prefix_rows_are_recboles_training_rows_in_slimrecs_shape(data):
     assert inputs[mine].tolist() == [[0, 0, col["i1"]], [0, col["i1"], col["i2"]]]
     assert targets[mine].tolist() == [[0, 0, col["i2"]], [0, 0, col["i3"]]]
     assert len(inputs) == int((data.hist_len - 1).sum())  # every training target once, as slimrec's rows
+
+
+def test_recbole_settings_patch_slimrecs_model_and_restore_it(data):
+    import torch
+    from slimrec.recommender import models, train
+    from slimrec.recommender.runner import build_model
+
+    cfg = RecommenderConfig(hidden_dim=8, max_len=4, num_blocks=2, num_heads=2, dropout=0.0)
+    before = (models.make_backbone, models.ItemEncoder, train.train_rows_per_position, torch.optim.Adam)
+    torch.manual_seed(0)
+    with recbole_settings_in_slimrec(block="recbole", normal_init=True, rows="prefix", betas=(0.9, 0.999)):
+        m = build_model("base", "sasrec", data, cfg)
+        assert type(m.backbone).__name__ == "RecBoleShapedSASRec" and not hasattr(m.backbone, "last_ln")
+        assert train.train_rows_per_position is prefix_rows
+        assert torch.optim.Adam([torch.zeros(1, requires_grad=True)]).defaults["betas"] == (0.9, 0.999)
+        emb = m.items.id_emb.weight
+        assert float(emb[0].abs().sum()) == 0.0 and 0.005 < float(emb[1:].std()) < 0.05  # N(0, 0.02), padding 0
+        ids = torch.tensor([[0, 0, 1, 2], [1, 2, 3, 1]])
+        out = m.backbone(ids, m.items(ids))
+        assert out.shape == (2, 4, 8) and torch.isfinite(out).all()
+        # post-LN: every position of the output is a LayerNorm's output
+        assert torch.allclose(out.mean(-1), torch.zeros(2, 4), atol=1e-5)
+    assert (models.make_backbone, models.ItemEncoder, train.train_rows_per_position, torch.optim.Adam) == before
+    assert type(build_model("base", "sasrec", data, cfg).backbone).__name__ == "SASRec"
+    with pytest.raises(ValueError, match="block='recbole'"):
+        recbole_settings_in_slimrec(normal_init=True)

@@ -79,6 +79,29 @@ def test_joint_transition_prior_learns(tiny_data, loss):
     assert last < 0.8 * first
 
 
+@pytest.mark.parametrize("joint", [False, True])
+def test_ce_scores_only_positions_with_a_target(tiny_data, joint):
+    """The loss over the positions with a target equals softmax cross-entropy of every position's full
+    score row (padding item excluded), with and without the joint prior."""
+    cfg = tiny_cfg(dropout=0.0, loss="ce", cooc_mode="joint")
+    torch.manual_seed(0)
+    model = build_model("cooc_joint" if joint else "base", "sasrec", tiny_data, cfg)
+    cooc = TrainCooc(Evaluator(tiny_data, cfg).counts, 1, torch.device("cpu")) if joint else None
+    b = _seq_batch(tiny_data, cfg, model, joint=joint)
+    assert (b["tgt"] == 0).any() and (b["tgt"] > 0).any()  # padded positions are there to be left out
+    model.eval()
+    with torch.no_grad():
+        got = SeqLoss(model, "ce", cooc)(**b)
+        table = model.items.all_items()
+        logits = model.user(b["inp"], None, None, table) @ table.T  # (B, L, N): every position
+        if joint:
+            logits = logits + model.prior_weight * cooc.full(b["full"])
+        logits[..., 0] = float("-inf")
+        keep = b["tgt"] > 0
+        want = torch.nn.functional.cross_entropy(logits[keep], b["tgt"][keep])
+    assert float(got) == pytest.approx(float(want), rel=1e-5)
+
+
 def test_text_matching_learns(tiny_data):
     cfg = tiny_cfg()
     model = build_model("text_matching", "none", tiny_data, cfg)

@@ -41,6 +41,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     return dropout(w, p) @ v
 
 
+def causal_attention_mask(ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, L, L) additive mask for padded id rows ``ids`` (B, L): causal and key-not-padding; every query
+    may see itself, so fully padded rows stay finite. Additive, not boolean: the CPU kernels run it faster."""
+    L = ids.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
+    allowed = (causal[None] & (ids > 0)[:, None, :]) | torch.eye(L, dtype=torch.bool, device=ids.device)[None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=ids.device).masked_fill_(~allowed, float("-inf"))[:, None]
+
+
 class ItemEncoder(nn.Module):
     def __init__(self, n_items: int, d: int, text: torch.Tensor | None = None):
         super().__init__()
@@ -117,13 +126,7 @@ class SASRec(nn.Module):
         pos = torch.arange(L, device=ids.device)
         x = emb * math.sqrt(self.d) + self.pos_emb(pos)[None]
         x = self.emb_dropout(x) * mask
-        # causal and key-not-padding; every query may see itself so fully padded rows stay finite
-        causal = torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()
-        allowed = causal[None] & (ids > 0)[:, None, :]
-        allowed = allowed | torch.eye(L, dtype=torch.bool, device=ids.device)[None]
-        # additive float mask: the CPU kernels run it faster than a boolean one
-        attn_mask = torch.zeros(allowed.shape, dtype=x.dtype, device=ids.device).masked_fill_(~allowed, float("-inf"))
-        attn_mask = attn_mask[:, None]  # (B, 1, L, L)
+        attn_mask = causal_attention_mask(ids, x.dtype)
         h, dh = self.heads, self.d // self.heads
         p = self.attn_dropout if self.training else 0.0
         for i in range(len(self.q_proj)):

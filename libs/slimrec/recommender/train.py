@@ -120,11 +120,13 @@ class SeqLoss(nn.Module):
         mask = tgt > 0
         w = m.prior_weight
         if self.loss == "ce":
-            logits = out @ table.T  # (B, L, N) or (B, N)
+            # scores only where there is a target: padded positions (most of a short history's row, every
+            # position but the last of a prefix row) would cost a full (B, L, N) product for nothing
+            logits = out[mask] @ table.T  # (M, N)
             if w is not None and self.cooc is not None:
-                logits = logits + w * self.cooc.full(full)
-            logits[..., 0] = float("-inf")
-            return F.cross_entropy(logits[mask], tgt[mask])
+                logits = logits + w * self.cooc.full(full)[mask]
+            logits[:, 0] = float("-inf")
+            return F.cross_entropy(logits, tgt[mask])
         pos = (out * m.items(tgt, table)).sum(-1)  # (B, L) or (B,)
         negl = (out.unsqueeze(-2) * m.items(neg, table)).sum(-1)  # (B, L, K) or (B, K)
         if w is not None and self.cooc is not None:
