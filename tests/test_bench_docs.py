@@ -47,11 +47,15 @@ def test_student_rows_carry_the_constrained_ratio_and_its_spread():
               "constrained": {"unconstrained": free, "repeats": 3,
                               "constrained": {**free, "max_new_tokens": 879, "tokens_per_s": 900.0, "parse_ok_rate": 1.0},
                               "constrained_one_pass": {**free, "max_new_tokens": 879, "tokens_per_s": 500.0},
+                              "tokens_per_s_ratio_constrained_vs_unconstrained": 0.88,
                               "tokens_per_s_ratio_constrained_vs_unconstrained_min_max": [0.85, 0.95]},
               "peak_rss_mb": 900.0}
     rows = {(r["case"], r["metric"]): r for r in report_rows(report)}
     c = rows[("constrained, 32 prompts", "tokens/s")]
-    assert c["ratio"] == 0.9 and c["baseline"] == "free, bound 200" and c["spread"] == "ratio 0.85-0.95 over 3 rounds"
+    assert c["ratio"] == 0.9 and c["baseline"] == "free, bound 200" and c["spread"] == "median of 3 rounds"
+    paired = rows[("constrained / free", "tokens/s ratio, paired by round")]  # not the ratio of the medians
+    assert paired["value"] == 0.88 and paired["spread"] == "median; 0.85-0.95 over 3 rounds"
+    assert ("constrained_inline / free", "tokens/s ratio, paired by round") not in rows  # not measured: no row
     assert rows[("constrained_one_pass, 32 prompts", "tokens/s")]["ratio"] == 0.5
     assert rows[("constrained", "parse ok rate")]["ratio"] == pytest.approx(1 / 0.9)
     assert ("distill LoRA (in-process)", "seconds per epoch") not in rows  # an adapter-only run has no distill rows

@@ -136,3 +136,27 @@ def test_decoding_in_short_passes_continues_each_row_where_it_stopped(tiny_base,
     cut = generate_ids(model, tok, ids, 10, 3, grammar=g, pass_tokens=4)  # passes of 4, 4, 2 tokens
     assert [r[1:3] for r in cut] == [("length", 10)] * len(ids)
     assert cut == generate_ids(model, tok, ids, 10, 3, grammar=g)  # what one pass of 10 writes
+
+
+def test_masks_prepared_ahead_of_the_forward_pass_give_the_same_answers(tiny_base, catalogue):
+    """The overlap (each next mask prepared on a worker thread while the model runs) changes no token: the
+    same greedy answers as masks prepared inside the processor's call, in one pass and in short passes."""
+    from slimrec.student.constrain import StudentGrammar
+    from slimrec.student.data import fit_prompt_ids
+    from slimrec.student.generate import generate_ids
+    from slimrec.student.models import load_student, load_tokenizer
+
+    base, _, pairs = tiny_base
+    _, _, ebnf, bound = catalogue
+    tok = load_tokenizer(base, padding_side="left")
+    model = load_student(base, None, None, "cpu").eval()
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    ahead = StudentGrammar(ebnf, tok, vocab, threads=1)
+    inline = StudentGrammar(ebnf, tok, vocab, threads=1, overlap=False)
+    assert "stopping_criteria" in ahead.processor().generate_kwargs()
+    assert "stopping_criteria" not in inline.processor().generate_kwargs()
+    ids = [fit_prompt_ids(tok, p, 96) for p in pairs["student_prompt"].head(5)]
+    for pass_tokens in (None, 5):
+        a = generate_ids(model, tok, ids, bound, 5, grammar=ahead, pass_tokens=pass_tokens)
+        b = generate_ids(model, tok, ids, bound, 5, grammar=inline, pass_tokens=pass_tokens)
+        assert a == b and all(r[1] == "stop" for r in a)

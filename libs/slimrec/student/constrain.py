@@ -17,12 +17,18 @@ version (0.32.0) requires ``xgrammar==0.2.8``, the version pinned here.
   vocabulary continues the grammar (a tokenizer that cannot spell a title) is
   a dead end: it is ended with the end token and reported in ``dead``, so the
   stage writes it with a status and a reason instead of losing it.
+* Overlap (``StudentGrammar.overlap``, on by default): :meth:`GrammarLogitsProcessor.generate_kwargs`
+  also gives ``generate`` a stopping criterion that sees each sampled token first and starts accepting
+  it and filling the next mask on a worker thread (xgrammar releases the GIL), while the model computes
+  the next step's logits; the processor then only waits for that mask. Without the criterion (a bare
+  ``logits_processor=[proc]``) the processor does the same work in its own call.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +58,7 @@ class StudentGrammar:
     which may exceed the tokenizer's: the extra ids are never allowed.
     """
 
-    def __init__(self, ebnf: str, tokenizer, vocab_size: int, threads: int = 2):
+    def __init__(self, ebnf: str, tokenizer, vocab_size: int, threads: int = 2, overlap: bool = True):
         xgr = require_xgrammar()
         self._xgr = xgr
         eos = tokenizer.eos_token_id
@@ -67,13 +73,23 @@ class StudentGrammar:
         self.memory_bytes = int(self.compiled.memory_size_bytes)
         self.vocab_size = vocab_size
         self.threads = max(1, threads)
+        self.overlap = overlap
+        self._pool: ThreadPoolExecutor | None = None
         log.info("student grammar compiled in %.2f s (%.1f MB, %d EBNF chars, vocab %d)",
                  self.compile_seconds, self.memory_bytes / 1e6, len(ebnf), vocab_size)
 
-    def processor(self, matchers: list | None = None, steps: int = 0) -> GrammarLogitsProcessor:
+    def processor(self, matchers: list | None = None, steps: int = 0,
+                  holds_last: bool = False) -> GrammarLogitsProcessor:
         """A processor for one ``generate`` call; ``matchers`` (one per row, from an earlier call's
-        :attr:`GrammarLogitsProcessor.matchers`) continue rows whose earlier pass ended unfinished."""
-        return GrammarLogitsProcessor(self, matchers, steps)
+        :attr:`GrammarLogitsProcessor.matchers`) continue rows whose earlier pass ended unfinished,
+        ``holds_last``: that call's :attr:`GrammarLogitsProcessor.holds_last`."""
+        return GrammarLogitsProcessor(self, matchers, steps, holds_last)
+
+    def pool(self) -> ThreadPoolExecutor:
+        """The one worker thread that prepares masks ahead (created on first use)."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slimrec-grammar")
+        return self._pool
 
 
 def _logits_processor_base():
@@ -87,54 +103,60 @@ class GrammarLogitsProcessor(_logits_processor_base()):
 
     ``dead``: row -> reason, for rows the grammar could not continue; those rows
     were ended with the end token at that step. ``matchers``: the rows' grammar
-    states after the call, all but the last sampled token (a call's last token is
-    sampled after its last mask). Given to a new processor, they continue those
-    rows: its first step accepts that token (the last of the prompt it is given,
-    which must be the row's prompt and everything generated so far) before
-    masking. ``steps``: tokens the rows already have, for the dead-end reasons.
+    states after the call (read them after :meth:`finish`). ``holds_last``: whether
+    those states hold the call's last sampled token (a mask was prepared ahead for a
+    step that never came) or not (a call's last token is sampled after its last
+    mask). Given to a new processor with ``holds_last``, they continue those rows:
+    unless they hold it, its first step accepts that token (the last of the prompt
+    it is given, which must be the row's prompt and everything generated so far)
+    before masking. ``steps``: tokens the rows already have, for the dead-end reasons.
     """
 
-    def __init__(self, grammar: StudentGrammar, matchers: list | None = None, steps: int = 0):
+    def __init__(self, grammar: StudentGrammar, matchers: list | None = None, steps: int = 0,
+                 holds_last: bool = False):
         self.g = grammar
         self.matchers: list = list(matchers) if matchers else []
         self.resume = bool(matchers)
+        self.holds_last = holds_last and self.resume
         self.batch = None
         self.bitmask = None
         self.steps = steps
         self.dead: dict[int, str] = {}
+        self._next: Future | None = None  # the next step's mask, being prepared on the grammar's worker thread
 
-    def _accept_last(self, input_ids) -> None:
-        """Feed each live row's last token (sampled after the previous mask) to its matcher."""
-        xgr = self.g._xgr
-        live = [i for i in range(input_ids.shape[0]) if i not in self.dead and not self.matchers[i].is_terminated()]
+    def generate_kwargs(self) -> dict:
+        """``generate`` arguments: this processor and, with ``grammar.overlap``, the stopping criterion
+        that starts each next mask as soon as a token is sampled (it never stops a row)."""
+        kw: dict = {"logits_processor": [self]}
+        if self.g.overlap:
+            from transformers import StoppingCriteriaList
+
+            kw["stopping_criteria"] = StoppingCriteriaList([_PrepareAhead(self)])
+        return kw
+
+    def _live(self) -> list[int]:
+        return [i for i in range(len(self.matchers)) if i not in self.dead and not self.matchers[i].is_terminated()]
+
+    def _accept(self, last: list[int]) -> None:
+        """Feed each live row's ``last`` token (sampled after the previous mask) to its matcher."""
+        live = self._live()
         if not live:
             return
-        last = input_ids[live, -1].tolist()
-        accepted = xgr.BatchGrammarMatcher.batch_accept_token([self.matchers[i] for i in live], last)
-        for i, ok, tok in zip(live, accepted, last, strict=True):
+        tokens = [last[i] for i in live]
+        accepted = self.g._xgr.BatchGrammarMatcher.batch_accept_token([self.matchers[i] for i in live], tokens)
+        for i, ok, tok in zip(live, accepted, tokens, strict=True):
             if not ok:
                 self.dead[i] = f"grammar dead end: token {tok} rejected after {self.steps} tokens"
 
-    def __call__(self, input_ids, scores):
+    def _prepare(self, last: list[int] | None) -> None:
+        """Accept ``last`` (each row's newest token; None: the matchers are already at it) and fill the
+        bitmask of the next step; rows with no allowed token become dead ends, allowed only the end token."""
         import torch
 
-        xgr = self.g._xgr
-        n = input_ids.shape[0]
-        if self.batch is None:  # first step: nothing sampled in this call yet
-            self.batch = xgr.BatchGrammarMatcher(max_threads=self.g.threads)
-            self.bitmask = xgr.allocate_token_bitmask(n, self.g.vocab_size)  # (B, ceil(V / 32)) int32
-            if not self.resume:
-                self.matchers = [xgr.GrammarMatcher(self.g.compiled) for _ in range(n)]
-            elif len(self.matchers) != n:
-                raise RuntimeError(f"{len(self.matchers)} grammar states given for a batch of {n} rows")
-            else:  # continued rows: the previous pass's last token is the prompt's last
-                self._accept_last(input_ids)
-        elif n != len(self.matchers):
-            raise RuntimeError(f"batch changed from {len(self.matchers)} to {n} rows inside one generate call")
-        else:
-            self._accept_last(input_ids)
+        if last is not None:
+            self._accept(last)
         self.steps += 1
-        live = [i for i in range(n) if i not in self.dead and not self.matchers[i].is_terminated()]
+        live = self._live()
         self.bitmask.fill_(-1)  # finished rows: anything (generate pads them); no all-masked row under sampling
         if live:
             self.batch.batch_fill_next_token_bitmask([self.matchers[i] for i in live], self.bitmask, indices=live)
@@ -145,8 +167,68 @@ class GrammarLogitsProcessor(_logits_processor_base()):
         for i in self.dead:  # ended now: only the end token may follow
             self.bitmask[i].zero_()
             self.bitmask[i, self.g.eos // 32] = torch.tensor(1 << (self.g.eos % 32), dtype=torch.int64).to(torch.int32)
+
+    def prepare_ahead(self, input_ids) -> None:
+        """Start accepting the newest tokens of ``input_ids`` and filling the next mask on the worker thread."""
+        if self.batch is None or self._next is not None:
+            return
+        self._next = self.g.pool().submit(self._prepare_in_thread, input_ids[:, -1].tolist())
+
+    def _prepare_in_thread(self, last: list[int]) -> None:
+        import torch
+
+        with torch.inference_mode():  # thread-local: the bitmask may have been made under generate's
+            self._prepare(last)
+
+    def finish(self) -> None:
+        """Wait for a mask being prepared ahead (after ``generate`` returns: its states then hold the last token)."""
+        if self._next is not None:
+            self._next.result()
+            self._next = None
+            self.holds_last = True
+
+    def __call__(self, input_ids, scores):
+        xgr = self.g._xgr
+        n = input_ids.shape[0]
+        if self.batch is None:  # first step: nothing sampled in this call yet
+            self.batch = xgr.BatchGrammarMatcher(max_threads=self.g.threads)
+            self.bitmask = xgr.allocate_token_bitmask(n, self.g.vocab_size)  # (B, ceil(V / 32)) int32
+            if not self.resume:
+                self.matchers = [xgr.GrammarMatcher(self.g.compiled) for _ in range(n)]
+            elif len(self.matchers) != n:
+                raise RuntimeError(f"{len(self.matchers)} grammar states given for a batch of {n} rows")
+            # continued rows: the previous pass's last token is the prompt's last, accepted unless already held
+            self._prepare(input_ids[:, -1].tolist() if self.resume and not self.holds_last else None)
+            self.holds_last = False
+        elif n != len(self.matchers):
+            raise RuntimeError(f"batch changed from {len(self.matchers)} to {n} rows inside one generate call")
+        elif self._next is not None:
+            self._next.result()  # prepared while the model ran (re-raises what failed there)
+            self._next = None
+        else:
+            self._prepare(input_ids[:, -1].tolist())
         device = scores.device
         if device.type not in ("cpu", "cuda"):
             scores = scores.to("cpu")
         xgr.apply_token_bitmask_inplace(scores, self.bitmask.to(scores.device))
         return scores.to(device)
+
+
+def _stopping_criteria_base():
+    from transformers import StoppingCriteria
+
+    return StoppingCriteria
+
+
+class _PrepareAhead(_stopping_criteria_base()):
+    """A stopping criterion that stops nothing: ``generate`` calls it right after appending each sampled
+    token, before the next forward pass, which is when the next mask can start."""
+
+    def __init__(self, proc: GrammarLogitsProcessor):
+        self.proc = proc
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        self.proc.prepare_ahead(input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

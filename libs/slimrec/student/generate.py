@@ -81,7 +81,7 @@ def _generate_chunk(model, tokenizer, chunk: list[list[int]], max_new_tokens: in
     tokens: list[list[int]] = [[] for _ in range(n)]
     finish, errors = ["length"] * n, [None] * n
     ended = [False] * n  # an end token was generated (counted in n_tokens)
-    pending, states = list(range(n)), None
+    pending, states, holds_last = list(range(n)), None, False
     done = 0
     while pending and done < max_new_tokens:
         this = min(step, max_new_tokens - done)
@@ -95,11 +95,14 @@ def _generate_chunk(model, tokenizer, chunk: list[list[int]], max_new_tokens: in
             kwargs.update(temperature=temperature, top_p=top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
-        proc = grammar.processor(states, steps=done) if grammar is not None else None
+        proc = grammar.processor(states, steps=done, holds_last=holds_last) if grammar is not None else None
         if proc is not None:
-            kwargs["logits_processor"] = [proc]
+            kwargs.update(proc.generate_kwargs())
         with torch.inference_mode():
             gen = model.generate(**batch, **kwargs)  # (B, T_prompt + T_new)
+        if proc is not None:
+            proc.finish()
+            holds_last = proc.holds_last
         new = gen[:, batch["input_ids"].shape[1] :].tolist()
         still, still_states = [], []
         for j, (i, row) in enumerate(zip(pending, new, strict=True)):
