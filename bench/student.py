@@ -98,8 +98,8 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, rep
     thread while the model runs) and ``constrained_inline`` (the same with every mask prepared inside
     the logits processor's call, ``StudentGrammar.overlap=False``); with ``one_pass`` also
     ``constrained_one_pass`` (one pass to the grammar's byte-safe bound, which sizes the static cache by that
-    bound: slow, kept to show why the stage decodes in passes). ``repeats`` rounds, interleaved, so load drifts
-    hit every run alike; tokens/s is the median over rounds and each ratio's min and max over rounds are given.
+    bound: slow, kept to show why the stage decodes in passes). ``repeats`` rounds, interleaved (every other
+    round in reverse order), so load drifts hit every run alike; tokens/s is the median over rounds and each ratio's min and max over rounds are given.
     """
     import copy
 
@@ -116,8 +116,8 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, rep
         runs += (("constrained_one_pass", grammar, con.max_new_tokens, None),)
     out: dict = {}
     rates: dict[str, list[float]] = {name: [] for name, *_ in runs}
-    for _ in range(max(1, repeats)):
-        for name, g, bound, pass_tokens in runs:
+    for k in range(max(1, repeats)):
+        for name, g, bound, pass_tokens in (runs if k % 2 == 0 else runs[::-1]):  # no run always goes first
             t0, c0 = time.perf_counter(), time.process_time()
             res = generate_ids(model, tok, ids, bound, cfg.infer.batch_size, repetition_penalty=cfg.infer.repetition_penalty,
                                kv_cache=cfg.infer.kv_cache, grammar=g, pass_tokens=pass_tokens)
