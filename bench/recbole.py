@@ -544,53 +544,47 @@ def main() -> int:
         rows.append(row(case, "seconds_per_epoch", float(np.mean([r["seconds_per_epoch"] for r in ps])), "s"))
         rows.append(row(case, "wall (all seeds)", res["wall_seconds"], "s"))
 
+    def patched(key: str, case: str, patch: dict, run_seeds: list[int], run_sets: list[str], ref: dict,
+                ref_name: str) -> None:
+        """slimrec's SASRec with RecBole's settings ``patch`` in its loop (:class:`recbole_settings_in_slimrec`;
+        ``{}``: none), recorded under ``key`` and compared with RecBole's runs ``ref`` of the same seeds."""
+        with recbole_settings_in_slimrec(**patch):
+            res = slimrec_runs(data, run_seeds, run_sets, f"slimrec-{key.replace('_', '-')}")
+        extra["slimrec"][key] = res
+        sl_rows(res, case, {s: ref[s] for s in run_seeds}, ref_name)
+
     rb_rows(rb, "recbole-sasrec CE")
     sl_rows(sl, "slimrec-sasrec base (BCE, 8 neg)", rb, "recbole-sasrec CE")
     if explain:
-        sl_ce = slimrec_runs(data, seeds, [*sets, "recommender.loss=ce"], "slimrec-ce")
-        extra["slimrec"]["ce"] = sl_ce
-        sl_rows(sl_ce, "slimrec-sasrec loss=ce", rb, "recbole-sasrec CE")
+        ce, wide = [*sets, "recommender.loss=ce"], ["recommender.batch_size=1024"]
+        patched("ce", "slimrec-sasrec loss=ce", {}, seeds, ce, rb, "recbole-sasrec CE")
         # RecBole's settings one at a time in slimrec's loop, with the same (default) loss; the prefix rows
         # cost 8x an epoch, so they run on the explanation seeds only
-        ce = [*sets, "recommender.loss=ce"]
-        for key, label, patch, run_seeds, more in (
-            ("ce_prefix_rows", "RecBole's rows (1 per prefix, 1024 a step)", {"rows": "prefix"}, explain_seeds,
-             ["recommender.batch_size=1024"]),
+        ce_cases = (
+            ("ce_prefix_rows", "RecBole's rows (1 per prefix, 1024 a step)", {"rows": "prefix"}, explain_seeds, wide),
             ("ce_recbole_block", "RecBole's block (post-LN, embedding LayerNorm, no sqrt(d))", {"block": "recbole"},
              seeds, []),
             ("ce_recbole_block_init", "RecBole's block and N(0, 0.02) init",
              {"block": "recbole", "normal_init": True}, seeds, []),
             ("ce_all_recbole", "RecBole's block, init, rows and Adam betas (0.9, 0.999)",
-             {"block": "recbole", "normal_init": True, "rows": "prefix", "betas": (0.9, 0.999)}, explain_seeds,
-             ["recommender.batch_size=1024"]),
-        ):
-            if not run_seeds:
-                continue
-            with recbole_settings_in_slimrec(**patch):
-                res = slimrec_runs(data, run_seeds, [*ce, *more], f"slimrec-{key.replace('_', '-')}")
-            extra["slimrec"][key] = res
-            sl_rows(res, f"slimrec-sasrec loss=ce, {label}", {s: rb[s] for s in run_seeds}, "recbole-sasrec CE")
+             {"block": "recbole", "normal_init": True, "rows": "prefix", "betas": (0.9, 0.999)}, explain_seeds, wide),
+        )
+        for key, label, patch, run_seeds, more in ce_cases:
+            if run_seeds:
+                patched(key, f"slimrec-sasrec loss=ce, {label}", patch, run_seeds, [*ce, *more], rb, "recbole-sasrec CE")
     if explain and explain_seeds:
         rb_bpr = ({s: runs["BPR"][s] for s in explain_seeds} if reused is not None else
                   {s: recbole_seed(data, cfg, data_dir, s, "BPR", epochs, patience, args.timeout, "bpr")
                    for s in explain_seeds})
         extra["recbole"]["BPR"] = rb_bpr
         rb_rows(rb_bpr, "recbole-sasrec BPR (1 neg)")
-        bpr = [*sets, "recommender.loss=bpr", "recommender.num_negatives=1"]
-        sl_bpr = slimrec_runs(data, explain_seeds, bpr, "slimrec-bpr1")
-        extra["slimrec"]["bpr1"] = sl_bpr
-        sl_rows(sl_bpr, "slimrec-sasrec loss=bpr, 1 neg", rb_bpr, "recbole-sasrec BPR (1 neg)")
+        bpr, ref = [*sets, "recommender.loss=bpr", "recommender.num_negatives=1"], "recbole-sasrec BPR (1 neg)"
+        patched("bpr1", "slimrec-sasrec loss=bpr, 1 neg", {}, explain_seeds, bpr, rb_bpr, ref)
         # the same pair with one of RecBole's training settings at a time in slimrec's loop
-        with recbole_settings_in_slimrec(rows="prefix"):
-            sl_pre = slimrec_runs(data, explain_seeds, [*bpr, "recommender.batch_size=1024"], "slimrec-bpr1-prefix")
-        extra["slimrec"]["bpr1_prefix_rows"] = sl_pre
-        sl_rows(sl_pre, "slimrec-sasrec loss=bpr, 1 neg, RecBole's rows (1 per prefix, 1024 a step)", rb_bpr,
-                "recbole-sasrec BPR (1 neg)")
-        with recbole_settings_in_slimrec(betas=(0.9, 0.999)):
-            sl_betas = slimrec_runs(data, explain_seeds, bpr, "slimrec-bpr1-betas")
-        extra["slimrec"]["bpr1_adam_betas_0.999"] = sl_betas
-        sl_rows(sl_betas, "slimrec-sasrec loss=bpr, 1 neg, Adam betas (0.9, 0.999)", rb_bpr,
-                "recbole-sasrec BPR (1 neg)")
+        patched("bpr1_prefix_rows", "slimrec-sasrec loss=bpr, 1 neg, RecBole's rows (1 per prefix, 1024 a step)",
+                {"rows": "prefix"}, explain_seeds, [*bpr, *wide], rb_bpr, ref)
+        patched("bpr1_adam_betas_0.999", "slimrec-sasrec loss=bpr, 1 neg, Adam betas (0.9, 0.999)",
+                {"betas": (0.9, 0.999)}, explain_seeds, bpr, rb_bpr, ref)
     wall = time.perf_counter() - t_all
     rows.append(row("whole run", "wall", wall, "s"))
     first = next(iter(rb.values()))

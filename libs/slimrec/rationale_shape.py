@@ -76,7 +76,8 @@ class RationaleShape:
 
     def step_max_chars(self, step: int) -> int:
         """Characters of step ``step``'s body (1 or 2) at most: its words at their longest, single spaces between."""
-        return self.max_words(step) * self.word_max_chars + (self.max_words(step) - 1) * len(WORD_SEP)
+        words = self.max_words(step)
+        return words * self.word_max_chars + (words - 1) * len(WORD_SEP)
 
 
 def render_title(title: str | None, max_chars: int) -> str:
