@@ -380,6 +380,7 @@ def _specific(table: str, th: Thresholds) -> tuple[list[Derived], list[Check]]:
         c += cc + _non_negative("output_tokens", "latency_ms")
         unknown("dq_unknown_grounded_item_ids", "grounded_item_ids", "items", "item_id")
         unknown("dq_unknown_model_version", "model_version", "student_models", "model_version")
+        c.append(_in_set("rationale_source", ("student", "retrieved"), "rationale_source outside student | retrieved"))
         if th.student_shape_regex:
             d.append(Derived("dq_ok_student_rationale", "the rationale of status=ok rows (null for other statuses)",
                              sql="CASE WHEN status = 'ok' THEN rationale END"))
@@ -401,7 +402,9 @@ def _specific(table: str, th: Thresholds) -> tuple[list[Derived], list[Check]]:
     elif table == "rationale_embeddings":
         dd, cc = _embedding(th)
         d += dd
-        c += cc + [_in_set("source", th.rationale_sources, "source outside the allowed set"), _sha1("text_hash")]
+        c += cc + [_in_set("source", th.rationale_sources, "source outside the allowed set"), _sha1("text_hash"),
+                   _in_set("rationale_source", ("teacher", "student", "retrieved"),
+                           "rationale_source outside teacher | student | retrieved")]
     elif table == "item_embeddings":
         dd, cc = _embedding(th)
         d += dd

@@ -312,6 +312,11 @@ TABLES: dict[str, TableSpec] = {
                 *_RATIONALE_COLS,
                 C("output_tokens", "int64", True),
                 C("latency_ms", "float64", True),
+                C("rationale_source", "string", True, "student (the student wrote it) | retrieved (taken from "
+                  "the nearest seed-pool users, stage retrieve_rationales); null: written before the column, "
+                  "by the student", added_later=True),
+                C("retrieved_from", "list<string>", True, "retrieved rows: the neighbours' user_ids, nearest "
+                  "first (the text is the first one's)", added_later=True),
             ],
             ["user_id", "run_date", "model_version"],
             partition_by=["run_date"],
@@ -321,12 +326,15 @@ TABLES: dict[str, TableSpec] = {
             "rationale_embeddings",
             [
                 C("user_id", "string", False),
-                C("source", "string", False, "teacher | student"),
+                C("source", "string", False, "teacher | student: the variant family that uses the vector"),
                 C("model_version", "string", False, "teacher_model or student model_version"),
                 C("encoder", "string", False),
                 C("text_hash", "string", False),
                 C("embedding", "list<float32>", False),
                 C("dim", "int32", False),
+                C("rationale_source", "string", True, "teacher | student | retrieved (source student: the "
+                  "similarity-weighted mean of the nearest seed-pool users' vectors); null: written before the "
+                  "column", added_later=True),
             ],
             ["user_id", "source", "encoder"],
             description="rationale vectors",

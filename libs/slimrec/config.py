@@ -158,6 +158,23 @@ class CostConfig(_Frozen):
         "unless the driver itself reaps it")
 
 
+class RetrievalConfig(_Frozen):
+    """Which users the student writes for, and how the others get a rationale (stage retrieve_rationales)."""
+
+    student_users: Literal["all", "seed_pool"] = Field("all", description=(
+        "all: the student writes for every user with a prompt (a rerun writes only for users whose prompt or "
+        "model changed); seed_pool: only for a pool of seed_pool_share of the users (a seeded hash of user_id, "
+        "so a user stays in or out of the pool across runs), and every other user gets the rationale of the k "
+        "nearest pool users (retrieve_rationales)"))
+    seed_pool_share: float = Field(0.2, gt=0, le=1, description="share of users in the seed pool (seed_pool only)")
+    seed: int = Field(0, description="seed of the pool's hash of user_id")
+    k: int = Field(5, ge=1, description=(
+        "neighbours a retrieved rationale is taken from: its vector is their similarity-weighted mean, its "
+        "grounded items their similarity-weighted vote, its text the nearest one's"))
+    max_items: int = Field(5, ge=1, description="grounded items a retrieved rationale keeps, at most (top of the vote)")
+    batch_users: int = Field(65_536, ge=1, description="users searched per faiss call (bounds the driver's memory)")
+
+
 class PipelineConfig(_Frozen):
     profile: str = Field("dev", description="name of the profile this config started from")
     dataset_name: str = Field("dataset", description="short name of the data set, written to metrics")
@@ -169,6 +186,8 @@ class PipelineConfig(_Frozen):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig, description="teacher_rationales stage")
     student: StudentConfig = Field(default_factory=StudentConfig, description="distill_student / student_rationales")
     embed: EmbedConfig = Field(default_factory=EmbedConfig, description="embed stage")
+    retrieval: RetrievalConfig = Field(default_factory=RetrievalConfig, description=(
+        "seed pool of student users and rationales by retrieval for the rest (student_rationales, retrieve_rationales)"))
     recommender: RecommenderConfig = Field(default_factory=RecommenderConfig, description="train_recommender")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Great Expectations gates")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking of each command")

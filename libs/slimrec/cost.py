@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 # The stages each variant needs beyond the `text` variant it is compared with. Embed is charged only for
 # the share of its texts that were that source's rationales (items are what `text` needs too).
 TEACHER_STAGES = ("teacher_rationales", ("embed", "teacher"))
-STUDENT_STAGES = ("teacher_rationales", "distill_student", "student_rationales", ("embed", "student"))
-LLM_STAGES = ("teacher_rationales", "distill_student", "student_rationales", "embed")
+STUDENT_STAGES = ("teacher_rationales", "distill_student", "student_rationales", ("embed", "student"),
+                  "retrieve_rationales")
+LLM_STAGES = ("teacher_rationales", "distill_student", "student_rationales", "embed", "retrieve_rationales")
 CHARGED: dict[str, tuple] = {
     "teacher": TEACHER_STAGES,
     "teacher_cooc": TEACHER_STAGES,

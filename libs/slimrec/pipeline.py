@@ -31,6 +31,7 @@ STAGES = [
     "distill_student",
     "student_rationales",
     "embed",
+    "retrieve_rationales",
     "train_recommender",
 ]
 
@@ -54,8 +55,9 @@ STAGE_CONFIG: dict[str, tuple[str, ...]] = {
     "build_prompts": ("prompts",),
     "teacher_rationales": ("teacher",),
     "distill_student": ("student",),
-    "student_rationales": ("student",),
+    "student_rationales": ("student", "retrieval"),
     "embed": ("embed",),
+    "retrieve_rationales": ("retrieval", "student", "embed"),
     "train_recommender": ("recommender", "embed", "dataset_name"),
 }
 
@@ -212,6 +214,7 @@ REQUIRED_INPUTS: dict[str, list[str]] = {
     "distill_student": ["teacher_rationales"],
     "student_rationales": ["prompts"],
     "embed": ["items"],
+    "retrieve_rationales": ["prompts"],
     "train_recommender": ["user_sequences", "items"],
 }
 

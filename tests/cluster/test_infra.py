@@ -245,7 +245,8 @@ def test_rayjob_manifests_run_the_stage_entry_files():
         check_entrypoint(spec["entrypoint"])
         stages.append(d["metadata"]["labels"]["slimrec/stage"])
     # Every Ray stage, in pipeline order.
-    assert stages == ["teacher_rationales", "distill_student", "student_rationales", "embed", "train_recommender"]
+    assert stages == ["teacher_rationales", "distill_student", "student_rationales", "embed", "retrieve_rationales",
+                      "train_recommender"]
     assert [s for s in STAGES if s in stages] == stages
 
 

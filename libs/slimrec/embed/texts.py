@@ -64,11 +64,15 @@ def rationale_texts(df: pd.DataFrame, source: str, mode: str, version_col: str, 
 
     Input: user_id, status, rationale, step1..3, run_date, ``version_col``
     (``model_version`` for the student, ``teacher_model`` for the teacher) and,
-    for the teacher, ``answered_ts`` as a tie-break.
-    Output: user_id, source, model_version, texts (list[str]), text_hash.
+    for the teacher, ``answered_ts`` as a tie-break; ``rationale_source`` when
+    present: a user whose latest ok row was retrieved is left out (its vector
+    is the neighbours', not its text's).
+    Output: user_id, source, model_version, texts (list[str]), text_hash, rationale_source.
     """
     order = ["run_date", *(c for c in ("answered_ts",) if c in df.columns), version_col]
     latest = latest_ok(df, order, version_col, version)
+    if "rationale_source" in latest.columns:  # a retrieved rationale's vector is written by retrieve_rationales
+        latest = latest[latest["rationale_source"].fillna(source) != "retrieved"]
     parts = [rationale_text_parts(r, mode) for r in latest.to_dict("records")]
     out = pd.DataFrame(
         {
@@ -77,6 +81,7 @@ def rationale_texts(df: pd.DataFrame, source: str, mode: str, version_col: str, 
             "model_version": latest[version_col].astype(str).to_numpy(),
             "texts": parts,
             "text_hash": [rationale_hash(p, mode) for p in parts],
+            "rationale_source": source,
         }
     )
     return out[out["texts"].map(len) > 0].reset_index(drop=True)

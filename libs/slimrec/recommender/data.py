@@ -42,6 +42,9 @@ class RationaleData:
     grounded_ptr: np.ndarray  # (U+1,) int64 CSR over users
     grounded_items: np.ndarray  # internal item indices named by the rationale's step 3
     model_version: str = ""
+    # (U,) bool: the user's rationale was retrieved from the nearest seed-pool users (retrieve_rationales)
+    # instead of written for them; None: the table says nothing of it
+    retrieved: np.ndarray | None = None
 
     @property
     def n_present(self) -> int:
@@ -302,6 +305,7 @@ def _rationale_data(source, data, user_index, item_index, emb_df, rat_df) -> Rat
             versions = e["model_version"].value_counts()
             version = str(versions.index[0]) if len(versions) else ""
     g_lists: list[list[int]] = [[] for _ in range(data.n_users)]
+    retrieved = None
     if rat_df is not None and len(rat_df):
         r = rat_df[rat_df["status"] == "ok"]
         if version and "model_version" in r.columns and (r["model_version"] == version).any():
@@ -310,6 +314,10 @@ def _rationale_data(source, data, user_index, item_index, emb_df, rat_df) -> Rat
         if order:
             r = r.sort_values(order)
         r = r.drop_duplicates("user_id", keep="last")
+        if "rationale_source" in r.columns and (r["rationale_source"] == "retrieved").any():
+            retrieved = np.zeros(data.n_users, dtype=bool)
+            u = r.loc[r["rationale_source"] == "retrieved", "user_id"].map(lambda x: user_index.get(str(x), -1))
+            retrieved[u[u >= 0].to_numpy(np.int64)] = True
         for uid, gids in zip(r["user_id"], r["grounded_item_ids"], strict=True):
             u = user_index.get(str(uid))
             if u is None or gids is None:
@@ -324,4 +332,5 @@ def _rationale_data(source, data, user_index, item_index, emb_df, rat_df) -> Rat
         grounded_ptr=np.concatenate([[0], np.cumsum(lens)]).astype(np.int64),
         grounded_items=np.fromiter((i for g in g_lists for i in g), dtype=np.int64, count=int(lens.sum())),
         model_version=version,
+        retrieved=retrieved,
     )

@@ -23,6 +23,9 @@ Rationale models start from the text model when ``rationale_warm_start``.
 The teacher's rows are computed over the users with a teacher rationale only
 (the teacher answers a sample); every other variant is also reported on that
 subset as ``<variant>@teacher_users`` so the comparison is like for like.
+When some student rationales were retrieved (``retrieval.student_users=seed_pool``),
+every variant is also reported on the users whose student rationale the student
+wrote (``@student_users``) and on those whose was retrieved (``@retrieved_users``).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ log = logging.getLogger(__name__)
 
 NO_BACKBONE = "none"
 TEACHER_SUBSET = "teacher_users"
+STUDENT_SUBSET = "student_users"  # the student wrote the user's rationale (a seed-pool run)
+RETRIEVED_SUBSET = "retrieved_users"  # the user's rationale was retrieved from the nearest pool users
 
 
 @dataclass(frozen=True)
@@ -153,6 +158,29 @@ def teacher_mask(data: RecData) -> np.ndarray | None:
     return None if rat is None or rat.n_present == 0 else rat.present
 
 
+def source_masks(data: RecData) -> dict[str, np.ndarray]:
+    """{subset: users} by where the user's student rationale came from, when some were retrieved; else {}.
+
+    Example: users a (written), b (retrieved), c (none) -> {"student_users": [a], "retrieved_users": [b]}.
+    """
+    rat = data.rationales.get("student")
+    if rat is None or rat.retrieved is None or not rat.retrieved.any():
+        return {}
+    has = rat.present | (np.diff(rat.grounded_ptr) > 0)
+    return {STUDENT_SUBSET: has & ~rat.retrieved, RETRIEVED_SUBSET: has & rat.retrieved}
+
+
+def _subset_rows(per_user: dict, data: RecData, cfg, lists, ev, reasons) -> list[dict]:
+    """Rows on the teacher users (when the teacher variant runs on a sample) and on each rationale source."""
+    rows = []
+    tmask = teacher_mask(data)
+    if tmask is not None and tmask.sum() < data.n_users and "teacher" in cfg.variants:
+        rows += _rows(per_user, tmask, TEACHER_SUBSET, lists, ev, reasons)
+    for name, mask in source_masks(data).items():
+        rows += _rows(per_user, mask, name, lists, ev, reasons)
+    return rows
+
+
 def _per_user_test(per_user: dict) -> dict[str, list[float]]:
     """{protocol: per-user test NDCG@10, rounded}: what :func:`paired_comparisons` pairs."""
     return {p: np.round(per_user[("test", p)]["ndcg_10"], 5).tolist() for p in PROTOCOLS}
@@ -201,9 +229,8 @@ def evaluate_variant(variant: str, score_fn, data: RecData, ev: Evaluator, cfg) 
     if users is not None:
         rows = _rows(per_user, None, TEACHER_SUBSET, lists, ev, reasons)
     else:
-        rows = _rows(per_user, None, "all", lists, ev, reasons)
-        if tmask is not None and tmask.sum() < data.n_users and "teacher" in cfg.variants:
-            rows += _rows(per_user, tmask, TEACHER_SUBSET, lists, ev, reasons)
+        rows = _rows(per_user, None, "all", lists, ev, reasons) + _subset_rows(per_user, data, cfg, lists, ev,
+                                                                                reasons)
     # per-user test NDCG@10 (rounded), for paired comparisons between variants (paired_comparisons)
     per_user_test = _per_user_test(per_user)
     return {"variant": variant, "weights": dict(zip(names, weights, strict=True)), "valid_selected": v_sel,
@@ -346,7 +373,6 @@ def _fit_record(fit: FitResult) -> dict:
 def run_baselines(data: RecData, ev: Evaluator, cfg) -> list[dict]:
     """Random (one per seed), most-popular and transition-count rankings, evaluated like the models."""
     out = []
-    tmask = teacher_mask(data)
     zeros = lambda split, users: np.zeros((len(users), ev.n_cols), np.float32)  # noqa: E731
     fns = {
         "popular": [(0, ev.popular_fn(), [], ())],
@@ -357,9 +383,8 @@ def run_baselines(data: RecData, ev: Evaluator, cfg) -> list[dict]:
         for seed, fn, priors, w in fns[name]:
             per_user, lists = ev.per_user_and_lists(fn, priors, w)
             reasons: dict[str, str] = {}
-            rows = _rows(per_user, None, "all", lists, ev, reasons)
-            if tmask is not None and tmask.sum() < data.n_users and "teacher" in cfg.variants:
-                rows += _rows(per_user, tmask, TEACHER_SUBSET, lists, ev, reasons)
+            rows = _rows(per_user, None, "all", lists, ev, reasons) + _subset_rows(per_user, data, cfg, lists, ev,
+                                                                                    reasons)
             out.append({"backbone": NO_BACKBONE, "variant": name, "seed": seed, "weights": {}, "rows": rows,
                         "model_key": None, "per_user_test_ndcg_10": _per_user_test(per_user),
                         "per_user_rows": None, "beyond_reasons": reasons})
@@ -379,8 +404,8 @@ def metrics_frame(results: list[dict]) -> pd.DataFrame:
     for r in results:
         for row in r["rows"]:
             v = r["variant"]
-            if row["subset"] == TEACHER_SUBSET and not r.get("teacher_users_only"):
-                v = f"{v}@{TEACHER_SUBSET}"
+            if row["subset"] != "all" and not (row["subset"] == TEACHER_SUBSET and r.get("teacher_users_only")):
+                v = f"{v}@{row['subset']}"
             recs.append({"backbone": r["backbone"], "variant": v, "protocol": row["protocol"], "split": row["split"],
                          "seed": int(r["seed"]), **{m: row[m] for m in METRIC_NAMES},
                          **{m: float(row.get(m, np.nan)) for m in BEYOND_NAMES}, "n_users": row["n_users"]})

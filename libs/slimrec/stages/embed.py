@@ -45,7 +45,7 @@ OUTPUTS = ["item_embeddings", "rationale_embeddings"]
 _RATIONALE_COLS = ["user_id", "run_date", "status", "rationale", "step1", "step2", "step3"]
 _SOURCES = {
     # source -> (table, column that names the model, extra tie-break columns)
-    "student": ("student_rationales", "model_version", []),
+    "student": ("student_rationales", "model_version", ["rationale_source"]),
     "teacher": ("teacher_rationales", "teacher_model", ["answered_ts"]),
 }
 
@@ -72,7 +72,7 @@ def _rationale_candidates(ctx: StageContext, inputs: dict[str, int | None]) -> t
         log.info("embed: %s: %d rows -> %d users with an ok rationale", table, len(raw), len(rows))
         frames.append(rows)
         counts[source] = len(rows)
-    cols = ["user_id", "source", "model_version", "texts", "text_hash"]
+    cols = ["user_id", "source", "model_version", "texts", "text_hash", "rationale_source"]
     return (pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)), counts
 
 

@@ -2,11 +2,15 @@
 
 1. Model: ``student.model_version`` (``latest``: the newest registered row of
    ``student_models``) gives the base model and adapter path.
-2. Population: the latest prompt of each user dated on or before the run date.
+2. Population: the latest prompt of each user dated on or before the run date;
+   with ``retrieval.student_users=seed_pool`` only the users of the seed pool
+   (:func:`slimrec.retrieval.in_seed_pool`), the others get theirs from
+   ``retrieve_rationales`` after ``embed``.
 3. Anti-join (:func:`plan_users`): a user needs a rationale when no row of
-   ``student_rationales`` has this ``(user_id, prompt_hash, model_version)``,
-   i.e. when the prompt or the model changed since the last run (rows whose
-   status is ``failed`` are retried when ``infer.retry_failed``).
+   ``student_rationales`` that the student wrote has this ``(user_id,
+   prompt_hash, model_version)``, i.e. when the prompt or the model changed
+   since the last run (rows whose status is ``failed`` are retried when
+   ``infer.retry_failed``; a retrieved row never counts as written).
 4. Ray Data: prompts sorted by length, one block per generate batch, through
    an actor pool of :class:`~slimrec.student.generate.TransformersGenerator`
    (CPU default, fractional CPUs per actor) or
@@ -48,7 +52,7 @@ STAGE = "student_rationales"
 INPUTS = ["prompts", "student_models", "items"]
 OUTPUTS = ["student_rationales"]
 PROMPT_COLUMNS = ["user_id", "run_date", "student_prompt", "prompt_hash"]
-EXISTING_COLUMNS = ["user_id", "prompt_hash", "model_version", "status"]
+EXISTING_COLUMNS = ["user_id", "prompt_hash", "model_version", "status", "rationale_source"]
 
 
 def select_model(models: pd.DataFrame, model_version: str) -> dict:
@@ -73,16 +77,33 @@ def latest_prompts(prompts: pd.DataFrame, run_date) -> pd.DataFrame:
     return p.sort_values(["user_id", "run_date"]).drop_duplicates("user_id", keep="last").reset_index(drop=True)
 
 
+def seed_pool(prompts: pd.DataFrame, rcfg) -> tuple[pd.DataFrame, dict]:
+    """The prompts the student writes for under ``retrieval`` (:class:`slimrec.config.RetrievalConfig`), and
+    what to report: all of them, or those of the seed pool."""
+    if rcfg.student_users != "seed_pool":
+        return prompts, {"student_users": "all"}
+    from slimrec.retrieval import in_seed_pool
+
+    pool = in_seed_pool(prompts["user_id"], rcfg.seed_pool_share, rcfg.seed)
+    log.info("student_rationales: seed pool of %d of %d users (share %.2f, seed %d); the others are retrieved "
+             "by retrieve_rationales", int(pool.sum()), len(prompts), rcfg.seed_pool_share, rcfg.seed)
+    return prompts[pool].reset_index(drop=True), {"student_users": "seed_pool", "users_with_a_prompt": len(prompts),
+                                                  "seed_pool_users": int(pool.sum())}
+
+
 def plan_users(prompts: pd.DataFrame, existing: pd.DataFrame, model_version: str, retry_failed: bool) -> pd.DataFrame:
-    """Prompts whose (user_id, prompt_hash, model_version) has no row yet (or only failed rows, when retried).
+    """Prompts whose (user_id, prompt_hash, model_version) has no row the student wrote yet (or only failed
+    rows, when retried).
 
     ``prompts``: one row per user (``user_id``, ``prompt_hash``, ...);
-    ``existing``: :data:`EXISTING_COLUMNS` of ``student_rationales``.
+    ``existing``: :data:`EXISTING_COLUMNS` of ``student_rationales`` (``rationale_source`` null: the student).
 
-    Example: existing (u1, h1, m1, ok), (u2, h2, m1, failed); prompts u1@h1,
-    u2@h2, u3@h3 under m1 -> u2, u3 (u2 only with retry_failed); under m2 -> u1, u2, u3.
+    Example: existing (u1, h1, m1, ok), (u2, h2, m1, failed), (u4, h4, m1, ok, retrieved); prompts u1@h1,
+    u2@h2, u3@h3, u4@h4 under m1 -> u2, u3, u4 (u2 only with retry_failed); under m2 -> all four.
     """
     done = existing[existing["model_version"] == model_version]
+    if "rationale_source" in done.columns:
+        done = done[done["rationale_source"].fillna("student") != "retrieved"]
     if retry_failed:
         done = done[done["status"] != "failed"]
     keys = set(zip(done["user_id"], done["prompt_hash"], strict=True))
@@ -106,6 +127,8 @@ def to_rows(parsed: pd.DataFrame, grounded: list[list[str]], model_version: str)
             "error": parsed["error"].to_numpy(),
             "output_tokens": parsed["output_tokens"].astype("int64").to_numpy(),
             "latency_ms": parsed["latency_ms"].astype("float64").to_numpy(),
+            "rationale_source": "student",
+            "retrieved_from": None,
         }
     )
 
@@ -207,6 +230,7 @@ def run(ctx: StageContext) -> StageResult:
     model = select_model(lake.read_pandas("student_models", version=inputs["student_models"]), cfg.model_version)
     version = model["model_version"]
     prompts = latest_prompts(lake.read_pandas("prompts", version=inputs["prompts"], columns=PROMPT_COLUMNS), ctx.run_date)
+    prompts, pool_extra = seed_pool(prompts, ctx.cfg.retrieval)
     deleted_version = None
     if lake.exists(STAGE) and not ctx.dry_run:
         # rationales grounded in items that a re-ingest removed from the catalogue go (any date, any
@@ -217,7 +241,7 @@ def run(ctx: StageContext) -> StageResult:
                 if lake.exists(STAGE) else pd.DataFrame(columns=EXISTING_COLUMNS))
     todo = plan_users(prompts, existing, version, cfg.infer.retry_failed)
     extra: dict = {"model_version": version, "users": len(prompts), "users_to_generate": len(todo),
-                   "users_unchanged": len(prompts) - len(todo), "engine": cfg.infer.engine}
+                   "users_unchanged": len(prompts) - len(todo), "engine": cfg.infer.engine, **pool_extra}
     log.info("student_rationales: model %s, %d users with a prompt, %d to generate, %d unchanged",
              version, len(prompts), len(todo), len(prompts) - len(todo))
     items = (lake.read_pandas("items", version=inputs["items"], columns=["item_id", "title"])

@@ -48,7 +48,7 @@ _COLUMNS = {
     "item_embeddings": ["item_id", "encoder", "embedding"],
     "rationale_embeddings": ["user_id", "source", "model_version", "encoder", "embedding"],
     "teacher_rationales": ["user_id", "teacher_model", "status", "grounded_item_ids", "answered_ts", "run_date"],
-    "student_rationales": ["user_id", "model_version", "status", "grounded_item_ids", "run_date"],
+    "student_rationales": ["user_id", "model_version", "status", "grounded_item_ids", "run_date", "rationale_source"],
 }
 
 
