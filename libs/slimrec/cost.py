@@ -47,6 +47,9 @@ TEACHER_STAGES = ("teacher_rationales", ("embed", "teacher"))
 STUDENT_STAGES = ("teacher_rationales", "distill_student", "student_rationales", ("embed", "student"),
                   "retrieve_rationales")
 LLM_STAGES = ("teacher_rationales", "distill_student", "student_rationales", "embed", "retrieve_rationales")
+# Stages that only do something under a setting (retrieve_rationales: retrieval.student_users=seed_pool): a lake
+# with no record of one never ran it, so it is charged nothing instead of being reported as not measured.
+RUN_ONLY_WHEN_ASKED = ("retrieve_rationales",)
 CHARGED: dict[str, tuple] = {
     "teacher": TEACHER_STAGES,
     "teacher_cooc": TEACHER_STAGES,
@@ -332,7 +335,8 @@ def charge(stages: tuple, charges: Charges, prices) -> dict:
             usd += charges.teacher_usd
         total = charges.totals.get(stage)
         if total is None:
-            missing.append(stage)
+            if stage not in RUN_ONLY_WHEN_ASKED:  # never ran: it cost nothing; any other stage is unmeasured
+                missing.append(stage)
             continue
         share = 1.0 if source is None else _share(total, source)
         if share is None:  # a record from before the per-source split: the whole stage

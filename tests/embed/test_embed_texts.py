@@ -88,3 +88,14 @@ def test_flatten_and_pool_back():
     s = 1 / np.sqrt(2)
     np.testing.assert_allclose(pooled, [[s, s], [0.6, 0.8]], rtol=1e-6)
     assert pooled.dtype == np.float32
+
+
+def test_a_user_whose_latest_rationale_was_retrieved_is_not_encoded_from_its_text():
+    d1, d2 = date(2024, 1, 14), date(2024, 1, 15)
+    df = _student([("u1", d1, "s1", "ok", "own", "", "", ""), ("u1", d2, "s1", "ok", "copied", "", "", ""),
+                   ("u2", d2, "s1", "ok", "copied too", "", "", ""), ("u3", d2, "s1", "ok", "old row", "", "", "")])
+    df["rationale_source"] = ["student", "retrieved", "retrieved", None]  # None: written before the column
+    out = rationale_texts(df, "student", "whole", "model_version", None)
+    # u1's latest row is retrieved (its vector is the neighbours', written by retrieve_rationales): not u1's
+    # older text either; u3's row predates the column and is the student's
+    assert out["user_id"].tolist() == ["u3"] and out["rationale_source"].tolist() == ["student"]

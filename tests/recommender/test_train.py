@@ -164,3 +164,22 @@ def test_joint_prior_group_and_time_budget(tiny_data):
     assert set(states) == {"cooc_joint"} and "prior_weight" in states["cooc_joint"]
     assert fits["cooc_joint"]["epochs_run"] == 1  # the budget stops it after the first epoch
     assert set(results[0]["weights"]) == {"cooc"}
+
+
+def test_users_with_a_retrieved_rationale_are_reported_apart(tiny_data):
+    import copy
+
+    data = copy.deepcopy(tiny_data)
+    rat = data.rationales["student"]
+    rat.retrieved = np.zeros(data.n_users, dtype=bool)
+    rat.retrieved[::3] = True  # every third user's student rationale was retrieved from its neighbours
+    cfg = tiny_cfg()
+    m = metrics_frame(run_baselines(data, Evaluator(data, cfg), cfg))
+    has = rat.present | (np.diff(rat.grounded_ptr) > 0)
+    n = m[(m.split == "test") & (m.protocol == "full")].groupby("variant")["n_users"].max()
+    assert n["popular@retrieved_users"] == int((has & rat.retrieved).sum()) > 0
+    assert n["popular@student_users"] == int((has & ~rat.retrieved).sum()) > 0
+    assert n["popular"] == data.n_users
+    # without a retrieved rationale there are no such rows
+    plain = metrics_frame(run_baselines(tiny_data, Evaluator(tiny_data, cfg), cfg))
+    assert not plain["variant"].str.contains("retrieved_users|student_users").any()

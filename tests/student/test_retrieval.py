@@ -263,3 +263,20 @@ def test_the_recommender_reports_written_and_retrieved_users_apart(pool_lake):
     retrieved = set(data.user_ids[masks[RETRIEVED_SUBSET]])
     assert written == set(pool) and retrieved == set(users) - set(pool) - {"u901"}
     assert notes["student_rationale_users"] == len(users) - 1  # every user but the failed one has a vector
+
+
+def test_retrieved_rows_pass_the_quality_gate_and_a_bad_source_does_not(pool_lake, spark):
+    from slimrec.quality import validate_table
+    from slimrec.quality.config import QualityConfig
+
+    lake, *_ = pool_lake
+    res = retrieve_rationales.run(_ctx(lake))
+    qcfg = QualityConfig(embedding_dims={"all-MiniLM-L6-v2": DIM})  # the fixture's vectors are short
+    for table, version in res.tables.items():
+        report = validate_table(lake, table, cfg=qcfg, spark=spark, version=version)
+        assert report.success and report.rows > 0, report.summary()
+    bad = lake.read_pandas("student_rationales").head(1).drop(columns=["run_date", "input_versions"])
+    version = lake.write_arrow("student_rationales", bad.assign(rationale_source="copied"), "merge",
+                               CommitInfo("fixture", RUN + timedelta(days=3)))
+    report = validate_table(lake, "student_rationales", cfg=qcfg, spark=spark, version=version)
+    assert not report.success and "rationale_source outside student | retrieved" in report.summary()

@@ -1,0 +1,178 @@
+"""A seed pool against a student for every user: the student stage's time and the recommender's NDCG, paired.
+
+    python -m bench.seed_pool --all-lake /tmp/sp/lake_all --pool-lake /tmp/sp/lake_pool
+
+Both lakes hold the same data up to ``distill_student`` (the same student model) and one
+``train_recommender`` run each with the same recommender config; ``--all-lake``'s student wrote for every
+user (``retrieval.student_users=all``), ``--pool-lake``'s for its seed pool only, the rest retrieved
+(``retrieval.student_users=seed_pool``, then ``retrieve_rationales``). One way to make them: run the
+pipeline once, copy the lake, delete the copy's ``student_rationales`` and its student rows of
+``rationale_embeddings``, then ``slim run --lake COPY --from student_rationales --set
+retrieval.student_users=seed_pool``, and ``slim stage train_recommender`` on the first lake with the same
+``recommender.*`` settings.
+
+Prints and records (``bench.common.record``):
+
+* the student_rationales stage: users written for, wall seconds and CPU-hours of its last run (stage
+  record), pool against all; retrieve_rationales' wall seconds;
+* per rationale variant of the latest train_recommender run: test NDCG@10 mean over seeds, full ranking
+  and sampled-100, pool against all, with the paired difference per user (per-user NDCG@10 averaged over
+  seeds, both runs' ``per_user_test.parquet``) and its standard error std(d)/sqrt(users); the same paired
+  on the retrieved users alone and on the written ones;
+* the gain of each rationale variant over ``text`` in each run, paired within the run.
+
+Nothing is asserted: what it prints is the measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from bench.common import record, row
+
+VARIANTS = ("slim", "slim_cooc", "text", "cooc_prior")
+PROTOCOLS = ("full", "sampled100")
+
+
+def _lake(root: str):
+    from slimrec.lake import Lake
+
+    return Lake(root)
+
+
+def stage_figures(lake, stage: str) -> dict:
+    """Wall seconds and CPU-hours of the stage's last finished run (its stage record), or {}."""
+    rec = lake.stage_record(stage) or {}
+    cost = rec.get("cost") or {}
+    return {"wall_s": cost.get("run_wall_s") or cost.get("wall_s"), "cpu_hours": cost.get("cpu_hours"),
+            "run_id": rec.get("run_id")}
+
+
+def student_rows(lake) -> dict:
+    """Rows of the latest student's rationales by where they came from."""
+    models = lake.read_pandas("student_models")
+    version = models.sort_values("created_ts").iloc[-1]["model_version"]
+    r = lake.read_pandas("student_rationales", columns=["user_id", "model_version", "status", "rationale_source"])
+    r = r[r["model_version"] == version]
+    src = r["rationale_source"].fillna("student")
+    return {"model_version": version, "written": int((src == "student").sum()),
+            "written_ok": int(((src == "student") & (r["status"] == "ok")).sum()),
+            "retrieved": int((src == "retrieved").sum()),
+            "retrieved_ok": int(((src == "retrieved") & (r["status"] == "ok")).sum())}
+
+
+def run_results(lake) -> tuple[pd.Series, pd.DataFrame, pd.DataFrame]:
+    """(latest train_recommender run, its test metrics summary, its per-user test NDCG@10 rows)."""
+    from slimrec.results import latest_metrics, latest_run, metrics_summary
+
+    run = latest_run(lake)
+    if run is None:
+        raise ValueError(f"{lake.root}: no train_recommender run")
+    notes = json.loads(run["notes"] or "{}")
+    per_user = pd.read_parquet(Path(notes["artifacts"]) / "per_user_test.parquet")
+    return run, metrics_summary(latest_metrics(lake, run)), per_user
+
+
+def user_means(per_user: pd.DataFrame, variant: str, protocol: str, backbone: str = "sasrec") -> pd.Series:
+    """Per-user test NDCG@10 averaged over seeds (index: the run's user row)."""
+    p = per_user[(per_user["backbone"] == backbone) & (per_user["variant"] == variant)
+                 & (per_user["protocol"] == protocol)]
+    return p.groupby("user")["ndcg_10"].mean()
+
+
+def paired(x: pd.Series, y: pd.Series, users: np.ndarray | None = None) -> tuple[float, float, int]:
+    """(mean of x - y over shared users, its SE std(d, ddof=1)/sqrt(n), n); ``users`` restricts the rows."""
+    d = (x - y).dropna()
+    if users is not None:
+        d = d[d.index.isin(users)]
+    n = len(d)
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return float(d.mean()) if n else float("nan"), se, n
+
+
+def retrieved_rows(lake, run: pd.Series) -> np.ndarray:
+    """The run's user rows (sorted user ids) whose student rationale was retrieved."""
+    users = np.array(sorted(lake.read_pandas("user_sequences", columns=["user_id"])["user_id"].astype(str)))
+    r = lake.read_pandas("student_rationales", columns=["user_id", "run_date", "status", "rationale_source"])
+    r = r[r["status"] == "ok"].sort_values("run_date").drop_duplicates("user_id", keep="last")
+    got = set(r.loc[r["rationale_source"] == "retrieved", "user_id"].astype(str))
+    return np.nonzero(np.isin(users, list(got)))[0]
+
+
+def _mean(summary: pd.DataFrame, variant: str, protocol: str) -> tuple[float, float, int]:
+    s = summary[(summary["variant"] == variant) & (summary["protocol"] == protocol)
+                & (summary["backbone"] == "sasrec")]
+    if s.empty:
+        return float("nan"), float("nan"), 0
+    return float(s["ndcg_10_mean"].iloc[0]), float(s["ndcg_10_std"].iloc[0]), int(s["seeds"].iloc[0])
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--all-lake", required=True, help="lake whose student wrote for every user")
+    ap.add_argument("--pool-lake", required=True, help="lake whose student wrote for its seed pool only")
+    args = ap.parse_args(argv)
+    lk_all, lk_pool = _lake(args.all_lake), _lake(args.pool_lake)
+    s_all, s_pool = stage_figures(lk_all, "student_rationales"), stage_figures(lk_pool, "student_rationales")
+    r_pool = stage_figures(lk_pool, "retrieve_rationales")
+    n_all, n_pool = student_rows(lk_all), student_rows(lk_pool)
+    if n_all["model_version"] != n_pool["model_version"]:
+        raise SystemExit(f"the lakes' students differ ({n_all['model_version']} vs {n_pool['model_version']}): "
+                         "the comparison needs the same student")
+    run_all, sum_all, pu_all = run_results(lk_all)
+    run_pool, sum_pool, pu_pool = run_results(lk_pool)
+    if int(run_all["n_users"]) != int(run_pool["n_users"]):
+        raise SystemExit("the runs evaluate different users: the per-user pairing needs the same user_sequences")
+    retrieved = retrieved_rows(lk_pool, run_pool)
+    written = np.setdiff1d(np.arange(int(run_pool["n_users"])), retrieved)
+    pool_case = f"seed pool {n_pool['written']} users + {n_pool['retrieved']} retrieved"
+    all_case = f"student for all {n_all['written']} users"
+    rows = [
+        row(pool_case, "student users written for", n_pool["written"], "users", all_case, n_all["written"]),
+        row(pool_case, "student_rationales wall", s_pool["wall_s"], "s", all_case, s_all["wall_s"]),
+        row(pool_case, "student_rationales CPU", s_pool["cpu_hours"], "CPU-h", all_case, s_all["cpu_hours"]),
+        row(pool_case, "retrieve_rationales wall", r_pool["wall_s"] or float("nan"), "s"),
+    ]
+    paired_out = []
+    for proto in PROTOCOLS:
+        for v in VARIANTS:
+            m_p, sd_p, k_p = _mean(sum_pool, v, proto)
+            m_a, sd_a, k_a = _mean(sum_all, v, proto)
+            x, y = user_means(pu_pool, v, proto), user_means(pu_all, v, proto)
+            if x.empty or y.empty:
+                continue
+            d, se, n = paired(x, y)
+            d_r, se_r, n_r = paired(x, y, retrieved)
+            d_w, se_w, n_w = paired(x, y, written)
+            rows.append(row(f"{pool_case}, sasrec {v}", f"test NDCG@10 {proto}", m_p, "", all_case, m_a,
+                            spread=f"std over {k_p} seeds {sd_p:.4f} (all: {sd_a:.4f}); paired pool - all "
+                                   f"{d:+.4f} ± {se:.4f} SE over {n} users; retrieved users {d_r:+.4f} ± {se_r:.4f} "
+                                   f"({n_r}); written {d_w:+.4f} ± {se_w:.4f} ({n_w})"))
+            paired_out.append({"protocol": proto, "variant": v, "pool": m_p, "all": m_a, "diff": d, "se": se,
+                               "n": n, "diff_retrieved": d_r, "se_retrieved": se_r, "n_retrieved": n_r,
+                               "diff_written": d_w, "se_written": se_w, "n_written": n_w})
+        for v in ("slim", "slim_cooc"):
+            for name, pu in (("pool", pu_pool), ("all", pu_all)):
+                x, t = user_means(pu, v, proto), user_means(pu, "text", proto)
+                if x.empty or t.empty:
+                    continue
+                d, se, n = paired(x, t)
+                rows.append(row(f"{name} run, sasrec {v} - text", f"gain NDCG@10 {proto}", d, "",
+                                spread=f"± {se:.4f} paired SE over {n} users"))
+    with pd.option_context("display.width", 250, "display.max_columns", None):
+        print(pd.DataFrame(paired_out).to_string(index=False))
+    record("seed_pool", rows, extra={"all": {"lake": args.all_lake, "run_id": run_all["run_id"], **n_all,
+                                             "student_stage": s_all},
+                                     "pool": {"lake": args.pool_lake, "run_id": run_pool["run_id"], **n_pool,
+                                              "student_stage": s_pool, "retrieve_stage": r_pool},
+                                     "paired": paired_out})
+    return rows
+
+
+if __name__ == "__main__":
+    main()
