@@ -14,7 +14,11 @@ retrieval.student_users=seed_pool``, and ``slim stage train_recommender`` on the
 Prints and records (``bench.common.record``):
 
 * the student_rationales stage: users written for, wall seconds and CPU-hours of its last run (stage
-  record), pool against all; retrieve_rationales' wall seconds;
+  record), pool against all; retrieve_rationales' wall seconds. ``--student-lakes ALL,POOL`` takes the
+  student stage's figures from two other lakes instead: copies of the two whose ``student_rationales``
+  table was deleted and whose student stage then ran alone, one after the other on a quiet machine under
+  the same code (``slim stage student_rationales --lake COPY [--set retrieval.student_users=seed_pool]``),
+  so that the time ratio compares like with like;
 * per rationale variant of the latest train_recommender run: test NDCG@10 mean over seeds, full ranking
   and sampled-100, pool against all, with the paired difference per user (per-user NDCG@10 averaged over
   seeds, both runs' ``per_user_test.parquet``) and its standard error std(d)/sqrt(users); the same paired
@@ -116,9 +120,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all-lake", required=True, help="lake whose student wrote for every user")
     ap.add_argument("--pool-lake", required=True, help="lake whose student wrote for its seed pool only")
+    ap.add_argument("--student-lakes", default=None,
+                    help="ALL,POOL: lakes whose student_rationales stage record gives the stage's time instead")
     args = ap.parse_args(argv)
     lk_all, lk_pool = _lake(args.all_lake), _lake(args.pool_lake)
-    s_all, s_pool = stage_figures(lk_all, "student_rationales"), stage_figures(lk_pool, "student_rationales")
+    t_all, t_pool = (lk_all, lk_pool) if not args.student_lakes else map(_lake, args.student_lakes.split(","))
+    s_all, s_pool = stage_figures(t_all, "student_rationales"), stage_figures(t_pool, "student_rationales")
+    s_all["users"], s_pool["users"] = student_rows(t_all)["written"], student_rows(t_pool)["written"]
     r_pool = stage_figures(lk_pool, "retrieve_rationales")
     n_all, n_pool = student_rows(lk_all), student_rows(lk_pool)
     if n_all["model_version"] != n_pool["model_version"]:
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 spread=f"± {se:.4f} paired SE over {n} users"))
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(pd.DataFrame(paired_out).to_string(index=False))
-    record("seed_pool", rows, extra={"all": {"lake": args.all_lake, "run_id": run_all["run_id"], **n_all,
+    record("seed_pool", rows, extra={"student_lakes": args.student_lakes, "all": {"lake": args.all_lake, "run_id": run_all["run_id"], **n_all,
                                              "student_stage": s_all},
                                      "pool": {"lake": args.pool_lake, "run_id": run_pool["run_id"], **n_pool,
                                               "student_stage": s_pool, "retrieve_stage": r_pool},
