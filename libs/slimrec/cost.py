@@ -60,8 +60,8 @@ CHARGED: dict[str, tuple] = {
 # What the gain table charges, said under it in every report.
 COST_NOTE = ("Gain = test NDCG@10 (full ranking, mean over seeds) minus the same backbone's `text`. A `teacher` "
              "variant is charged the teacher stage and the teacher's share of embed's texts; a `slim` variant the "
-             "teacher, distill_student, student_rationales and the student's share of embed (text_matching: its "
-             "source's). The teacher's dollars are the cost_usd of its answers in teacher_rationales; compute is "
+             "teacher, distill_student, student_rationales, the student's share of embed and retrieve_rationales, "
+             "where it ran (text_matching: its source's). The teacher's dollars are the cost_usd of its answers in teacher_rationales; compute is "
              "each stage's CPU- or GPU-hours summed over its finished runs since its config last changed, priced "
              "by cost.cpu_hour_usd / cost.gpu_hour_usd.")
 # Summed across runs in a stage record's cost_total.
