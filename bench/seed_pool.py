@@ -14,7 +14,7 @@ retrieval.student_users=seed_pool``, and ``slim stage train_recommender`` on the
 Prints and records (``bench.common.record``):
 
 * the student_rationales stage: users written for, wall seconds and CPU-hours of its last run (stage
-  record), pool against all; retrieve_rationales' wall seconds. ``--student-lakes ALL,POOL`` takes the
+  record), pool against all; retrieve_rationales' wall seconds. ``--student-lakes ALL,POOL`` (repeatable) takes the
   student stage's figures from two other lakes instead: copies of the two whose ``student_rationales``
   table was deleted and whose student stage then ran alone, one after the other on a quiet machine under
   the same code (``slim stage student_rationales --lake COPY [--set retrieval.student_users=seed_pool]``),
@@ -120,13 +120,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all-lake", required=True, help="lake whose student wrote for every user")
     ap.add_argument("--pool-lake", required=True, help="lake whose student wrote for its seed pool only")
-    ap.add_argument("--student-lakes", default=None,
-                    help="ALL,POOL: lakes whose student_rationales stage record gives the stage's time instead")
+    ap.add_argument("--student-lakes", action="append", default=None,
+                    help="ALL,POOL: lakes whose student_rationales stage record gives the stage's time instead; "
+                         "repeat for repeated pairs (the median pair by wall ratio is reported, every pair in "
+                         "the spread)")
     args = ap.parse_args(argv)
     lk_all, lk_pool = _lake(args.all_lake), _lake(args.pool_lake)
-    t_all, t_pool = (lk_all, lk_pool) if not args.student_lakes else map(_lake, args.student_lakes.split(","))
-    s_all, s_pool = stage_figures(t_all, "student_rationales"), stage_figures(t_pool, "student_rationales")
-    s_all["users"], s_pool["users"] = student_rows(t_all)["written"], student_rows(t_pool)["written"]
+    pairs = [(lk_all, lk_pool)] if not args.student_lakes else [tuple(map(_lake, p.split(",")))
+                                                                for p in args.student_lakes]
+    timed = []
+    for t_all, t_pool in pairs:
+        a, p = stage_figures(t_all, "student_rationales"), stage_figures(t_pool, "student_rationales")
+        a["users"], p["users"] = student_rows(t_all)["written"], student_rows(t_pool)["written"]
+        timed.append((a, p))
+    timed.sort(key=lambda ap_: ap_[1]["wall_s"] / ap_[0]["wall_s"])
+    s_all, s_pool = timed[(len(timed) - 1) // 2]
+    wall_spread = (f"{len(timed)} pairs, pool/all wall " + ", ".join(
+        f"{p['wall_s']:.1f}/{a['wall_s']:.1f} s = {p['wall_s'] / a['wall_s']:.3f}" for a, p in timed))
     r_pool = stage_figures(lk_pool, "retrieve_rationales")
     n_all, n_pool = student_rows(lk_all), student_rows(lk_pool)
     if n_all["model_version"] != n_pool["model_version"]:
@@ -142,7 +152,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     all_case = f"student for all {n_all['written']} users"
     rows = [
         row(pool_case, "student users written for", n_pool["written"], "users", all_case, n_all["written"]),
-        row(pool_case, "student_rationales wall", s_pool["wall_s"], "s", all_case, s_all["wall_s"]),
+        row(pool_case, "student_rationales wall", s_pool["wall_s"], "s", all_case, s_all["wall_s"],
+            spread=wall_spread),
         row(pool_case, "student_rationales CPU", s_pool["cpu_hours"], "CPU-h", all_case, s_all["cpu_hours"]),
         row(pool_case, "retrieve_rationales wall", r_pool["wall_s"] or float("nan"), "s"),
     ]
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(pd.DataFrame(paired_out).to_string(index=False))
     record("seed_pool", rows, extra={"student_lakes": args.student_lakes, "all": {"lake": args.all_lake, "run_id": run_all["run_id"], **n_all,
-                                             "student_stage": s_all},
+                                             "student_stage": s_all, "student_stage_pairs": timed},
                                      "pool": {"lake": args.pool_lake, "run_id": run_pool["run_id"], **n_pool,
                                               "student_stage": s_pool, "retrieve_stage": r_pool},
                                      "paired": paired_out})
