@@ -185,7 +185,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                 spread=f"± {se:.4f} paired SE over {n} users"))
     with pd.option_context("display.width", 250, "display.max_columns", None):
         print(pd.DataFrame(paired_out).to_string(index=False))
-    record("seed_pool", rows, extra={"student_lakes": args.student_lakes, "all": {"lake": args.all_lake, "run_id": run_all["run_id"], **n_all,
+    record("seed_pool", rows, extra={"student_lakes": args.student_lakes,
+                                     "all": {"lake": args.all_lake, "run_id": run_all["run_id"], **n_all,
                                              "student_stage": s_all, "student_stage_pairs": timed},
                                      "pool": {"lake": args.pool_lake, "run_id": run_pool["run_id"], **n_pool,
                                               "student_stage": s_pool, "retrieve_stage": r_pool},
