@@ -39,6 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import record, row
+
 log = logging.getLogger("bench.embed")
 
 DATASET = Path(__file__).resolve().parents[1] / "data" / "amazon_office_2014"
@@ -195,6 +197,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{fixed_cpu:.1f} CPU-s (subtracted in the last overhead column)")
     print(f"{'texts':<17}{'n':>6}{'tokens':>7} | {'plain/s':>8}{'ray/s':>8}{'ray/plain':>10}{'overhead':>9} | "
           f"{'CPU-ms/text plain':>18}{'ray':>7}{'overhead':>9}{'w/o fixed':>10} |{'max|dv|':>9}")
+    rows = []
+    fixed_wall = min(f[0] for f in fixed)
     for name, texts in sets.items():
         (plain_s, plain_c, plain_v), (ray_s, ray_c, ray_v) = _best_interleaved(
             [
@@ -210,6 +214,16 @@ def main(argv: list[str] | None = None) -> None:
               f"{plain_s / ray_s:>10.2f}{ray_s / plain_s - 1:>9.1%} | {1000 * plain_c / n:>18.1f}"
               f"{1000 * ray_c / n:>7.1f}{ray_c / plain_c - 1:>9.1%}{(ray_c - fixed_cpu) / plain_c - 1:>10.1%} |"
               f"{diff:>9.1e}")
+        case = f"{name} ({n} texts, {mean_tokens[name]:.0f} tokens)"
+        best = f"best of {args.repeats} interleaved"
+        rows += [
+            row(case, "texts/s, Ray path", n / ray_s, "texts/s", "plain SentenceTransformer", n / plain_s,
+                spread=f"{best}; overhead {ray_s / plain_s - 1:.1%}; fixed cost {fixed_wall:.1f} s of it"),
+            row(case, "CPU-ms/text, Ray path", 1000 * ray_c / n, "ms", "plain SentenceTransformer",
+                1000 * plain_c / n, spread=f"{best}; without the fixed cost {(ray_c - fixed_cpu) / plain_c - 1:+.1%}"),
+        ]
+    record("embed", rows, extra={"fixed_wall_s": fixed_wall, "fixed_cpu_s": fixed_cpu, "ray_start_s": ray_start_s,
+                                 "plain_threads": plain_threads, "actors": ecfg.num_actors, "threads": threads})
     print(f"load avg after: {os.getloadavg()[0]:.1f} (other processes share these cores: compare within a run)")
 
 

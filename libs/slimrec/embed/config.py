@@ -84,7 +84,8 @@ class EmbedConfig(BaseModel):
     batch_size: int = Field(256, ge=1, description="texts per Ray Data batch handed to an actor call")
     encode_batch_size: int = Field(32, ge=1, description="texts per forward pass inside an actor")
     block_rows: int = Field(
-        1024, ge=1, description="texts per Ray Data block (the unit spread over actors); smaller: better balance"
+        1024, ge=1, description="texts per Ray Data block at most (the unit spread over actors); an input too "
+        "small to give every actor 4 blocks is cut into smaller ones"
     )
     sort_by_length: bool = Field(
         True, description="order texts by length, longest first, before batching: each forward pass pads little "

@@ -17,6 +17,8 @@ from slimrec.embed.encoder import EncoderSpec
 
 log = logging.getLogger(__name__)
 
+BLOCKS_PER_ACTOR = 4  # at least this many blocks per actor: the longest-first order then balances the tail
+
 
 class EncodeBatch:
     """Ray Data callable class: loads the encoder in ``__init__``, encodes a batch in ``__call__``.
@@ -47,6 +49,17 @@ def torch_threads(cfg: EmbedConfig) -> int:
     return max(1, cores // cfg.num_actors)
 
 
+def block_size(n: int, cfg: EmbedConfig) -> int:
+    """Texts per Ray Data block: ``cfg.block_rows`` at most, and small enough that every actor gets
+    several blocks (:data:`BLOCKS_PER_ACTOR`), or one actor encodes a small input alone while the others
+    wait (600 texts in one 1,024-row block ran on one of two actors).
+
+    >>> block_size(600, EmbedConfig(num_actors=2, block_rows=1024)), block_size(10**6, EmbedConfig(block_rows=1024))
+    (75, 1024)
+    """
+    return max(1, min(cfg.block_rows, -(-n // (cfg.num_actors * BLOCKS_PER_ACTOR))))
+
+
 def encode_texts(texts: list[str], spec: EncoderSpec, cfg: EmbedConfig) -> np.ndarray:
     """(N,) texts -> (N, dim) float32 vectors, in input order, computed by the actor pool."""
     import ray
@@ -61,7 +74,8 @@ def encode_texts(texts: list[str], spec: EncoderSpec, cfg: EmbedConfig) -> np.nd
         # one actor encoding the longest texts while the other waits (the tail of an ascending order).
         rows = rows[np.argsort([-len(t) for t in texts], kind="stable")]
     frame = pd.DataFrame({"row": rows, "text": [texts[i] for i in rows]})
-    blocks = [frame.iloc[i : i + cfg.block_rows] for i in range(0, n, cfg.block_rows)]
+    per_block = block_size(n, cfg)
+    blocks = [frame.iloc[i : i + per_block] for i in range(0, n, per_block)]
     threads = torch_threads(cfg)
     log.info(
         "embed: %d texts in %d blocks on %d actor(s) x %.2g CPU, %d torch threads each, encoder %s",

@@ -71,6 +71,70 @@ def signature(prompt_hash: str, status: str, donors: list[str], donor_hashes: li
                         ).hexdigest()
 
 
+def donors_and_receivers(prompts: pd.DataFrame, rats: pd.DataFrame, vecs: pd.DataFrame, version: str,
+                         rcfg) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(donors, receivers, counts).
+
+    Donors: users whose latest ok row of ``version`` the student wrote and whose vector of that model exists
+    (rationale row + ``text_hash``, ``embedding``). Receivers: users with a prompt outside the seed pool and
+    without such a row (``user_id``, ``prompt_hash``); a pool user the student failed keeps its failed row.
+    """
+    ok = _latest(rats[rats["status"] == "ok"])
+    own = ok[ok["rationale_source"] == "student"]
+    own_vecs = vecs[(vecs["rationale_source"] == "student") & (vecs["model_version"] == version)]
+    donors = own.merge(own_vecs[["user_id", "text_hash", "embedding"]], on="user_id", how="inner")
+    pool = in_seed_pool(prompts["user_id"], rcfg.seed_pool_share, rcfg.seed)
+    has_own = prompts["user_id"].isin(set(donors["user_id"])).to_numpy()
+    receivers = prompts[~pool & ~has_own].reset_index(drop=True)
+    counts = {"users": len(prompts), "seed_pool_users": int(pool.sum()), "donors": len(donors),
+              "receivers": len(receivers), "pool_users_without_rationale": int((pool & ~has_own).sum())}
+    return donors, receivers, counts
+
+
+def retrieve(donors: pd.DataFrame, receivers: pd.DataFrame, histories: dict, items: pd.DataFrame, rcfg,
+             version: str, encoder: str) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray]:
+    """(student_rationales rows with a ``signature`` column, their rationale_embeddings rows, similarities).
+
+    Receivers with an item vector in their history get the k nearest donors' blend; the others a failed row.
+    """
+    item_index = {str(i): n for n, i in enumerate(items["item_id"])}
+    item_mat = np.stack([np.asarray(v, np.float32) for v in items["embedding"]]) if len(items) else np.zeros((0, 0))
+    d_uvec, d_has = user_vectors([list(histories.get(str(u), [])) for u in donors["user_id"]], item_index, item_mat)
+    donors = donors[d_has].reset_index(drop=True)
+    if donors.empty:
+        raise StageError(f"retrieve_rationales: {NO_DONORS} (no donor has an item vector in its history)")
+    r_uvec, r_has = user_vectors([list(histories.get(str(u), [])) for u in receivers["user_id"]], item_index,
+                                 item_mat)
+    sims, rows = nearest(d_uvec[d_has], r_uvec[r_has], rcfg.k, rcfg.batch_users)
+    blended = blend_vectors(np.stack([np.asarray(v, np.float32) for v in donors["embedding"]]), sims, rows)
+    named = [list(g) if g is not None else [] for g in donors["grounded_item_ids"]]
+    grounded = vote_items([[named[j] for j in r] for r in rows], sims, rcfg.max_items)
+
+    found = receivers[r_has].reset_index(drop=True)
+    top = donors.iloc[rows[:, 0]].reset_index(drop=True)
+    d_ids, d_hash = donors["user_id"].astype(str).to_numpy(), donors["text_hash"].to_numpy()
+    found_rows = pd.DataFrame({
+        "user_id": found["user_id"].astype(str).to_numpy(), "prompt_hash": found["prompt_hash"].to_numpy(),
+        **{c: top[c].to_numpy() for c in _TEXT_COLS}, "grounded_item_ids": grounded, "status": "ok", "error": None,
+        "retrieved_from": [d_ids[r].tolist() for r in rows],
+        "signature": [signature(p, "ok", d_ids[r].tolist(), d_hash[r].tolist())
+                      for p, r in zip(found["prompt_hash"], rows, strict=True)],
+    })
+    lost = receivers[~r_has]
+    failed_rows = pd.DataFrame({
+        "user_id": lost["user_id"].astype(str).to_numpy(), "prompt_hash": lost["prompt_hash"].to_numpy(),
+        **{c: None for c in _TEXT_COLS}, "grounded_item_ids": [[] for _ in range(len(lost))], "status": "failed",
+        "error": NO_VECTOR, "retrieved_from": [[] for _ in range(len(lost))],
+        "signature": [signature(p, "failed", [], []) for p in lost["prompt_hash"]],
+    })
+    vectors = pd.DataFrame({
+        "user_id": found_rows["user_id"], "source": "student", "model_version": version, "encoder": encoder,
+        "text_hash": found_rows["signature"], "embedding": list(blended), "dim": np.int32(blended.shape[1]),
+        "rationale_source": "retrieved",
+    })
+    return pd.concat([found_rows, failed_rows], ignore_index=True), vectors, sims
+
+
 def run(ctx: StageContext) -> StageResult:
     rcfg = ctx.cfg.retrieval
     if rcfg.student_users != "seed_pool":
@@ -88,7 +152,6 @@ def run(ctx: StageContext) -> StageResult:
     version = model["model_version"]
     prompts = latest_prompts(lake.read_pandas("prompts", version=inputs["prompts"], columns=PROMPT_COLUMNS),
                              ctx.run_date)[["user_id", "prompt_hash"]]
-    seqs = lake.read_pandas("user_sequences", version=inputs["user_sequences"], columns=["user_id", "history"])
     rats = lake.read_pandas("student_rationales", version=inputs["student_rationales"], columns=_RAT_COLS,
                             filters=[("model_version", "=", version)])
     rats["rationale_source"] = rats["rationale_source"].fillna("student")
@@ -96,25 +159,12 @@ def run(ctx: StageContext) -> StageResult:
                             columns=["user_id", "model_version", "text_hash", "embedding", "rationale_source"],
                             filters=[("source", "=", "student"), ("encoder", "=", enc)])
     vecs["rationale_source"] = vecs["rationale_source"].fillna("student")
-    items = lake.read_pandas("item_embeddings", version=inputs["item_embeddings"], columns=["item_id", "embedding"],
-                             filters=[("encoder", "=", enc)])
 
-    # Donors: latest ok row written by the student, whose vector (same model) exists.
-    ok = _latest(rats[rats["status"] == "ok"])
-    own = ok[ok["rationale_source"] == "student"]
-    own_vecs = vecs[(vecs["rationale_source"] == "student") & (vecs["model_version"] == version)]
-    donors = own.merge(own_vecs[["user_id", "text_hash", "embedding"]], on="user_id", how="inner")
-    # Receivers: users outside the seed pool without a rationale of their own. A pool user the student
-    # failed keeps its failed row and reason (the next student run retries it when infer.retry_failed).
-    pool = in_seed_pool(prompts["user_id"], rcfg.seed_pool_share, rcfg.seed)
-    has_own = prompts["user_id"].isin(set(donors["user_id"])).to_numpy()
-    receivers = prompts[~pool & ~has_own].reset_index(drop=True)
-    extra: dict = {"model_version": version, "encoder": enc, "k": rcfg.k, "users": len(prompts),
-                   "seed_pool_users": int(pool.sum()), "donors": len(donors), "receivers": len(receivers),
-                   "pool_users_without_rationale": int((pool & ~has_own).sum())}
+    donors, receivers, counts = donors_and_receivers(prompts, rats, vecs, version, rcfg)
+    extra: dict = {"model_version": version, "encoder": enc, "k": rcfg.k, **counts}
     log.info("retrieve_rationales: model %s, %d users with a prompt (%d in the seed pool, %d of them without a "
              "rationale of their own): %d donors (a student rationale with a vector), %d to retrieve for", version,
-             len(prompts), extra["seed_pool_users"], extra["pool_users_without_rationale"], len(donors),
+             counts["users"], counts["seed_pool_users"], counts["pool_users_without_rationale"], len(donors),
              len(receivers))
     if receivers.empty:
         return StageResult(STAGE, rows_in=len(prompts), extra=extra)
@@ -123,60 +173,25 @@ def run(ctx: StageContext) -> StageResult:
                          "and embed first")
 
     t0 = time.perf_counter()
-    item_index = {str(i): n for n, i in enumerate(items["item_id"])}
-    item_mat = np.stack([np.asarray(v, np.float32) for v in items["embedding"]]) if len(items) else np.zeros((0, 0))
-    hist = dict(zip(seqs["user_id"].astype(str), seqs["history"], strict=True))
-    d_uvec, d_has = user_vectors([list(hist.get(str(u), [])) for u in donors["user_id"]], item_index, item_mat)
-    donors = donors[d_has].reset_index(drop=True)
-    d_uvec = d_uvec[d_has]
-    r_uvec, r_has = user_vectors([list(hist.get(str(u), [])) for u in receivers["user_id"]], item_index, item_mat)
-    if donors.empty:
-        raise StageError(f"retrieve_rationales: {NO_DONORS} (no donor has an item vector in its history)")
-    sims, rows = nearest(d_uvec, r_uvec[r_has], rcfg.k, rcfg.batch_users)
-    d_rvec = np.stack([np.asarray(v, np.float32) for v in donors["embedding"]])
-    blended = blend_vectors(d_rvec, sims, rows)
-    grounded = vote_items([[list(donors["grounded_item_ids"].iat[j] if donors["grounded_item_ids"].iat[j] is not None
-                                 else []) for j in r] for r in rows], sims, rcfg.max_items)
-    search_s = time.perf_counter() - t0
-
-    found = receivers[r_has].reset_index(drop=True)
-    top = donors.iloc[rows[:, 0]].reset_index(drop=True)
-    d_ids = donors["user_id"].astype(str).to_numpy()
-    d_hash = donors["text_hash"].to_numpy()
-    found_rows = pd.DataFrame({
-        "user_id": found["user_id"].astype(str).to_numpy(), "prompt_hash": found["prompt_hash"].to_numpy(),
-        **{c: top[c].to_numpy() for c in _TEXT_COLS}, "grounded_item_ids": grounded, "status": "ok", "error": None,
-        "retrieved_from": [d_ids[r].tolist() for r in rows],
-        "signature": [signature(p, "ok", d_ids[r].tolist(), d_hash[r].tolist())
-                      for p, r in zip(found["prompt_hash"], rows, strict=True)],
-    })
-    lost = receivers[~r_has]
-    failed_rows = pd.DataFrame({
-        "user_id": lost["user_id"].astype(str).to_numpy(), "prompt_hash": lost["prompt_hash"].to_numpy(),
-        **{c: None for c in _TEXT_COLS}, "grounded_item_ids": [[] for _ in range(len(lost))], "status": "failed",
-        "error": NO_VECTOR, "retrieved_from": [[] for _ in range(len(lost))],
-        "signature": [signature(p, "failed", [], []) for p in lost["prompt_hash"]],
-    })
-    new = pd.concat([found_rows, failed_rows], ignore_index=True)
+    seqs = lake.read_pandas("user_sequences", version=inputs["user_sequences"], columns=["user_id", "history"])
+    items = lake.read_pandas("item_embeddings", version=inputs["item_embeddings"], columns=["item_id", "embedding"],
+                             filters=[("encoder", "=", enc)])
+    histories = dict(zip(seqs["user_id"].astype(str), seqs["history"], strict=True))
+    new, vectors, sims = retrieve(donors, receivers, histories, items, rcfg, version, enc)
+    retrieve_s = time.perf_counter() - t0
     # Unchanged: the user's latest row of this model is a retrieved one made of the same parts.
     last = _latest(rats)
-    last = last[last["rationale_source"] == "retrieved"]
-    stored_sig = _stored_signatures(last, vecs, version)
-    changed = new[[stored_sig.get(u) != sig for u, sig in zip(new["user_id"], new["signature"], strict=True)]]
-    emb_new = pd.DataFrame({
-        "user_id": found_rows["user_id"], "source": "student", "model_version": version, "encoder": enc,
-        "text_hash": found_rows["signature"], "embedding": list(blended), "dim": np.int32(blended.shape[1]),
-        "rationale_source": "retrieved",
-    })
-    emb_changed = emb_new[emb_new["user_id"].isin(set(changed["user_id"]))]
-    extra.update(retrieved=len(found_rows), failed=len(failed_rows), unchanged=len(new) - len(changed),
-                 written=len(changed), search_s=round(search_s, 3),
+    stored = _stored_signatures(last[last["rationale_source"] == "retrieved"], vecs, version)
+    changed = new[[stored.get(u) != sig for u, sig in zip(new["user_id"], new["signature"], strict=True)]]
+    failed = new[new["status"] == "failed"]
+    extra.update(retrieved=len(new) - len(failed), failed=len(failed), unchanged=len(new) - len(changed),
+                 written=len(changed), retrieve_s=round(retrieve_s, 3),
                  mean_similarity=round(float(sims.mean()), 4) if sims.size else None,
                  index="faiss IndexFlatIP (exact cosine)")
     log.info("retrieve_rationales: %d retrieved (mean cosine of the %d nearest %.3f), %d failed (%s), %d unchanged "
-             "since the stored rows; search %.2f s", len(found_rows), rcfg.k,
-             float(sims.mean()) if sims.size else float("nan"), len(failed_rows),
-             "no item vector" if len(failed_rows) else "-", len(new) - len(changed), search_s)
+             "since the stored rows; %.2f s", extra["retrieved"], rcfg.k,
+             float(sims.mean()) if sims.size else float("nan"), len(failed),
+             "no item vector" if len(failed) else "-", extra["unchanged"], retrieve_s)
     if ctx.dry_run or changed.empty:
         return StageResult(STAGE, rows_in=len(prompts), skipped=ctx.dry_run, extra=extra)
 
@@ -184,10 +199,11 @@ def run(ctx: StageContext) -> StageResult:
     out = changed.drop(columns="signature").assign(model_version=version, output_tokens=None, latency_ms=None,
                                                    rationale_source="retrieved")
     tables = {"student_rationales": lake.write_arrow("student_rationales", out, "merge", info)}
+    emb_changed = vectors[vectors["user_id"].isin(set(changed["user_id"]))]
     if len(emb_changed):
         tables["rationale_embeddings"] = lake.write_arrow("rationale_embeddings", emb_changed, "merge", info)
     # a user retrieved for before whose history has no item vector now: its old vector goes with its old row
-    stale = vecs[(vecs["rationale_source"] == "retrieved") & vecs["user_id"].isin(set(failed_rows["user_id"]))]
+    stale = vecs[(vecs["rationale_source"] == "retrieved") & vecs["user_id"].isin(set(failed["user_id"]))]
     if len(stale):
         import pyarrow as pa
 
