@@ -93,3 +93,11 @@ def test_readme_local_links_exist():
     links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README.read_text())
     local = [ln for ln in links if "://" not in ln]
     assert local and [ln for ln in local if not (ROOT / ln).exists()] == []
+
+
+def test_stage_help_names_every_stage():
+    from slimrec.pipeline import STAGES
+
+    r = CliRunner().invoke(app, ["stage", "--help"], env={"COLUMNS": "300"})
+    assert r.exit_code == 0, r.output
+    assert all(s in r.output for s in STAGES), r.output

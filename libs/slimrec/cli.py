@@ -194,7 +194,8 @@ def ingest(
 @app.command(epilog="Example: slim stage teacher_rationales --lake lake --dry-run")
 def stage(
     name: Annotated[str, typer.Argument(help="ingest | build_sequences | build_prompts | teacher_rationales | "
-                                             "distill_student | student_rationales | embed | train_recommender")],
+                                             "distill_student | student_rationales | embed | retrieve_rationales | "
+                                             "train_recommender")],
     lake: LakeOpt = "lake",
     run_date: DateOpt = None,
     profile: ProfileOpt = "dev",
