@@ -21,7 +21,8 @@ Prints and records (``bench.common.record``):
   so that the time ratio compares like with like;
 * per rationale variant of the latest train_recommender run: test NDCG@10 mean over seeds, full ranking
   and sampled-100, pool against all, with the paired difference per user (per-user NDCG@10 averaged over
-  seeds, both runs' ``per_user_test.parquet``) and its standard error std(d)/sqrt(users); the same paired
+  seeds, both runs' ``per_user_test.parquet``; the planted experiment's pairing) and its standard error
+  std(d)/sqrt(users); the same paired
   on the retrieved users alone and on the written ones;
 * the gain of each rationale variant over ``text`` in each run, paired within the run.
 
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from slimrec.planted_experiment import paired, per_user_means
 
 from bench.common import record, row
 
@@ -82,21 +84,16 @@ def run_results(lake) -> tuple[pd.Series, pd.DataFrame, pd.DataFrame]:
     return run, metrics_summary(latest_metrics(lake, run)), per_user
 
 
-def user_means(per_user: pd.DataFrame, variant: str, protocol: str, backbone: str = "sasrec") -> pd.Series:
-    """Per-user test NDCG@10 averaged over seeds (index: the run's user row)."""
-    p = per_user[(per_user["backbone"] == backbone) & (per_user["variant"] == variant)
-                 & (per_user["protocol"] == protocol)]
-    return p.groupby("user")["ndcg_10"].mean()
-
-
-def paired(x: pd.Series, y: pd.Series, users: np.ndarray | None = None) -> tuple[float, float, int]:
-    """(mean of x - y over shared users, its SE std(d, ddof=1)/sqrt(n), n); ``users`` restricts the rows."""
-    d = (x - y).dropna()
+def pair(x: pd.Series | None, y: pd.Series | None, users: np.ndarray | None = None) -> tuple[float, float, int]:
+    """:func:`slimrec.planted_experiment.paired` (mean of x - y over shared users and its SE) on the users in
+    ``users`` only (all when None), with how many users it paired; NaN where nothing pairs."""
+    if x is None or y is None:
+        return float("nan"), float("nan"), 0
     if users is not None:
-        d = d[d.index.isin(users)]
-    n = len(d)
-    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-    return float(d.mean()) if n else float("nan"), se, n
+        x = x[x.index.isin(users)]
+    d, se = paired(x, y)
+    n = int((x - y).notna().sum())
+    return (float("nan"), float("nan"), 0) if d is None else (d, se, n)
 
 
 def retrieved_rows(lake, run: pd.Series) -> np.ndarray:
@@ -159,16 +156,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         row(pool_case, "retrieve_rationales wall", r_pool["wall_s"] or float("nan"), "s"),
     ]
     paired_out = []
+    means = {"pool": per_user_means(pu_pool), "all": per_user_means(pu_all)}  # (backbone, variant, protocol)
     for proto in PROTOCOLS:
         for v in VARIANTS:
             m_p, sd_p, k_p = _mean(sum_pool, v, proto)
             m_a, sd_a, k_a = _mean(sum_all, v, proto)
-            x, y = user_means(pu_pool, v, proto), user_means(pu_all, v, proto)
-            if x.empty or y.empty:
+            x, y = means["pool"].get(("sasrec", v, proto)), means["all"].get(("sasrec", v, proto))
+            if x is None or y is None:
                 continue
-            d, se, n = paired(x, y)
-            d_r, se_r, n_r = paired(x, y, retrieved)
-            d_w, se_w, n_w = paired(x, y, written)
+            d, se, n = pair(x, y)
+            d_r, se_r, n_r = pair(x, y, retrieved)
+            d_w, se_w, n_w = pair(x, y, written)
             rows.append(row(f"{pool_case}, sasrec {v}", f"test NDCG@10 {proto}", m_p, "", all_case, m_a,
                             spread=f"std over {k_p} seeds {sd_p:.4f} (all: {sd_a:.4f}); paired pool - all "
                                    f"{d:+.4f} ± {se:.4f} SE over {n} users; retrieved users {d_r:+.4f} ± {se_r:.4f} "
@@ -177,11 +175,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                "n": n, "diff_retrieved": d_r, "se_retrieved": se_r, "n_retrieved": n_r,
                                "diff_written": d_w, "se_written": se_w, "n_written": n_w})
         for v in ("slim", "slim_cooc"):
-            for name, pu in (("pool", pu_pool), ("all", pu_all)):
-                x, t = user_means(pu, v, proto), user_means(pu, "text", proto)
-                if x.empty or t.empty:
+            for name, m in means.items():
+                d, se, n = pair(m.get(("sasrec", v, proto)), m.get(("sasrec", "text", proto)))
+                if n == 0:
                     continue
-                d, se, n = paired(x, t)
                 rows.append(row(f"{name} run, sasrec {v} - text", f"gain NDCG@10 {proto}", d, "",
                                 spread=f"± {se:.4f} paired SE over {n} users"))
     with pd.option_context("display.width", 250, "display.max_columns", None):

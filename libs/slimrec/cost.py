@@ -61,8 +61,8 @@ CHARGED: dict[str, tuple] = {
 COST_NOTE = ("Gain = test NDCG@10 (full ranking, mean over seeds) minus the same backbone's `text`. A `teacher` "
              "variant is charged the teacher stage and the teacher's share of embed's texts; a `slim` variant the "
              "teacher, distill_student, student_rationales, the student's share of embed and retrieve_rationales, "
-             "where it ran (text_matching: its source's). The teacher's dollars are the cost_usd of its answers in teacher_rationales; compute is "
-             "each stage's CPU- or GPU-hours summed over its finished runs since its config last changed, priced "
+             "where it ran (text_matching: its source's). The teacher's dollars are the cost_usd of its answers in "
+             "teacher_rationales; compute is each stage's CPU- or GPU-hours summed over its finished runs since its config last changed, priced "
              "by cost.cpu_hour_usd / cost.gpu_hour_usd.")
 # Summed across runs in a stage record's cost_total.
 _SUMMED = ("wall_s", "run_wall_s", "cpu_driver_s", "cpu_children_s", "cpu_hours", "gpu_hours", "calls",

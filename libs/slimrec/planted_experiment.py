@@ -90,7 +90,7 @@ def _ref_key(reference: str | None) -> tuple[str, str] | None:
     return tuple(reference.split("/", 1)) if "/" in reference else ("none", reference)
 
 
-def _per_user_means(per_user: pd.DataFrame) -> dict[tuple[str, str, str], pd.Series]:
+def per_user_means(per_user: pd.DataFrame) -> dict[tuple[str, str, str], pd.Series]:
     """{(backbone, variant, protocol): per-user test NDCG@10 averaged over seeds, indexed by user}."""
     if per_user.empty:
         return {}
@@ -112,7 +112,7 @@ def paired(x: pd.Series | None, y: pd.Series | None) -> tuple[float | None, floa
 def experiment_rows(points: list[Point], experiment_id: str, dataset: str) -> pd.DataFrame:
     """The ``experiments`` rows of a curve (see the module docstring). ``points`` in any order."""
     points = sorted(points, key=lambda pt: pt.precision)
-    means = [_per_user_means(pt.per_user) for pt in points]
+    means = [per_user_means(pt.per_user) for pt in points]
     out = []
     for i, pt in enumerate(points):
         m = pt.metrics[~pt.metrics["variant"].str.contains("@")]  # all users, or teacher-only variants

@@ -22,16 +22,12 @@ Worked example (k = 2): donors d1 (similarity 0.9, items [a, b]) and d2
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-
-def pool_bucket(user_id: str, seed: int) -> float:
-    """A stable number in [0, 1) per (seed, user), salted with this purpose (sha1, first 8 bytes)."""
-    h = hashlib.sha1(f"seed-pool\x1f{seed}\x1f{user_id}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64
+from slimrec.embed.texts import pool_vectors
+from slimrec.text import unit_draw
 
 
 def in_seed_pool(user_ids: Iterable[str], share: float, seed: int) -> np.ndarray:
@@ -40,7 +36,7 @@ def in_seed_pool(user_ids: Iterable[str], share: float, seed: int) -> np.ndarray
     >>> in_seed_pool(["u1", "u2", "u3"], 1.0, 0).tolist()
     [True, True, True]
     """
-    return np.array([pool_bucket(str(u), seed) < share for u in user_ids], dtype=bool)
+    return np.array([unit_draw("seed-pool", seed, str(u)) < share for u in user_ids], dtype=bool)
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -59,14 +55,11 @@ def user_vectors(histories: Sequence[Sequence[str]], item_index: dict[str, int],
     >>> np.round(v.astype(float), 3).tolist(), ok.tolist()
     ([[0.707, 0.707], [0.0, 0.0]], [True, False])
     """
-    d = item_vectors.shape[1] if item_vectors.ndim == 2 else 0
     rows = [[item_index[i] for i in h if i in item_index] for h in histories]
     counts = np.array([len(r) for r in rows], dtype=np.int64)
-    owner = np.repeat(np.arange(len(rows)), counts)
     flat = np.fromiter((i for r in rows for i in r), dtype=np.int64, count=int(counts.sum()))
-    sums = np.zeros((len(rows), d), np.float64)
-    np.add.at(sums, owner, item_vectors[flat])
-    return normalise(sums), counts > 0
+    owner = np.repeat(np.arange(len(rows)), counts)
+    return pool_vectors(item_vectors[flat], owner, len(rows), normalize=True), counts > 0
 
 
 def nearest(donors: np.ndarray, queries: np.ndarray, k: int, batch: int = 65_536) -> tuple[np.ndarray, np.ndarray]:

@@ -100,3 +100,11 @@ def item_text(title: str | None, categories: list[str] | None, brand: str | None
 
 def sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()
+
+
+def unit_draw(*parts) -> float:
+    """A stable number in [0, 1) from sha1 of the parts joined by the unit separator (first 8 bytes): the same
+    parts give the same draw on every run and machine. Salt it with a purpose (``unit_draw("seed-pool", seed,
+    user)``) so that two samples drawn from the same users stay independent."""
+    h = hashlib.sha1("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(h[:8], "big") / 2**64

@@ -44,7 +44,7 @@ OUTPUTS = ["item_embeddings", "rationale_embeddings"]
 
 _RATIONALE_COLS = ["user_id", "run_date", "status", "rationale", "step1", "step2", "step3"]
 _SOURCES = {
-    # source -> (table, column that names the model, extra tie-break columns)
+    # source -> (table, column that names the model, extra columns: tie-breaks, where the row came from)
     "student": ("student_rationales", "model_version", ["rationale_source"]),
     "teacher": ("teacher_rationales", "teacher_model", ["answered_ts"]),
 }

@@ -54,7 +54,7 @@ INPUTS = ["prompts", "user_sequences", "student_models", "student_rationales", "
 OUTPUTS = ["student_rationales", "rationale_embeddings"]
 _NEEDS = ["student_models", "student_rationales", "item_embeddings", "rationale_embeddings"]
 _RAT_COLS = ["user_id", "run_date", "model_version", "prompt_hash", "rationale", "step1", "step2", "step3",
-             "grounded_item_ids", "status", "rationale_source", "retrieved_from"]
+             "grounded_item_ids", "status", "rationale_source"]
 _TEXT_COLS = ["rationale", "step1", "step2", "step3"]
 NO_VECTOR = "no item of the user's history has a text vector (item_embeddings): no neighbours to retrieve from"
 NO_DONORS = "no user has a student rationale with a vector yet: nothing to retrieve from"

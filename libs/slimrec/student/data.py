@@ -14,12 +14,12 @@ Pure functions over pandas frames and a tokenizer; no session, no path.
 
 from __future__ import annotations
 
-import hashlib
 import re
 
 import pandas as pd
 
 from slimrec.rationale import parse_rationale
+from slimrec.text import unit_draw
 
 IGNORE_INDEX = -100  # label of tokens that carry no loss (prompt, padding)
 PAIR_COLUMNS = ["user_id", "prompt_hash", "teacher_model", "student_prompt", "rationale"]
@@ -55,8 +55,7 @@ def user_bucket(user_id: str, seed: int) -> float:
     Salted with this purpose: the teacher draws its sample from sha1(seed, user) too, keeping the
     lowest draws, so an unsalted split would hold out a third of a 30% sample instead of 10%.
     """
-    h = hashlib.sha1(f"student-heldout\x1f{seed}\x1f{user_id}".encode()).digest()
-    return int.from_bytes(h[:8], "big") / 2**64
+    return unit_draw("student-heldout", seed, user_id)
 
 
 def split_by_user(pairs: pd.DataFrame, heldout_fraction: float, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:

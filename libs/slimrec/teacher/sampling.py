@@ -10,20 +10,17 @@ histories are both present, and each stratum gets at least
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import numpy as np
 import pandas as pd
 
+from slimrec.text import unit_draw
+
 
 def user_draw(user_ids: pd.Series, seed: int) -> np.ndarray:
     """Uniform [0, 1) value per user from sha1(seed, user_id): stable across runs and machines."""
-    out = np.empty(len(user_ids), dtype=np.float64)
-    for i, u in enumerate(user_ids.astype(str)):
-        h = hashlib.sha1(f"{seed}\x1f{u}".encode()).digest()
-        out[i] = int.from_bytes(h[:8], "big") / 2**64
-    return out
+    return np.array([unit_draw(seed, u) for u in user_ids.astype(str)], dtype=np.float64)
 
 
 def history_strata(history_len: pd.Series, n_strata: int) -> np.ndarray:
