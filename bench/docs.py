@@ -17,7 +17,7 @@ from bench.common import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks.md"
-ORDER = ["foundation", "object_store", "teacher", "student", "embed", "recommender", "recbole"]
+ORDER = ["foundation", "scale", "object_store", "teacher", "student", "embed", "recommender", "recbole"]
 
 
 def _cell(v) -> str:
@@ -77,6 +77,9 @@ def benchmarks_markdown(results: Path = RESULTS, previous: str = "") -> str:
             lines.append("| " + " | ".join(_cell(r.get(k)) for k in (
                 "case", "metric", "value", "unit", "spread", "baseline", "baseline_value", "ratio")) + " |")
         parts.append("\n".join(lines) + "\n")
+        fig = (d.get("extra") or {}).get("figure")
+        if fig and (ROOT / fig).exists():  # a plot the benchmark drew beside its rows
+            parts.append(f"![{name}]({Path(fig).relative_to('docs').as_posix() if fig.startswith('docs/') else '../' + fig})\n")
     return "\n".join(parts)
 
 

@@ -14,6 +14,10 @@ threads (``embed.num_actors`` x ``embed.torch_threads``):
   (about the 137 tokens of the offline teacher's rationales);
 * both together, as one stage run encodes them.
 
+Beside both, the stage's own choice (:func:`slimrec.embed.ray_encode.encode`:
+the actor pool from ``embed.pool_min_texts`` texts up, below it this process,
+model load included): what an embed run of that size costs.
+
 Ray is started before timing (the pipeline starts it once for every stage);
 the Ray path's time includes its per-run fixed cost, printed separately
 (one text through a fresh actor pool). The baseline's model load is printed
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     from sentence_transformers import SentenceTransformer
     from slimrec.config import load_config
     from slimrec.embed.encoder import resolve_encoder
-    from slimrec.embed.ray_encode import encode_texts, torch_threads
+    from slimrec.embed.ray_encode import encode, encode_texts, engine_for, torch_threads
     from slimrec.rayutil import ensure_ray
 
     cfg = load_config(args.profile, overrides=args.sets)
@@ -200,23 +204,30 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     fixed_wall = min(f[0] for f in fixed)
     for name, texts in sets.items():
-        (plain_s, plain_c, plain_v), (ray_s, ray_c, ray_v) = _best_interleaved(
+        engine = engine_for(len(texts), ecfg)
+        (plain_s, plain_c, plain_v), (ray_s, ray_c, ray_v), (stage_s, stage_c, stage_v) = _best_interleaved(
             [
                 (lambda t=texts: st.encode(t, batch_size=ecfg.encode_batch_size, convert_to_numpy=True,
                                            normalize_embeddings=spec.normalize, show_progress_bar=False), False),
                 (lambda t=texts: encode_texts(t, spec, ecfg), True),
+                (lambda t=texts: encode(t, spec, ecfg)[0], engine == "pool"),
             ],
             args.repeats,
         )
         n = len(texts)
-        diff = float(np.abs(np.asarray(plain_v) - ray_v).max())
+        diff = float(max(np.abs(np.asarray(plain_v) - ray_v).max(), np.abs(np.asarray(plain_v) - stage_v).max()))
         print(f"{name:<17}{n:>6}{mean_tokens[name]:>7.0f} | {n / plain_s:>8.1f}{n / ray_s:>8.1f}"
               f"{plain_s / ray_s:>10.2f}{ray_s / plain_s - 1:>9.1%} | {1000 * plain_c / n:>18.1f}"
               f"{1000 * ray_c / n:>7.1f}{ray_c / plain_c - 1:>9.1%}{(ray_c - fixed_cpu) / plain_c - 1:>10.1%} |"
               f"{diff:>9.1e}")
+        print(f"{'':<17}{'':>6}{'':>7} | stage ({engine}): {n / stage_s:.1f} texts/s, overhead {stage_s / plain_s - 1:.1%}")
         case = f"{name} ({n} texts, {mean_tokens[name]:.0f} tokens)"
         best = f"best of {args.repeats} interleaved"
         rows += [
+            row(case, f"texts/s, stage ({'actor pool' if engine == 'pool' else 'in process'})", n / stage_s,
+                "texts/s", "plain SentenceTransformer", n / plain_s,
+                spread=f"{best}; overhead {stage_s / plain_s - 1:.1%}; the stage's choice at "
+                       f"embed.pool_min_texts={ecfg.pool_min_texts}"),
             row(case, "texts/s, Ray path", n / ray_s, "texts/s", "plain SentenceTransformer", n / plain_s,
                 spread=f"{best}; overhead {ray_s / plain_s - 1:.1%}; fixed cost {fixed_wall:.1f} s of it"),
             row(case, "CPU-ms/text, Ray path", 1000 * ray_c / n, "ms", "plain SentenceTransformer",

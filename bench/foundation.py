@@ -392,16 +392,6 @@ def duck_ingest(con, dataset: Path, out_dir: Path, max_text_chars: int = 2000, m
 
 
 # ----------------------------------------------------------------------------- DuckDB prompts baseline
-def _template_parts(render_fn, version: str) -> tuple[str, str]:
-    """(text before, text after) the history lines of a rendered prompt, found by rendering one marker line."""
-    mark = "\x00slimrec-history\x00"
-    teacher, student, _ = render_fn(version, mark)
-    parts = [t.split(f"- {mark}") for t in (teacher, student)]
-    if any(len(p) != 2 for p in parts):
-        raise ValueError(f"prompt template {version!r}: the history is not one block of '- line' rows")
-    return parts[0], parts[1]
-
-
 def duck_prompts(con, sequences: str, items: str, out: str, version: str = "v1", max_items: int = 20,
                  max_chars: int = 4000, max_item_title_chars: int = 120, student_max_items: int = 10,
                  student_title_chars: int = 60) -> int:
@@ -426,8 +416,7 @@ def duck_prompts(con, sequences: str, items: str, out: str, version: str = "v1",
 
     if max_items <= 0:
         raise NotImplementedError("the DuckDB prompts baseline needs prompts.max_items > 0")
-    (tpre, tsuf), (spre, ssuf) = _template_parts(
-        lambda v, line: P.render(v, [line], 1, 10**9, [line], 1), version)
+    (tpre, tsuf), (spre, ssuf) = P.template_parts(version)
     fixed = len(tpre) + len(tsuf)
     cat = con.sql(f"SELECT item_id, title, categories, brand FROM {items}").arrow().read_all().to_pydict()
     rows = zip(cat["item_id"], cat["title"], cat["categories"], cat["brand"], strict=True)

@@ -518,26 +518,19 @@ def normalise_items(raw_items: pd.DataFrame, max_text_chars: int, max_id_chars: 
     return items, q
 
 
-def build_interactions(raw_df, items_df, base_ts: str, max_id_chars: int):
-    """Spark: raw_interactions -> (interactions, quarantine).
+QUARANTINE_COLUMN = "_quarantine"  # the struct that carries a refused row's quarantine record
 
-    Input columns: source_file, source_row, user_raw, item_raw, ts_raw, position.
-    Output: user_id, item_id, event_ts, event_seq, ts_derived, source_file.
-    Rules, each rejected row going to quarantine with its reason: missing or
-    over-long ids; unparseable timestamp (integers are unix seconds, or ms above
-    1e11, us above 1e14, ns above 1e17; decimals are seconds; strings are ISO-8601);
-    no timestamp and no position; item not in
-    ``items`` (when a catalogue exists); the same (user, item, event_ts) again
-    (first by source row kept). Order-only sources get ``event_ts = base_ts +
-    position`` seconds and ``event_seq = position``; others ``event_seq = source_row``.
 
-    Example: ``("f", 0, "u1", "i9", "1400000000", None)`` ->
-    ``("u1", "i9", 2014-05-13 16:53:20, 0, false, "f")``.
+def checked_raw(raw_df, items_df, max_id_chars: int):
+    """raw_interactions rows with ``ts_parsed`` and ``reason`` (null: the row is a valid event).
+
+    Reasons: missing or over-long ids; unparseable timestamp (integers are unix seconds, or ms above
+    1e11, us above 1e14, ns above 1e17; decimals are seconds; strings are ISO-8601); no timestamp and
+    no position; item not in ``items`` (when a catalogue exists). Duplicates are found later
+    (:func:`interaction_rows`). No shuffle of the events: the catalogue's ids are broadcast.
     """
-    from pyspark.sql import Window
     from pyspark.sql import functions as F
 
-    base = F.lit(datetime.fromisoformat(base_ts)).cast("timestamp")
     # try_cast: Spark 4 runs in ANSI mode, where a plain cast of "yesterday" fails the whole job.
     lng = F.col("ts_raw").try_cast("long")
     num = F.col("ts_raw").try_cast("double")
@@ -550,43 +543,74 @@ def build_interactions(raw_df, items_df, base_ts: str, max_id_chars: int):
         .when(num.isNotNull() & (mag < 1e11), F.timestamp_seconds(num))  # fractional seconds
         .when(num.isNull(), F.try_to_timestamp(F.col("ts_raw")))
     )
-    df = raw_df.withColumn("ts_parsed", parsed).withColumn(
-        "reason",
+    df = raw_df.withColumn("ts_parsed", parsed)
+    unknown = F.lit(False)
+    if items_df is not None:
+        known = items_df.select(F.col("item_id").alias("item_raw")).distinct().withColumn("_known", F.lit(True))
+        df = df.join(F.broadcast(known), "item_raw", "left")
+        unknown = F.col("_known").isNull()
+    reason = (
         F.when(F.col("user_raw").isNull() | (F.col("user_raw") == ""), F.lit("missing user id"))
         .when(F.col("item_raw").isNull() | (F.col("item_raw") == ""), F.lit("missing item id"))
         .when((F.length("user_raw") > max_id_chars) | (F.length("item_raw") > max_id_chars), F.lit(f"id longer than {max_id_chars} characters"))
         .when(F.col("user_raw").contains("\ufffd") | F.col("item_raw").contains("\ufffd"), F.lit("non-UTF-8 bytes in id"))
         .when(F.col("ts_raw").isNotNull() & F.col("ts_parsed").isNull(), F.concat(F.lit("unparseable timestamp: "), F.substring("ts_raw", 1, 60)))
-        .when(F.col("ts_raw").isNull() & F.col("position").isNull(), F.lit("missing timestamp")),
+        .when(F.col("ts_raw").isNull() & F.col("position").isNull(), F.lit("missing timestamp"))
+        .when(unknown, F.lit("unknown item id (not in the catalogue)"))
     )
-    payload = F.to_json(F.struct("user_raw", "item_raw", "ts_raw", "position"))
-    q1 = df.where(F.col("reason").isNotNull())
-    ok = df.where(F.col("reason").isNull())
-    if items_df is not None:
-        known = items_df.select(F.col("item_id").alias("item_raw")).distinct()
-        unknown = ok.join(known, "item_raw", "left_anti").withColumn("reason", F.lit("unknown item id (not in the catalogue)"))
-        ok = ok.join(known, "item_raw", "left_semi")
-        q1 = q1.unionByName(unknown)
+    return df.withColumn("reason", reason).drop("_known")
+
+
+def interaction_rows(checked, base_ts: str):
+    """:func:`checked_raw` rows -> one row per raw row: an interaction, or its quarantine record.
+
+    Output: user_id, item_id, event_ts, event_seq, ts_derived, source_file and the struct
+    :data:`QUARANTINE_COLUMN` (stage, source, source_row, reason, payload), null for an interaction.
+    The same (user, item, event_ts) again is a duplicate (first by source row kept). Order-only
+    sources get ``event_ts = base_ts + position`` seconds and ``event_seq = position``; others
+    ``event_seq = source_row``. One shuffle (the duplicate check); a writer routes each row
+    (:meth:`slimrec.lake.Lake.write_spark_diverting`), so nothing is cached or counted twice.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    base = F.lit(datetime.fromisoformat(base_ts)).cast("timestamp")
     derived = F.col("ts_raw").isNull()
-    ok = ok.select(
+    df = checked.withColumn(
+        "event_ts",
+        F.when(derived, base + F.make_interval(secs=F.col("position").cast("decimal(18,6)"))).otherwise(F.col("ts_parsed")))
+    # refused rows sort after valid ones, so a valid event is never taken for the duplicate of a refused row
+    w = Window.partitionBy("user_raw", "item_raw", "event_ts").orderBy(
+        F.col("reason").isNotNull(), "source_file", "source_row")
+    df = df.withColumn("_rn", F.row_number().over(w))
+    why = F.when(F.col("reason").isNotNull(), F.col("reason")).when(
+        F.col("_rn") > 1, F.lit("duplicate event (same user, item, event_ts; first kept)"))
+    record = F.struct(
+        F.lit("ingest").alias("stage"), F.col("source_file").alias("source"), F.col("source_row"),
+        why.alias("reason"), F.to_json(F.struct("user_raw", "item_raw", "ts_raw", "position")).alias("payload"))
+    return df.select(
         F.col("user_raw").alias("user_id"),
         F.col("item_raw").alias("item_id"),
-        F.when(derived, base + F.make_interval(secs=F.col("position").cast("decimal(18,6)"))).otherwise(F.col("ts_parsed")).alias("event_ts"),
+        "event_ts",
         F.when(derived, F.col("position")).otherwise(F.col("source_row")).cast("long").alias("event_seq"),
         derived.alias("ts_derived"),
         "source_file",
-        "source_row",
-        payload.alias("payload"),
+        F.when(why.isNotNull(), record).alias(QUARANTINE_COLUMN),
     )
-    w = Window.partitionBy("user_id", "item_id", "event_ts").orderBy("source_file", "source_row")
-    ok = ok.withColumn("_rn", F.row_number().over(w))
-    dups = ok.where("_rn > 1").select(
-        F.lit("ingest").alias("stage"), F.col("source_file").alias("source"), "source_row",
-        F.lit("duplicate event (same user, item, event_ts; first kept)").alias("reason"), "payload",
-    )
-    interactions = ok.where("_rn = 1").select("user_id", "item_id", "event_ts", "event_seq", "ts_derived", "source_file")
-    q = q1.select(
-        F.lit("ingest").alias("stage"), F.col("source_file").alias("source"), "source_row", "reason",
-        payload.alias("payload"),
-    ).unionByName(dups)
-    return interactions, q
+
+
+def build_interactions(raw_df, items_df, base_ts: str, max_id_chars: int):
+    """Spark: raw_interactions -> (interactions, quarantine), both from :func:`interaction_rows`.
+
+    Input columns: source_file, source_row, user_raw, item_raw, ts_raw, position.
+    Output: user_id, item_id, event_ts, event_seq, ts_derived, source_file; and the quarantine
+    rows (stage, source, source_row, reason, payload). Every raw row is in exactly one of them.
+
+    Example: ``("f", 0, "u1", "i9", "1400000000", None)`` ->
+    ``("u1", "i9", 2014-05-13 16:53:20, 0, false, "f")``.
+    """
+    from pyspark.sql import functions as F
+
+    rows = interaction_rows(checked_raw(raw_df, items_df, max_id_chars), base_ts)
+    q = F.col(QUARANTINE_COLUMN)
+    return rows.where(q.isNull()).drop(QUARANTINE_COLUMN), rows.where(q.isNotNull()).select(f"{QUARANTINE_COLUMN}.*")

@@ -118,6 +118,21 @@ def render(
     return teacher, student, len(shown)
 
 
+def template_parts(version: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    """((teacher before, after), (student before, after)) the history block of ``version``'s prompts.
+
+    A prompt is ``before + "\\n".join("- " + line for line in shown) + after``: what engines that render
+    the history themselves (Spark SQL in build_prompts, the DuckDB baseline) put around it. Found by
+    rendering one marker line, so it follows the templates above.
+    """
+    mark = "\x00slimrec-history\x00"
+    teacher, student, _ = render(version, [mark], 1, 10**9, [mark], 1)
+    parts = [t.split(f"- {mark}") for t in (teacher, student)]
+    if any(len(p) != 2 for p in parts):
+        raise ValueError(f"prompt template {version!r}: the history is not one block of '- line' rows")
+    return (parts[0][0], parts[0][1]), (parts[1][0], parts[1][1])
+
+
 def prompt_hash(version: str, teacher_prompt: str) -> str:
     """sha1 over (template version, teacher prompt): the teacher cache key."""
     return hashlib.sha1(f"{version}\x1f{teacher_prompt}".encode()).hexdigest()

@@ -329,26 +329,30 @@ def _k_core(df, k: int):
     return df.join(pairs, ["user_id", "item_id"], "left_semi")
 
 
-def _render_batch(pdf: pd.DataFrame, version: str, max_items: int, max_chars: int, max_title: int,
-                  student_items: int, student_title: int) -> pd.DataFrame:
-    out = []
-    for r in pdf.itertuples(index=False):
-        evs = sorted(r.events, key=lambda e: e["pos"])
-        lines = [P.item_line(e["title"], e["categories"], e["brand"], max_title) for e in evs]
-        short = [P.short_item_line(e["title"], e["categories"], e["brand"], student_title) for e in evs]
-        teacher, student, shown = P.render(version, lines, max_items, max_chars, short, student_items)
-        ids = [e["item_id"] for e in evs][-shown:]
-        out.append(
-            (r.user_id, teacher, student, version, P.prompt_hash(version, teacher), int(r.history_len), shown, ids, r.seq_hash)
-        )
-    return pd.DataFrame(
-        out,
-        columns=["user_id", "teacher_prompt", "student_prompt", "prompt_version", "prompt_hash",
-                 "history_len", "n_prompt_items", "prompt_item_ids", "seq_hash"],
-    )
+def item_lines(items, cfg):
+    """items -> (item_id, tline, sline): each catalogue item's teacher and student prompt line, once.
+
+    Sanitising (NFC, control characters, the injection regex) is Python-only; doing it once per
+    catalogue item instead of once per history event is most of what makes build_prompts fast.
+    """
+    from pyspark.sql import types as T
+
+    max_title, student_title = cfg.max_item_title_chars, cfg.student_title_chars
+
+    def lines(batches):
+        for b in batches:
+            rows = zip(b.column("item_id").to_pylist(), b.column("title").to_pylist(),
+                       b.column("categories").to_pylist(), b.column("brand").to_pylist(), strict=True)
+            out = [(i, P.item_line(t, c, br, max_title), P.short_item_line(t, c, br, student_title))
+                   for i, t, c, br in rows]
+            yield pa.RecordBatch.from_arrays(
+                [pa.array([o[k] for o in out], pa.string()) for k in range(3)], names=["item_id", "tline", "sline"])
+
+    schema = T.StructType([T.StructField(c, T.StringType()) for c in ("item_id", "tline", "sline")])
+    return items.select("item_id", "title", "categories", "brand").mapInArrow(lines, schema)
 
 
-def build_prompts(sequences, items, cfg):
+def build_prompts(sequences, items, cfg, broadcast_items: bool = True):
     """user_sequences + items -> prompts rows (without lineage).
 
     Input: user_sequences(user_id, history, seq_hash), items(item_id, title, categories, brand).
@@ -358,36 +362,60 @@ def build_prompts(sequences, items, cfg):
     Only ``history`` is used (never the validation or test target: leakage
     guard). The most recent ``max_items`` history items are shown, oldest
     first, then the oldest are dropped until the teacher prompt fits
-    ``max_chars``.
+    ``max_chars`` (always at least one).
+
+    Each catalogue item's two lines are rendered once (:func:`item_lines`); the rest is Spark SQL,
+    one shuffle by user: a running sum of line lengths from the newest line back decides which lines
+    fit, and the prompts are the kept lines between the template's fixed parts
+    (:func:`slimrec.prompts.template_parts`). The same strings as :func:`slimrec.prompts.render`
+    (tested). ``broadcast_items``: ship the item lines to every task (no shuffle of the events for
+    the join); turn off for catalogues too big for an executor's memory.
 
     Example: history ``[i1, i2]`` with titles "Pen", "Ink" -> a teacher prompt
     listing ``- Pen | ... `` then ``- Ink | ...`` and the three-step instructions.
     """
+    from pyspark.sql import Window
     from pyspark.sql import functions as F
-    from pyspark.sql import types as T
 
+    (tpre, tsuf), (spre, ssuf) = P.template_parts(cfg.version)
+    lines = item_lines(items, cfg)
+    if broadcast_items:
+        lines = F.broadcast(lines)
     recent = sequences.select(
         "user_id", "seq_hash", F.size("history").cast("int").alias("history_len"),
         # the last max_items of the history (slice with a negative start past the length returns nothing)
         F.posexplode(F.slice("history", F.greatest(F.size("history") - cfg.max_items + 1, F.lit(1)),
                              F.lit(cfg.max_items))).alias("pos", "item_id"),
     )
-    joined = recent.join(items.select("item_id", "title", "categories", "brand"), "item_id", "left")
-    grouped = joined.groupBy("user_id", "seq_hash", "history_len").agg(
-        F.collect_list(F.struct("pos", "item_id", "title", "categories", "brand")).alias("events")
+    # an item missing from the catalogue is still shown, as an untitled one
+    none_t = P.item_line(None, None, None, cfg.max_item_title_chars)
+    none_s = P.short_item_line(None, None, None, cfg.student_title_chars)
+    newest_first = (Window.partitionBy("user_id").orderBy(F.col("pos").desc())
+                    .rowsBetween(Window.unboundedPreceding, Window.currentRow))
+    joined = (
+        recent.join(lines, "item_id", "left")
+        .withColumn("tline", F.coalesce("tline", F.lit(none_t)))
+        .withColumn("sline", F.coalesce("sline", F.lit(none_s)))
+        .withColumn("k", F.row_number().over(newest_first))
+        # "- " + line + "\n" per line, less the last newline: fixed + tail - 1 is the prompt's length
+        .withColumn("tail", F.sum(F.length("tline") + 3).over(newest_first))
+        .withColumn("keep", (F.col("k") == 1) | (F.lit(len(tpre) + len(tsuf) - 1) + F.col("tail") <= cfg.max_chars))
     )
-    out_schema = T.StructType([
-        T.StructField("user_id", T.StringType()), T.StructField("teacher_prompt", T.StringType()),
-        T.StructField("student_prompt", T.StringType()), T.StructField("prompt_version", T.StringType()),
-        T.StructField("prompt_hash", T.StringType()), T.StructField("history_len", T.IntegerType()),
-        T.StructField("n_prompt_items", T.IntegerType()), T.StructField("prompt_item_ids", T.ArrayType(T.StringType())),
-        T.StructField("seq_hash", T.StringType()),
-    ])
-    args = (cfg.version, cfg.max_items, cfg.max_chars, cfg.max_item_title_chars,
-            cfg.student_max_items, cfg.student_title_chars)
-
-    def render(batches):
-        for pdf in batches:
-            yield _render_batch(pdf, *args)
-
-    return grouped.mapInPandas(render, out_schema)
+    grouped = joined.groupBy("user_id", "seq_hash", "history_len").agg(
+        F.array_sort(F.collect_list(F.struct("pos", "item_id", "tline", "sline", "keep", "k"))).alias("ev"))
+    kept = F.filter("ev", lambda e: e["keep"])
+    # render(): the student sees the last min(shown, student_max_items) lines; with 0, every line
+    student_rows = (F.filter("ev", lambda e: e["keep"] & (e["k"] <= cfg.student_max_items))
+                    if cfg.student_max_items > 0 else F.col("ev"))
+    teacher = F.concat(F.lit(tpre), F.array_join(F.transform(kept, lambda e: F.concat(F.lit("- "), e["tline"])), "\n"),
+                       F.lit(tsuf))
+    student = F.concat(F.lit(spre),
+                       F.array_join(F.transform(student_rows, lambda e: F.concat(F.lit("- "), e["sline"])), "\n"),
+                       F.lit(ssuf))
+    return grouped.select(
+        "user_id", teacher.alias("teacher_prompt"), student.alias("student_prompt"),
+        F.lit(cfg.version).alias("prompt_version"),
+        F.sha1(F.concat(F.lit(cfg.version + "\x1f"), teacher).cast("binary")).alias("prompt_hash"),
+        "history_len", F.size(kept).cast("int").alias("n_prompt_items"),
+        F.transform(kept, lambda e: e["item_id"]).alias("prompt_item_ids"), "seq_hash",
+    )

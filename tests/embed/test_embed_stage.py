@@ -82,9 +82,11 @@ def minilm():
 
 
 def test_embed_incremental(ray_local, tmp_lake, run_date, caplog, minilm):
-    # Two actors and blocks of two texts: rows travel through several blocks and both actors.
-    ctx = _ctx(tmp_lake, run_date, num_actors=2, block_rows=2, batch_size=2)
-    one_actor = _ctx(tmp_lake, run_date, num_actors=1)  # same encoder id: only speed knobs differ
+    # The actor pool whatever the size, two actors and blocks of two texts: rows travel through several
+    # blocks and both actors. Later runs encode in this process (few texts): the same encoder id, since
+    # only speed knobs differ, and the same vectors.
+    ctx = _ctx(tmp_lake, run_date, pool_min_texts=0, num_actors=2, block_rows=2, batch_size=2)
+    one_actor = _ctx(tmp_lake, run_date, num_actors=1)
     tmp_lake.write_arrow("items", _items(ITEMS), "overwrite", ctx.commit_info("ingest", {}))
     tmp_lake.write_arrow("student_rationales", _frame("student_rationales", STUDENT), "overwrite",
                          ctx.commit_info("student_rationales", {}))
@@ -100,6 +102,7 @@ def test_embed_incremental(ray_local, tmp_lake, run_date, caplog, minilm):
     assert "teacher_rationales does not exist yet" in caplog.text
     assert r1.extra["items_encoded"] == 4 and r1.extra["rationales_encoded"] == {"student": 2}
     assert r1.rows_out == 6 and r1.tables == {"item_embeddings": 0, "rationale_embeddings": 0}
+    assert r1.extra["engine"] == "pool"
     items = tmp_lake.read_pandas("item_embeddings")
     assert sorted(items["item_id"]) == ["1", "2", "3", "4"]
     assert set(items["encoder"]) == {ENCODER} and set(items["dim"]) == {384}
@@ -124,6 +127,7 @@ def test_embed_incremental(ray_local, tmp_lake, run_date, caplog, minilm):
     tmp_lake.write_arrow("teacher_rationales", _frame("teacher_rationales", TEACHER), "overwrite",
                          ctx.commit_info("teacher_rationales", {}))
     r3 = embed.run(one_actor)
+    assert r3.extra["engine"] == "local"
     assert r3.extra["items_encoded"] == 1
     assert r3.extra["rationales_encoded"] == {"student": 0, "teacher": 1}
     iv3 = _vectors(tmp_lake, "item_embeddings", ["item_id"])

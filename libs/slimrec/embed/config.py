@@ -61,6 +61,15 @@ class EmbedConfig(BaseModel):
         description="only teacher rationales of this teacher_model; None: each user's latest ok row of a teacher "
         "that is not a planted-signal experiment",
     )
+    # ---------------------------------------------------------------- where texts are encoded (speed only)
+    pool_min_texts: int = Field(
+        50_000,
+        ge=0,
+        description="an embed run with at least this many texts to encode uses the Ray Data actor pool; "
+        "fewer are encoded in the stage's own process, with every core's torch threads: starting the pool "
+        "(actors importing torch and loading the model) costs 10-16 s of 2 cores, more than a refresh's few "
+        "thousand texts take. 0: always the pool (clusters with GPU actors, say)",
+    )
     # ---------------------------------------------------------------- Ray Data (changes speed only)
     num_actors: int = Field(
         2,

@@ -1,7 +1,9 @@
-"""Encode texts on a Ray Data actor pool: one model per actor, loaded once, fractional CPUs.
+"""Encode texts on a Ray Data actor pool (one model per actor, loaded once, fractional CPUs), or in
+this process when the input is small.
 
-:func:`encode_texts` is the only entry: ``texts -> (N, dim) float32`` in the
-order given. Ray must already be up (the stage calls ``ctx.ray()``).
+:func:`encode` is the stage's entry: ``texts -> (N, dim) float32`` in the order given, on the
+actor pool (:func:`encode_texts`; Ray must be up) or, for fewer than ``embed.pool_min_texts`` texts,
+in this process (:func:`encode_local`), which skips the pool's start. Both give the same vectors.
 """
 
 from __future__ import annotations
@@ -60,6 +62,65 @@ def block_size(n: int, cfg: EmbedConfig) -> int:
     return max(1, min(cfg.block_rows, -(-n // (cfg.num_actors * BLOCKS_PER_ACTOR))))
 
 
+def engine_for(n: int, cfg: EmbedConfig) -> str:
+    """``"pool"`` (Ray Data actors) or ``"local"`` (this process) for ``n`` texts.
+
+    >>> engine_for(3_000, EmbedConfig()), engine_for(60_000, EmbedConfig()), engine_for(5, EmbedConfig(pool_min_texts=0))
+    ('local', 'pool', 'pool')
+    """
+    return "pool" if n >= cfg.pool_min_texts else "local"
+
+
+def _length_order(texts: list[str], cfg: EmbedConfig) -> np.ndarray:
+    rows = np.arange(len(texts), dtype=np.int64)
+    if cfg.sort_by_length:
+        # Globally by length, longest first: each batch, and each forward pass inside it, holds similar
+        # lengths (little padding), and the slowest blocks start first, so the pool does not end with
+        # one actor encoding the longest texts while the other waits (the tail of an ascending order).
+        rows = rows[np.argsort([-len(t) for t in texts], kind="stable")]
+    return rows
+
+
+def encode_local(texts: list[str], spec: EncoderSpec, cfg: EmbedConfig) -> np.ndarray:
+    """(N,) texts -> (N, dim) float32 in this process: the model loaded here, torch on every core this
+    process may use (or ``torch_threads`` x ``num_actors`` where set), released afterwards."""
+    import torch
+
+    from slimrec.embed.encoder import load_encoder
+
+    if not texts:
+        return np.zeros((0, 0), np.float32)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = cfg.torch_threads * cfg.num_actors if cfg.torch_threads else cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        encoder = load_encoder(spec)
+        rows = _length_order(texts, cfg)
+        log.info("embed: %d texts in this process, %d torch threads, encoder %s", len(texts), threads,
+                 spec.encoder_id)
+        out = np.empty((len(texts), encoder.dim), np.float32)
+        step = max(cfg.batch_size, cfg.encode_batch_size)
+        for i in range(0, len(rows), step):
+            idx = rows[i : i + step]
+            out[idx] = encoder.encode([texts[j] for j in idx], cfg.encode_batch_size)
+        del encoder
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def encode(texts: list[str], spec: EncoderSpec, cfg: EmbedConfig, start_ray=None) -> tuple[np.ndarray, str]:
+    """(vectors, engine): :func:`encode_texts` on the actor pool or :func:`encode_local`, by
+    :func:`engine_for`; ``start_ray`` is called before the pool is used (the stage's ``ctx.ray``)."""
+    engine = engine_for(len(texts), cfg)
+    if engine == "local":
+        return encode_local(texts, spec, cfg), engine
+    if start_ray is not None:
+        start_ray()
+    return encode_texts(texts, spec, cfg), engine
+
+
 def encode_texts(texts: list[str], spec: EncoderSpec, cfg: EmbedConfig) -> np.ndarray:
     """(N,) texts -> (N, dim) float32 vectors, in input order, computed by the actor pool."""
     import ray
@@ -67,12 +128,7 @@ def encode_texts(texts: list[str], spec: EncoderSpec, cfg: EmbedConfig) -> np.nd
     n = len(texts)
     if n == 0:
         return np.zeros((0, 0), np.float32)
-    rows = np.arange(n, dtype=np.int64)
-    if cfg.sort_by_length:
-        # Globally by length, longest first: each batch, and each forward pass inside it, holds similar
-        # lengths (little padding), and the slowest blocks start first, so the pool does not end with
-        # one actor encoding the longest texts while the other waits (the tail of an ascending order).
-        rows = rows[np.argsort([-len(t) for t in texts], kind="stable")]
+    rows = _length_order(texts, cfg)
     frame = pd.DataFrame({"row": rows, "text": [texts[i] for i in rows]})
     per_block = block_size(n, cfg)
     blocks = [frame.iloc[i : i + per_block] for i in range(0, n, per_block)]

@@ -22,7 +22,7 @@ import time
 import pandas as pd
 
 from slimrec.embed.encoder import resolve_encoder
-from slimrec.embed.ray_encode import encode_texts
+from slimrec.embed.ray_encode import encode
 from slimrec.embed.texts import (
     ITEM_KEY,
     RATIONALE_KEY,
@@ -132,15 +132,16 @@ def run(ctx: StageContext) -> StageResult:
             log.info("embed: nothing changed for encoder %s: no commit", enc.encoder_id)
         return StageResult("embed", versions, rows_in=rows_in, rows_out=0, skipped=ctx.dry_run, extra=extra)
 
-    ctx.ray()
-    # One pass over every text: one actor pool start and one model load per actor for the whole run.
+    # One pass over every text: one model load (per actor, on the pool) for the whole run.
     work = pd.concat([todo_items.assign(_part="item"), todo_rat.assign(_part="rationale")], ignore_index=True)
     flat, owner = flatten_texts(work)
     t0 = time.perf_counter()
-    vectors = pool_vectors(encode_texts(flat, enc, cfg), owner, len(work), cfg.normalize)  # (rows, dim)
+    encoded, engine = encode(flat, enc, cfg, start_ray=ctx.ray)
+    vectors = pool_vectors(encoded, owner, len(work), cfg.normalize)  # (rows, dim)
     encode_s = time.perf_counter() - t0
-    extra.update(encode_s=round(encode_s, 2), texts_per_s=round(n_texts / max(encode_s, 1e-9), 1))
-    log.info("embed: encoded %d texts in %.1f s (%.1f texts/s)", n_texts, encode_s, n_texts / max(encode_s, 1e-9))
+    extra.update(encode_s=round(encode_s, 2), texts_per_s=round(n_texts / max(encode_s, 1e-9), 1), engine=engine)
+    log.info("embed: encoded %d texts in %.1f s (%.1f texts/s, %s)", n_texts, encode_s,
+             n_texts / max(encode_s, 1e-9), "Ray actor pool" if engine == "pool" else "this process")
 
     is_item = (work["_part"] == "item").to_numpy()
     # Every input's version in both commits: the pipeline's skip check reads them from item_embeddings.

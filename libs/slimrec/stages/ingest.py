@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+from pyspark.sql import functions as F
 
 from slimrec.ingest import (
+    QUARANTINE_COLUMN,
     IngestError,
-    build_interactions,
+    checked_raw,
     dataset_fingerprint,
     detect_format,
+    interaction_rows,
     normalise_items,
     read_amazon,
     read_events_spark,
@@ -61,16 +64,15 @@ def run(ctx: StageContext) -> StageResult:
         # No catalogue file: the catalogue is the set of item ids seen, with no text.
         log.warning("ingest: no item file; items are derived from the interactions, without text")
         items, q_items, items_sdf = None, None, None
-    interactions, q_inter = build_interactions(raw_sdf, items_sdf, cfg.order_base_ts, cfg.max_id_chars)
-    interactions = interactions.cache()
-    n_inter = interactions.count()
-    n_raw = raw_sdf.count()
-    if n_inter == 0:
-        top = q_inter.groupBy("reason").count().orderBy("count", ascending=False).limit(3).collect()
+    checked = checked_raw(raw_sdf, items_sdf, cfg.max_id_chars)
+    if not checked.where(F.col("reason").isNull()).take(1):  # reads one partition, unless none is valid
+        # nothing is written: a lake keeps its last good ingest
+        n_raw = raw_sdf.count()
+        top = checked.groupBy("reason").count().orderBy("count", ascending=False).limit(3).collect()
         why = "; ".join(f"{r['reason']}: {r['count']}" for r in top) or "the files hold no records"
         raise IngestError(f"no valid interactions in {ctx.dataset_dir} ({n_raw} rows read; {why})")
     if items is None:
-        items = interactions.select("item_id").distinct().toPandas()
+        items = checked.where(F.col("reason").isNull()).select(F.col("item_raw").alias("item_id")).distinct().toPandas()
         items = items.assign(title=None, brand=None, categories=[[] for _ in range(len(items))], description=None,
                              item_text="unknown item", text_hash=sha1("unknown item"))
     inputs = {}
@@ -82,9 +84,14 @@ def run(ctx: StageContext) -> StageResult:
         "raw_interactions": lake.write_spark(raw_sdf, "raw_interactions", "overwrite", info, engine=engine),
         "raw_items": lake.write_arrow("raw_items", raw_items if raw_items is not None else _EMPTY_RAW_ITEMS, "overwrite", info),
         "items": lake.write_arrow("items", items, "overwrite", info),
-        "interactions": lake.write_spark(interactions, "interactions", "overwrite", info, engine=engine),
     }
-    parts = [q for q in (q_inter.toPandas(), q_read, q_items) if q is not None and len(q)]
+    # one pass: every raw row is written as an interaction or comes back as its quarantine record
+    split = lake.write_spark_diverting(interaction_rows(checked, cfg.order_base_ts), "interactions", "overwrite",
+                                       info, QUARANTINE_COLUMN, engine)
+    versions["interactions"] = split.version
+    n_inter, q_inter = split.rows, split.diverted.to_pandas()
+    n_raw = n_inter + len(q_inter)
+    parts = [q for q in (q_inter, q_read, q_items) if q is not None and len(q)]
     q_all = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if len(q_all):
         q_all["source_row"] = q_all["source_row"].astype("Int64")
@@ -93,7 +100,6 @@ def run(ctx: StageContext) -> StageResult:
     if len(q_all):
         for reason, n in q_all["reason"].value_counts().items():
             log.warning("ingest: quarantined %d rows: %s", n, reason)
-    interactions.unpersist()
     log.info("ingest: %d raw rows -> %d interactions, %d items, %d quarantined", n_raw, n_inter, len(items), len(q_all))
     return StageResult(
         "ingest", versions, rows_in=n_raw, rows_out=n_inter,
