@@ -201,6 +201,33 @@ def test_build_prompts_rows(built):
     assert u1["seq_hash"] == hashlib.sha1(b"p1\x1fp2\x1fp3\x1fv1\x1ft1").hexdigest()
 
 
+def test_build_prompts_without_broadcast_gives_the_same_rows(spark, built):
+    """A catalogue too big to broadcast is joined by a shuffle: the same prompts."""
+    cfg = PromptsConfig(max_items=4, max_chars=4000, student_max_items=2)
+    out = build_prompts(_spark_frame(spark, "user_sequences", _sequences_frame()),
+                        _spark_frame(spark, "items", _items_frame()), cfg, broadcast_items=False)
+    assert {r["user_id"]: r.asDict() for r in out.collect()} == built
+
+
+def test_build_prompts_render_matches_the_python_template(spark):
+    """Spark's assembly against slimrec.prompts.render, line budget and student cut included."""
+    seqs = pd.DataFrame([{"user_id": "u9", "history": ["p1", "p5", "p2", "p3", "p4x"], "seq_hash": "h"}])
+    seq_df = spark.createDataFrame(seqs, "user_id string, history array<string>, seq_hash string")
+    items = _spark_frame(spark, "items", _items_frame())
+    from slimrec import prompts as P
+
+    cat = {i: (t, c, b) for i, (t, c, b) in ITEMS.items()}
+    for max_chars, smax in [(4000, 2), (600, 3), (400, 0), (10, 1)]:
+        cfg = PromptsConfig(max_items=4, max_chars=max_chars, student_max_items=smax)
+        (row,) = build_prompts(seq_df, items, cfg).collect()
+        recent = ["p5", "p2", "p3", "p4x"]
+        lines = [P.item_line(*cat.get(i, (None, None, None)), cfg.max_item_title_chars) for i in recent]
+        short = [P.short_item_line(*cat.get(i, (None, None, None)), cfg.student_title_chars) for i in recent]
+        teacher_p, student_p, shown = P.render("v1", lines, 4, max_chars, short, smax)
+        assert (row.teacher_prompt, row.student_prompt, row.n_prompt_items) == (teacher_p, student_p, shown)
+        assert row.prompt_item_ids == recent[len(recent) - shown:]
+
+
 def test_build_prompts_truncates_by_item_count_and_caps_titles(built):
     u2 = built["u2"]
     assert (u2["history_len"], u2["n_prompt_items"]) == (6, 4)  # max_items=4: the 4 most recent

@@ -329,6 +329,9 @@ def _k_core(df, k: int):
     return df.join(pairs, ["user_id", "item_id"], "left_semi")
 
 
+BROADCAST_MAX_ITEMS = 200_000  # item lines are ~200 bytes: about 40 MB shipped to every task at most
+
+
 def item_lines(items, cfg):
     """items -> (item_id, tline, sline): each catalogue item's teacher and student prompt line, once.
 
@@ -369,7 +372,7 @@ def build_prompts(sequences, items, cfg, broadcast_items: bool = True):
     fit, and the prompts are the kept lines between the template's fixed parts
     (:func:`slimrec.prompts.template_parts`). The same strings as :func:`slimrec.prompts.render`
     (tested). ``broadcast_items``: ship the item lines to every task (no shuffle of the events for
-    the join); turn off for catalogues too big for an executor's memory.
+    the join); the stage turns it off above :data:`BROADCAST_MAX_ITEMS` items.
 
     Example: history ``[i1, i2]`` with titles "Pen", "Ink" -> a teacher prompt
     listing ``- Pen | ... `` then ``- Ink | ...`` and the three-step instructions.

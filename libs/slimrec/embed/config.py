@@ -68,7 +68,7 @@ class EmbedConfig(BaseModel):
         description="an embed run with at least this many texts to encode uses the Ray Data actor pool; "
         "fewer are encoded in the stage's own process, with every core's torch threads: starting the pool "
         "(actors importing torch and loading the model) costs 10-16 s of 2 cores, more than a refresh's few "
-        "thousand texts take. 0: always the pool (clusters with GPU actors, say)",
+        "thousand texts take. 0: always the pool. GPU actors (actor_num_gpus > 0) always use the pool",
     )
     # ---------------------------------------------------------------- Ray Data (changes speed only)
     num_actors: int = Field(

@@ -63,12 +63,15 @@ def block_size(n: int, cfg: EmbedConfig) -> int:
 
 
 def engine_for(n: int, cfg: EmbedConfig) -> str:
-    """``"pool"`` (Ray Data actors) or ``"local"`` (this process) for ``n`` texts.
+    """``"pool"`` (Ray Data actors) or ``"local"`` (this process) for ``n`` texts. GPU actors
+    (``actor_num_gpus``) always mean the pool: this process may have no GPU.
 
     >>> engine_for(3_000, EmbedConfig()), engine_for(60_000, EmbedConfig()), engine_for(5, EmbedConfig(pool_min_texts=0))
     ('local', 'pool', 'pool')
+    >>> engine_for(5, EmbedConfig(actor_num_gpus=1, device="cuda"))
+    'pool'
     """
-    return "pool" if n >= cfg.pool_min_texts else "local"
+    return "pool" if n >= cfg.pool_min_texts or cfg.actor_num_gpus > 0 else "local"
 
 
 def _length_order(texts: list[str], cfg: EmbedConfig) -> np.ndarray:

@@ -6,7 +6,8 @@ import logging
 
 from pyspark.sql import functions as F
 
-from slimrec.sequences import build_prompts
+from slimrec.sequences import BROADCAST_MAX_ITEMS, build_prompts
+from slimrec.spark import session_conf, shuffle_partitions_for
 from slimrec.stages.base import StageContext, StageResult
 
 log = logging.getLogger(__name__)
@@ -16,6 +17,15 @@ OUTPUTS = ["prompts"]
 
 
 def run(ctx: StageContext) -> StageResult:
+    # the shuffle carries up to max_items history lines per user: size its partitions by those, so that a
+    # task never holds more than a few hundred thousand lines (800k users in 4 partitions ran out of heap)
+    lines = ctx.lake.count("user_sequences") * max(ctx.cfg.prompts.max_items, 1)
+    conf = {} if ctx.cfg.spark.shuffle_partitions else {"spark.sql.shuffle.partitions": str(shuffle_partitions_for(lines))}
+    with session_conf(ctx.spark(), conf):  # for this stage's queries only
+        return _run(ctx)
+
+
+def _run(ctx: StageContext) -> StageResult:
     spark, lake = ctx.spark(), ctx.lake
     inputs = ctx.input_versions(INPUTS)
     seqs = lake.read_spark(spark, "user_sequences")
@@ -31,13 +41,14 @@ def run(ctx: StageContext) -> StageResult:
         )
         seqs = seqs.join(earlier, ["user_id", "seq_hash"], "left_anti")
     items = lake.read_spark(spark, "items")
-    prompts = build_prompts(seqs, items, ctx.cfg.prompts).cache()
-    n_out = prompts.count()
+    prompts = build_prompts(seqs, items, ctx.cfg.prompts, broadcast_items=lake.count("items") <= BROADCAST_MAX_ITEMS)
     info = ctx.commit_info("build_prompts", inputs, prompt_version=ctx.cfg.prompts.version)
+    # no cache: the prompts are written as they are made; the figures come from the written date's rows
     version = lake.write_spark(prompts, "prompts", "replace_date", info, engine=ctx.cfg.spark.delta_engine)
-    stats = prompts.agg(F.avg(F.length("teacher_prompt")), F.max(F.length("teacher_prompt"))).first()
-    prompts.unpersist()
+    written = lake.read_spark(spark, "prompts").where(F.col("run_date") == F.lit(ctx.run_date))
+    n_out, mean, longest = written.agg(F.count(F.lit(1)), F.avg(F.length("teacher_prompt")),
+                                       F.max(F.length("teacher_prompt"))).first()
     log.info("build_prompts: %d users -> %d prompts for %s (mean %.0f chars, max %s)",
-             n_in, n_out, ctx.run_date, stats[0] or 0, stats[1])
+             n_in, n_out, ctx.run_date, mean or 0, longest)
     return StageResult("build_prompts", {"prompts": version}, rows_in=n_in, rows_out=n_out,
-                       extra={"mean_prompt_chars": round(float(stats[0] or 0), 1)})
+                       extra={"mean_prompt_chars": round(float(mean or 0), 1)})
