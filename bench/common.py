@@ -25,11 +25,16 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
+    """This checkout's short commit; ``SLIMREC_BENCH_COMMIT`` where the code runs from an export of one
+    (``git archive``, no ``.git``); ``unknown`` otherwise."""
+    if os.environ.get("SLIMREC_BENCH_COMMIT"):
+        return os.environ["SLIMREC_BENCH_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip()
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parents[1], timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        out = ""
+    return out or "unknown"
 
 
 def row(case: str, metric: str, value: float, unit: str, baseline: str | None = None,

@@ -17,7 +17,7 @@ from bench.common import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks.md"
-ORDER = ["foundation", "scale", "object_store", "teacher", "student", "embed", "recommender", "recbole"]
+ORDER = ["foundation", "scale", "object_store", "teacher", "student", "grammar", "embed", "recommender", "recbole"]
 
 
 def _cell(v) -> str:

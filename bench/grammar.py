@@ -8,7 +8,7 @@ titles are 3-14 words drawn from the bundled titles (``bench.student.generated_i
 For each size: building the EBNF (the title trie), compiling it for the student's tokenizer
 (``StudentGrammar``: xgrammar's compiler, ``--threads``), the compiled grammar's size, this
 process's RSS growth, the grammar's ``max_new_tokens`` bound; then decoding-time cost: one valid
-rationale naming three catalogue titles walked token by token through a matcher, the time to fill
+rationale naming catalogue titles (as many as step 3 allows) walked token by token through a matcher, the time to fill
 each next-token mask (the work constrained decoding adds per generated token), median over the
 walk. Ratios: each figure against the bundled catalogue's, measured in the same run, and the
 compile time per title against the bundled catalogue's (1.0: linear in the titles).
@@ -64,6 +64,7 @@ def mask_walk(grammar, tok, text: str) -> dict:
 def measure(items, tok, vocab: int, cfg, threads: int) -> dict:
     from slimrec.rationale_shape import format_rationale
     from slimrec.stages.student_rationales import constraint
+    from slimrec.student.config import rationale_shape
     from slimrec.student.constrain import StudentGrammar
 
     gc.collect()
@@ -71,7 +72,7 @@ def measure(items, tok, vocab: int, cfg, threads: int) -> dict:
     con = constraint(cfg, items)
     g = StudentGrammar(con.ebnf, tok, vocab, threads=threads)
     titles = con.titles.titles
-    picks = [titles[len(titles) // 7], titles[len(titles) // 2], titles[-1]]
+    picks = [titles[len(titles) // 7], titles[len(titles) // 2], titles[-1]][: rationale_shape(cfg).max_items]
     walk = mask_walk(g, tok, format_rationale("The customer buys pens and paper.", "Pens, Paper; Bic.", picks)
                      + tok.eos_token)
     out = {"items": len(items), "titles": len(titles), "ebnf_chars": len(con.ebnf),
