@@ -8,13 +8,14 @@ pytest.importorskip("xgrammar")
 
 
 def test_measure_walks_a_valid_rationale_through_the_grammar(tiny_base):
-    from bench.grammar import mask_walk, measure
-    from bench.student import generated_items
     from slimrec.config import load_config
     from slimrec.student.constrain import StudentGrammar
     from slimrec.student.models import load_tokenizer
     from student_helpers import items_frame
     from transformers import AutoConfig
+
+    from bench.grammar import mask_walk, measure
+    from bench.student import generated_items
 
     base, _, _ = tiny_base
     tok = load_tokenizer(base)
