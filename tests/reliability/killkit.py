@@ -34,7 +34,9 @@ DEFAULT_STAGES = ["ingest", "build_sequences", "build_prompts", "teacher_rationa
 EXISTING = [s for s in STAGES if importlib.util.find_spec(f"slimrec.stages.{s}") is not None]
 UNDER_TEST = EXISTING if os.environ.get("SLIMREC_RELIABILITY_ALL") else [s for s in EXISTING if s in DEFAULT_STAGES]
 # Same config for every run (the config hash is part of each commit): teacher answers in 10 commits of 5.
-SETTINGS = ["teacher.commit_batch_size=5", "teacher.commit_interval_s=60"]
+# embed on its Ray actor pool whatever the size: a kill while actors encode is the case that can leave
+# processes behind (the in-process path, the default for few texts, dies with the driver)
+SETTINGS = ["teacher.commit_batch_size=5", "teacher.commit_interval_s=60", "embed.pool_min_texts=0"]
 
 REL_USERS = 80  # users of the bundled data in the reliability runs
 FIGURES: list[tuple[str, dict]] = []
