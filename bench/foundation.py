@@ -411,23 +411,16 @@ def duck_prompts(con, sequences: str, items: str, out: str, version: str = "v1",
     marker line). The rest is SQL: the fit to ``max_chars`` is a running sum of line lengths from the
     newest line back (a window), the prompts are string_agg over the kept lines, the hash is sha1.
     """
-    import pyarrow as pa
     from slimrec import prompts as P
 
     if max_items <= 0:
         raise NotImplementedError("the DuckDB prompts baseline needs prompts.max_items > 0")
     (tpre, tsuf), (spre, ssuf) = P.template_parts(version)
     fixed = len(tpre) + len(tsuf)
-    cat = con.sql(f"SELECT item_id, title, categories, brand FROM {items}").arrow().read_all().to_pydict()
-    rows = zip(cat["item_id"], cat["title"], cat["categories"], cat["brand"], strict=True)
-    lines = [(i, P.item_line(t, c, b, max_item_title_chars), P.short_item_line(t, c, b, student_title_chars))
-             for i, t, c, b in rows]
-    con.register("_item_lines", pa.table({"item_id": pa.array([x[0] for x in lines], pa.string()),
-                                           "tline": pa.array([x[1] for x in lines], pa.string()),
-                                           "sline": pa.array([x[2] for x in lines], pa.string())}))
+    cat = con.sql(f"SELECT item_id, title, categories, brand FROM {items}").arrow().read_all()
+    con.register("_item_lines", P.item_lines_table(cat, max_item_title_chars, student_title_chars))
     # an item missing from the catalogue (Spark's left join gives nulls)
-    none_t = P.item_line(None, None, None, max_item_title_chars)
-    none_s = P.short_item_line(None, None, None, student_title_chars)
+    none_t, none_s = P.missing_item_lines(max_item_title_chars, student_title_chars)
     student_filter = f"keep AND k <= {student_max_items}" if student_max_items > 0 else "TRUE"
     sql = f"""
         WITH s AS (SELECT user_id, seq_hash, len(history)::INT AS history_len, history[-{max_items}:] AS recent

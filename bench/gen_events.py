@@ -107,8 +107,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    out = write(args.out or default_dir(args.events), args.events, args.users, args.items, args.seed)
-    print(out)
+    print(ensure(args.events, args.users, args.items, args.seed, args.out))
 
 
 if __name__ == "__main__":

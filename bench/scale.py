@@ -78,12 +78,11 @@ def run_size(events: int, seed: int, workdir: Path, sets: list[str]) -> dict:
 
     users, items = shape(events)
     data = default_dir(events)
-    want = f"events={events} users={users} items={items} seed={seed}\n"
-    params = data / "_params"
-    if not (params.exists() and params.read_text() == want):
-        # its own process: generating 50M events takes several GiB that the stages' figures must not carry
-        subprocess.run([sys.executable, "-m", "bench.gen_events", "--events", str(events), "--users", str(users),
-                        "--items", str(items), "--seed", str(seed), "--out", str(data)], check=True)
+    # its own process (kept data is reused): generating 50M events takes several GiB that the stages'
+    # figures must not carry
+    subprocess.run([sys.executable, "-m", "bench.gen_events", "--events", str(events), "--users", str(users),
+                    "--items", str(items), "--seed", str(seed), "--out", str(data)], check=True,
+                   stdout=subprocess.DEVNULL)
     cmd = [sys.executable, "-m", "bench.scale", "--child", str(data), str(workdir / f"lake-{events}")]
     for s in sets:
         cmd += ["--set", s]

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from slimrec.sequences import QUARANTINE_COLUMN, split_quarantined
 from slimrec.text import clean_text, item_text, sha1, split_categories
 
 log = logging.getLogger(__name__)
@@ -518,9 +519,6 @@ def normalise_items(raw_items: pd.DataFrame, max_text_chars: int, max_id_chars: 
     return items, q
 
 
-QUARANTINE_COLUMN = "_quarantine"  # the struct that carries a refused row's quarantine record
-
-
 def checked_raw(raw_df, items_df, max_id_chars: int):
     """raw_interactions rows with ``ts_parsed`` and ``reason`` (null: the row is a valid event).
 
@@ -609,8 +607,4 @@ def build_interactions(raw_df, items_df, base_ts: str, max_id_chars: int):
     Example: ``("f", 0, "u1", "i9", "1400000000", None)`` ->
     ``("u1", "i9", 2014-05-13 16:53:20, 0, false, "f")``.
     """
-    from pyspark.sql import functions as F
-
-    rows = interaction_rows(checked_raw(raw_df, items_df, max_id_chars), base_ts)
-    q = F.col(QUARANTINE_COLUMN)
-    return rows.where(q.isNull()).drop(QUARANTINE_COLUMN), rows.where(q.isNotNull()).select(f"{QUARANTINE_COLUMN}.*")
+    return split_quarantined(interaction_rows(checked_raw(raw_df, items_df, max_id_chars), base_ts))

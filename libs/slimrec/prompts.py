@@ -89,6 +89,24 @@ def short_item_line(title: str | None, categories: list[str] | None, brand: str 
     )
 
 
+def item_lines_table(items, max_title_chars: int, student_title_chars: int):
+    """Arrow ``items`` (item_id, title, categories, brand) -> (item_id, tline, sline): each item's
+    :func:`item_line` and :func:`short_item_line`, for engines that join lines to histories themselves."""
+    import pyarrow as pa
+
+    rows = zip(items.column("title").to_pylist(), items.column("categories").to_pylist(),
+               items.column("brand").to_pylist(), strict=True)
+    lines = [(item_line(t, c, b, max_title_chars), short_item_line(t, c, b, student_title_chars)) for t, c, b in rows]
+    return pa.table({"item_id": items.column("item_id").cast(pa.string()),
+                     "tline": pa.array([x[0] for x in lines], pa.string()),
+                     "sline": pa.array([x[1] for x in lines], pa.string())})
+
+
+def missing_item_lines(max_title_chars: int, student_title_chars: int) -> tuple[str, str]:
+    """The two lines of an item a history names but the catalogue lacks (shown as untitled)."""
+    return item_line(None, None, None, max_title_chars), short_item_line(None, None, None, student_title_chars)
+
+
 def render(
     version: str,
     lines: list[str],

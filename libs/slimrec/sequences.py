@@ -295,12 +295,19 @@ def leave_one_out_of(seq: pa.Table, min_seq_len: int) -> pa.Table:
     })
 
 
-def split_sequences(users):
-    """:func:`user_rows` output -> (user_sequences rows, quarantine records of short users)."""
+def split_quarantined(rows):
+    """Rows carrying :data:`QUARANTINE_COLUMN` -> (the rows where it is null, without it; the records
+    where it is set). Two plans over ``rows``: the stages write such frames with
+    :meth:`slimrec.lake.Lake.write_spark_diverting` instead, in one pass."""
     from pyspark.sql import functions as F
 
     q = F.col(QUARANTINE_COLUMN)
-    return users.where(q.isNull()).drop(QUARANTINE_COLUMN), users.where(q.isNotNull()).select(f"{QUARANTINE_COLUMN}.*")
+    return rows.where(q.isNull()).drop(QUARANTINE_COLUMN), rows.where(q.isNotNull()).select(f"{QUARANTINE_COLUMN}.*")
+
+
+def split_sequences(users):
+    """:func:`user_rows` output -> (user_sequences rows, quarantine records of short users)."""
+    return split_quarantined(users)
 
 
 def _k_core(df, k: int):
@@ -344,12 +351,7 @@ def item_lines(items, cfg):
 
     def lines(batches):
         for b in batches:
-            rows = zip(b.column("item_id").to_pylist(), b.column("title").to_pylist(),
-                       b.column("categories").to_pylist(), b.column("brand").to_pylist(), strict=True)
-            out = [(i, P.item_line(t, c, br, max_title), P.short_item_line(t, c, br, student_title))
-                   for i, t, c, br in rows]
-            yield pa.RecordBatch.from_arrays(
-                [pa.array([o[k] for o in out], pa.string()) for k in range(3)], names=["item_id", "tline", "sline"])
+            yield from P.item_lines_table(pa.Table.from_batches([b]), max_title, student_title).to_batches()
 
     schema = T.StructType([T.StructField(c, T.StringType()) for c in ("item_id", "tline", "sline")])
     return items.select("item_id", "title", "categories", "brand").mapInArrow(lines, schema)
@@ -391,8 +393,7 @@ def build_prompts(sequences, items, cfg, broadcast_items: bool = True):
                              F.lit(cfg.max_items))).alias("pos", "item_id"),
     )
     # an item missing from the catalogue is still shown, as an untitled one
-    none_t = P.item_line(None, None, None, cfg.max_item_title_chars)
-    none_s = P.short_item_line(None, None, None, cfg.student_title_chars)
+    none_t, none_s = P.missing_item_lines(cfg.max_item_title_chars, cfg.student_title_chars)
     newest_first = (Window.partitionBy("user_id").orderBy(F.col("pos").desc())
                     .rowsBetween(Window.unboundedPreceding, Window.currentRow))
     joined = (

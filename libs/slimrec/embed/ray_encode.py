@@ -43,12 +43,13 @@ class EncodeBatch:
         return {"row": batch["row"], "embedding": vecs}
 
 
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def torch_threads(cfg: EmbedConfig) -> int:
     """Threads per actor: the config's, else this node's cores shared by the actors."""
-    if cfg.torch_threads:
-        return cfg.torch_threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // cfg.num_actors)
+    return cfg.torch_threads or max(1, _cores() // cfg.num_actors)
 
 
 def block_size(n: int, cfg: EmbedConfig) -> int:
@@ -93,8 +94,7 @@ def encode_local(texts: list[str], spec: EncoderSpec, cfg: EmbedConfig) -> np.nd
 
     if not texts:
         return np.zeros((0, 0), np.float32)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    threads = cfg.torch_threads * cfg.num_actors if cfg.torch_threads else cores
+    threads = cfg.torch_threads * cfg.num_actors if cfg.torch_threads else _cores()
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -19,17 +19,17 @@ OUTPUTS = ["prompts"]
 def run(ctx: StageContext) -> StageResult:
     # the shuffle carries up to max_items history lines per user: size its partitions by those, so that a
     # task never holds more than a few hundred thousand lines (800k users in 4 partitions ran out of heap)
-    lines = ctx.lake.count("user_sequences") * max(ctx.cfg.prompts.max_items, 1)
+    n_in = ctx.lake.count("user_sequences")
+    lines = n_in * max(ctx.cfg.prompts.max_items, 1)
     conf = {} if ctx.cfg.spark.shuffle_partitions else {"spark.sql.shuffle.partitions": str(shuffle_partitions_for(lines))}
     with session_conf(ctx.spark(), conf):  # for this stage's queries only
-        return _run(ctx)
+        return _run(ctx, n_in)
 
 
-def _run(ctx: StageContext) -> StageResult:
+def _run(ctx: StageContext, n_in: int) -> StageResult:
     spark, lake = ctx.spark(), ctx.lake
     inputs = ctx.input_versions(INPUTS)
     seqs = lake.read_spark(spark, "user_sequences")
-    n_in = seqs.count()
     if lake.exists("prompts"):
         # A user gets a new prompt when their sequence or the template changed since an earlier date.
         # Rows of this run date are ignored here, so a rerun of the same date rebuilds the same slice.

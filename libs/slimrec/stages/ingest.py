@@ -10,7 +10,6 @@ import pyarrow as pa
 from pyspark.sql import functions as F
 
 from slimrec.ingest import (
-    QUARANTINE_COLUMN,
     IngestError,
     checked_raw,
     dataset_fingerprint,
@@ -22,6 +21,7 @@ from slimrec.ingest import (
     read_lcrec,
 )
 from slimrec.schemas.tables import spec
+from slimrec.sequences import QUARANTINE_COLUMN
 from slimrec.stages.base import StageContext, StageResult
 from slimrec.text import sha1
 
