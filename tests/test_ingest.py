@@ -23,6 +23,8 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from slimrec import ingest
 from slimrec.config import load_config
@@ -264,6 +266,28 @@ def test_events_parquet_without_catalogue(spark, tmp_path):
     assert sorted(items.item_id) == ["x", "y", "z"]
     assert set(items.item_text) == {"unknown item"}
     assert result.extra["quarantined"] == 0
+
+
+def test_parquet_source_rows_are_file_rows(spark, tmp_path):
+    """A Parquet file read in several row groups and Spark partitions: each row's source_row is its row in
+    the file (Parquet's own row index), so the quarantine points at the right row."""
+    data = tmp_path / "data"
+    data.mkdir()
+    n = 3000
+    users = [f"u{k}" if k % 997 else "" for k in range(n)]  # rows 0, 997, 1994, 2991 have no user
+    t = pa.table({"user_id": users, "item_id": [f"i{k % 7}" for k in range(n)], "timestamp": list(range(n))})
+    pq.write_table(t, data / "events.parquet", row_group_size=250)
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "4096")
+    try:
+        ctx, result = _ingest(spark, tmp_path / "lake", data)
+        raw = ctx.lake.read_pandas("raw_interactions")
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
+    assert sorted(raw.source_row) == list(range(n))
+    assert all(raw.user_raw.fillna("").to_numpy() == [users[r] for r in raw.source_row])
+    assert all(raw.ts_raw.astype(int).to_numpy() == raw.source_row.to_numpy())
+    assert _quarantine(ctx.lake) == [("ingest", "events.parquet", r, "missing user id") for r in (0, 997, 1994, 2991)]
+    assert result.rows_out == n - 4
 
 
 def test_amazon_2023_benchmark_csv_is_events(spark, tmp_path):

@@ -301,6 +301,25 @@ def test_write_mapped_diverting_writes_what_the_function_makes(spark, tmp_lake):
         tmp_lake.write_mapped_diverting(df, fn, "user_sequences", "merge", info, "_q")
 
 
+def test_write_spark_diverting_skip_empty_keeps_the_table(spark, tmp_lake):
+    """skip_empty: an overwrite whose rows are all diverted commits nothing; the diverted rows still come back."""
+    from pyspark.sql import functions as F
+
+    info = CommitInfo("test", date(2024, 1, 15))
+    df = spark.createDataFrame([("u1", 1), ("u2", 2)], "user_id string, n int").select(
+        "user_id", F.array("user_id").alias("item_ids"), F.array("user_id").alias("history"),
+        F.lit("v").alias("valid_target"), F.lit("t").alias("test_target"), F.col("n").alias("seq_len"),
+        F.lit(None).cast("timestamp").alias("last_event_ts"), F.col("user_id").alias("seq_hash"),
+        F.when(F.col("n") > 0, F.struct(F.lit("refused").alias("reason"))).alias("_q"))
+    none = tmp_lake.write_spark_diverting(df, "user_sequences", "overwrite", info, "_q", skip_empty=True)
+    assert (none.version, none.rows, none.diverted.num_rows) == (None, 0, 2)
+    assert not tmp_lake.exists("user_sequences")  # no empty table made
+    first = tmp_lake.write_spark_diverting(df.withColumn("_q", F.lit(None)), "user_sequences", "overwrite", info, "_q")
+    again = tmp_lake.write_spark_diverting(df, "user_sequences", "overwrite", info, "_q", skip_empty=True)
+    assert again.version is None and tmp_lake.version("user_sequences") == first.version
+    assert sorted(tmp_lake.read_arrow("user_sequences")["user_id"].to_pylist()) == ["u1", "u2"]
+
+
 def test_write_spark_diverting_needs_the_column(spark, tmp_lake):
     df = spark.createDataFrame([("u1",)], "user_id string")
     with pytest.raises(LakeError, match="diverted column '_q'"):

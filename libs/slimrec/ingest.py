@@ -234,11 +234,19 @@ def parse_json_line(line: str) -> tuple[dict | None, str | None]:
     return rec, None
 
 
-def _pick(rec: dict, names: tuple[str, ...]):
-    """The value of the first of ``names`` (matched by :func:`_name_key`) that ``rec`` holds with a value."""
+def _keyed(rec: dict) -> dict:
+    """``rec`` by :func:`_name_key` of its keys (the first of two keys with the same name wins)."""
     keys: dict[str, object] = {}
     for k, v in rec.items():
         keys.setdefault(_name_key(k), v)
+    return keys
+
+
+def _pick(rec: dict, names: tuple[str, ...], keys: dict | None = None):
+    """The value of the first of ``names`` (matched by :func:`_name_key`) that ``rec`` holds with a value.
+    ``keys``: ``_keyed(rec)``, when several fields are picked from one record."""
+    if keys is None:
+        keys = _keyed(rec)
     for n in names:  # the first name with a value; an empty string or list is no value
         v = keys.get(_name_key(n))
         if v is not None and not (isinstance(v, str | list | dict) and len(v) == 0):
@@ -328,8 +336,10 @@ def parse_review_lines(source: str, rows: list[tuple[int, str]]):
         if err:
             quarantine.append(_qrow(source, row, err, line))
             continue
-        ts = _pick(rec, ("unixreviewtime", "timestamp", "time"))
-        raw.append((source, row, _id(_pick(rec, AMAZON_USER_KEYS)), _id(_pick(rec, AMAZON_ITEM_KEYS)), None if ts is None else str(ts), None))
+        keys = _keyed(rec)
+        ts = _pick(rec, ("unixreviewtime", "timestamp", "time"), keys)
+        raw.append((source, row, _id(_pick(rec, AMAZON_USER_KEYS, keys)), _id(_pick(rec, AMAZON_ITEM_KEYS, keys)),
+                    None if ts is None else str(ts), None))
     return raw, quarantine
 
 
@@ -405,6 +415,9 @@ def _id_string(df, name: str):
     return F.trim(c.cast("string"))
 
 
+_ROW = "__slimrec_source_row"  # a file's row index, where the reader gives it (Parquet)
+
+
 def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
     """Events CSV/Parquet read by Spark -> (raw_interactions, raw_items) Spark frames, quarantine rows."""
     from pyspark.sql import functions as F
@@ -412,7 +425,10 @@ def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
     def load(f: Path, multiline: bool = False):
         # the names as format detection read them (_is_catalogue), so the columns it saw are found
         df = _read(f, multiline)
-        names = [_clean_name(c) for c in df.columns]
+        if f.name.lower().endswith(".parquet") and "_metadata" not in df.columns:
+            # Parquet's own row index within the file: the exact source row, with no counting job
+            df = df.withColumn(_ROW, F.col("_metadata.row_index"))
+        names = [c if c == _ROW else _clean_name(c) for c in df.columns]
         return df.toDF(*names) if names != df.columns and len(set(names)) == len(names) else df
 
     def _read(f: Path, multiline: bool):
@@ -430,6 +446,8 @@ def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
                 .option("quote", '"').option("escape", '"').option("multiLine", multiline).csv(str(f)))
 
     def with_row(df, source):
+        if _ROW in df.columns:
+            return df.withColumnRenamed(_ROW, "source_row").withColumn("source_file", F.lit(source))
         # The exact 0-based row of the source file (the stable tie-break), numbered in the JVM like
         # RDD.zipWithIndex but without shipping every row through Python: one small job counts the
         # rows of each partition (the file's splits, in file order), then row = rows in earlier
@@ -451,7 +469,7 @@ def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
         u = _column(df.columns, USER_COLS, "user id", f.name)
         i = _column(df.columns, ITEM_COLS, "item id", f.name)
         t = _column(df.columns, TS_COLS, "timestamp", f.name)
-        df = with_row(df.select(u, i, t), f.name)
+        df = with_row(df.select(u, i, t, *[c for c in df.columns if c == _ROW]), f.name)
         df = df.select(
             "source_file", "source_row",
             _id_string(df, u).alias("user_raw"),
@@ -463,7 +481,7 @@ def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
     for f in item_files:
         df = load(f, multiline=True)
         i = _column(df.columns, ITEM_COLS, "item id", f.name)
-        other = [c for c in df.columns if c != i]
+        other = [c for c in df.columns if c not in (i, _ROW)]
         df = with_row(df, f.name)
         df = df.select(
             "source_file", "source_row", _id_string(df, i).alias("item_raw"),
@@ -504,11 +522,12 @@ def normalise_items(raw_items: pd.DataFrame, max_text_chars: int, max_id_chars: 
             quarantine.append(_qrow(r.source_file, r.source_row, err, r.payload or ""))
             continue
         seen.add(item)
-        title = clean_text(_pick(rec, ITEM_TITLE_KEYS), max_text_chars)
-        brand = clean_text(_pick(rec, ("brand", "manufacturer", "store")), 200)
+        keys = _keyed(rec)
+        title = clean_text(_pick(rec, ITEM_TITLE_KEYS, keys), max_text_chars)
+        brand = clean_text(_pick(rec, ("brand", "manufacturer", "store"), keys), 200)
         # the 2023 Amazon metadata often has empty categories and a main_category only
-        cats = split_categories(_pick(rec, ITEM_CATEGORY_KEYS))
-        desc = _pick(rec, ("description", "desc", "detail_desc"))
+        cats = split_categories(_pick(rec, ITEM_CATEGORY_KEYS, keys))
+        desc = _pick(rec, ("description", "desc", "detail_desc"), keys)
         if isinstance(desc, list):
             desc = " ".join(str(d) for d in desc)
         desc = clean_text(desc, max_text_chars)
@@ -578,7 +597,9 @@ def interaction_rows(checked, base_ts: str):
         "event_ts",
         F.when(derived, base + F.make_interval(secs=F.col("position").cast("decimal(18,6)"))).otherwise(F.col("ts_parsed")))
     # refused rows sort after valid ones, so a valid event is never taken for the duplicate of a refused row
-    w = Window.partitionBy("user_raw", "item_raw", "event_ts").orderBy(
+    # the key's 64-bit hash first: the sort compares longs, and the strings only on a hash tie
+    key = ("user_raw", "item_raw", "event_ts")
+    w = Window.partitionBy(F.xxhash64(*key), *key).orderBy(
         F.col("reason").isNotNull(), "source_file", "source_row")
     df = df.withColumn("_rn", F.row_number().over(w))
     why = F.when(F.col("reason").isNotNull(), F.col("reason")).when(

@@ -398,14 +398,17 @@ class Lake:
         return self._write_files_then_commit(df, table, s, mode, info)[0]
 
     def write_spark_diverting(
-        self, df, table: str, mode: WriteMode, info: CommitInfo, column: str, engine: str = "delta-rs"
+        self, df, table: str, mode: WriteMode, info: CommitInfo, column: str, engine: str = "delta-rs",
+        skip_empty: bool = False,
     ) -> SplitWrite:
         """:meth:`write_spark` for the rows whose struct ``column`` is null; the others come back.
 
         The other rows are not written: the fields of their ``column`` come back as an Arrow table
         (a stage's quarantine records, say). On the default engine both come out of one pass over
         ``df``, so nothing needs caching (the executors put the diverted rows in Parquet files under
-        the table's ``_diverted/`` folder, which is read here and removed).
+        the table's ``_diverted/`` folder, which is read here and removed). ``skip_empty``: when no
+        row is left to write, commit nothing (version None): an overwrite by an empty result keeps
+        the table as it was.
         """
         from pyspark.sql import functions as F
 
@@ -421,10 +424,12 @@ class Lake:
         if engine == "delta-spark":  # pragma: no cover - needs Delta jars; two passes over df
             diverted = df.where(F.col(column).isNotNull()).select(f"{column}.*").toArrow()
             rows = df.where(F.col(column).isNull()).drop(column)
+            if skip_empty and not rows.take(1):
+                return SplitWrite(None, 0, diverted)
             version = (self._merge_delta_spark(rows, table, s, info, True) if mode == "merge"
                        else self._write_delta_spark(rows, table, s, mode, info))
             return SplitWrite(version, rows.count(), diverted)  # a third pass: this path has no manifest
-        return self._write_split(df, table, s, mode, info, column)
+        return self._write_split(df, table, s, mode, info, column, skip_empty=skip_empty)
 
     def write_mapped_diverting(self, df, fn, table: str, mode: WriteMode, info: CommitInfo, column: str) -> SplitWrite:
         """:meth:`write_spark_diverting` of ``fn`` applied to each partition of ``df``, in one pass.
@@ -440,11 +445,13 @@ class Lake:
             raise LakeError(f"{table}: write_mapped_diverting appends or overwrites, not {mode!r}")
         return self._write_split(df, table, s, mode, info, column, mapped=fn)
 
-    def _write_split(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo, column: str, mapped=None) -> SplitWrite:
+    def _write_split(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo, column: str, mapped=None,
+                     skip_empty: bool = False) -> SplitWrite:
         staging = join(self.path(table), "_diverted", uuid.uuid4().hex)
         fs, staging_path = filesystem(staging, self.fs_options)
         try:
-            version, written, files = self._write_files_then_commit(df, table, s, mode, info, (column, staging), mapped)
+            version, written, files = self._write_files_then_commit(df, table, s, mode, info, (column, staging), mapped,
+                                                                    skip_empty)
             diverted = (pa.concat_tables([pq.read_table(filesystem(f, self.fs_options)[1], filesystem=fs) for f in files])
                         if files else pa.table({}))
         finally:
@@ -472,7 +479,7 @@ class Lake:
         return df.select(*[F.col(c).cast(s.spark_schema()[c].dataType) for c in s.column_names], *kept)
 
     def _write_files_then_commit(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo, divert=None,
-                                 mapped=None):
+                                 mapped=None, skip_empty: bool = False):
         from slimrec.spark_delta import collect_add_actions, collect_mapped_add_actions
 
         uri = self.path(table)
@@ -490,6 +497,9 @@ class Lake:
                 raise LakeError(f"replace_date into {table}: rows carry run_date {sorted(bad)}, not {info.run_date}")
         props = info.properties(mode)
         schema = s.arrow_schema()
+        if not actions and skip_empty:
+            log.info("lake: %s %s of 0 rows: no commit", table, mode)
+            return None, 0, diverted
         if not self.exists(table):
             with _concurrent_commit(table):
                 create_table_with_add_actions(

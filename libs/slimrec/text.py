@@ -41,8 +41,10 @@ def clean_text(value, max_chars: int) -> str | None:
         if unescaped == value:
             break
         value = unescaped
-    value = unicodedata.normalize("NFC", value)
-    value = _TAG_RE.sub(" ", _INLINE_TAG_RE.sub("", value))
+    if not value.isascii():
+        value = unicodedata.normalize("NFC", value)
+    if "<" in value:
+        value = _TAG_RE.sub(" ", _INLINE_TAG_RE.sub("", value))
     value = _CONTROL_RE.sub(" ", value)
     value = " ".join(value.split())
     value = _TRAILING_RE.sub("", value)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-from pyspark.sql import functions as F
 
 from slimrec.ingest import (
     IngestError,
@@ -65,31 +64,29 @@ def run(ctx: StageContext) -> StageResult:
         log.warning("ingest: no item file; items are derived from the interactions, without text")
         items, q_items, items_sdf = None, None, None
     checked = checked_raw(raw_sdf, items_sdf, cfg.max_id_chars)
-    if not checked.where(F.col("reason").isNull()).take(1):  # reads one partition, unless none is valid
-        # nothing is written: a lake keeps its last good ingest
-        n_raw = raw_sdf.count()
-        top = checked.groupBy("reason").count().orderBy("count", ascending=False).limit(3).collect()
-        why = "; ".join(f"{r['reason']}: {r['count']}" for r in top) or "the files hold no records"
-        raise IngestError(f"no valid interactions in {ctx.dataset_dir} ({n_raw} rows read; {why})")
-    if items is None:
-        items = checked.where(F.col("reason").isNull()).select(F.col("item_raw").alias("item_id")).distinct().toPandas()
-        items = items.assign(title=None, brand=None, categories=[[] for _ in range(len(items))], description=None,
-                             item_text="unknown item", text_hash=sha1("unknown item"))
-    inputs = {}
-    info = ctx.commit_info("ingest", inputs, format=fmt, dataset=str(ctx.dataset_dir),
+    info = ctx.commit_info("ingest", {}, format=fmt, dataset=str(ctx.dataset_dir),
                            dataset_fingerprint=dataset_fingerprint(ctx.dataset_dir))
     lake = ctx.lake
     engine = ctx.cfg.spark.delta_engine
+    # One pass: every raw row is written as an interaction or comes back as its quarantine record.
+    # First, so that a source with no valid row writes nothing: a lake keeps its last good ingest.
+    split = lake.write_spark_diverting(interaction_rows(checked, cfg.order_base_ts), "interactions", "overwrite",
+                                       info, QUARANTINE_COLUMN, engine, skip_empty=True)
+    n_inter, q_inter = split.rows, split.diverted.to_pandas()
+    if not n_inter:
+        top = q_inter["reason"].value_counts().head(3) if len(q_inter) else {}
+        why = "; ".join(f"{r}: {n}" for r, n in top.items()) or "the files hold no records"
+        raise IngestError(f"no valid interactions in {ctx.dataset_dir} ({len(q_inter)} rows read; {why})")
+    if items is None:
+        items = lake.read_spark(spark, "interactions").select("item_id").distinct().toPandas()
+        items = items.assign(title=None, brand=None, categories=[[] for _ in range(len(items))], description=None,
+                             item_text="unknown item", text_hash=sha1("unknown item"))
     versions = {
+        "interactions": split.version,
         "raw_interactions": lake.write_spark(raw_sdf, "raw_interactions", "overwrite", info, engine=engine),
         "raw_items": lake.write_arrow("raw_items", raw_items if raw_items is not None else _EMPTY_RAW_ITEMS, "overwrite", info),
         "items": lake.write_arrow("items", items, "overwrite", info),
     }
-    # one pass: every raw row is written as an interaction or comes back as its quarantine record
-    split = lake.write_spark_diverting(interaction_rows(checked, cfg.order_base_ts), "interactions", "overwrite",
-                                       info, QUARANTINE_COLUMN, engine)
-    versions["interactions"] = split.version
-    n_inter, q_inter = split.rows, split.diverted.to_pandas()
     n_raw = n_inter + len(q_inter)
     parts = [q for q in (q_inter, q_read, q_items) if q is not None and len(q)]
     q_all = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
