@@ -195,7 +195,7 @@ def test_executor_writer_streams_files_of_bounded_rows(tmp_path):
     from slimrec.spark_delta import _Writer
 
     schema = pa.schema([("user_id", pa.string()), ("n", pa.int64()), ("run_date", pa.date32())])
-    writer = _Writer({"path": str(tmp_path), "manifest": str(tmp_path / "m.json"), "partition_by": "run_date",
+    writer = _Writer({"path": str(tmp_path), "partition_by": "run_date",
                       "arrow_schema": schema.serialize().to_pybytes().hex(), "target_file_rows": "5"})
     d1, d2 = date(2024, 1, 1), date(2024, 1, 2)
     batches = [pa.RecordBatch.from_pylist([{"user_id": f"u{i}{j}", "n": i * 3 + j, "run_date": d1 if j < 2 else d2}
@@ -229,7 +229,7 @@ def test_executor_writer_diverts_rows_whose_struct_is_set(tmp_path):
     schema = pa.schema([("user_id", pa.string()), ("n", pa.int64())])
     rec = pa.struct([("reason", pa.string()), ("row", pa.int64())])
     side = tmp_path / "side"
-    writer = _Writer({"path": str(tmp_path / "t"), "manifest": str(tmp_path / "m.json"),
+    writer = _Writer({"path": str(tmp_path / "t"), "job": "job1-",
                       "arrow_schema": schema.serialize().to_pybytes().hex(), "target_file_rows": "3",
                       "divert_column": "_q", "divert_dir": str(side)})
     full = pa.schema([*schema, ("_q", rec)])
@@ -245,8 +245,11 @@ def test_executor_writer_diverts_rows_whose_struct_is_set(tmp_path):
     assert diverted.column_names == ["reason", "row"]
     assert sorted(diverted.column("row").to_pylist()) == [1, 3, 5, 7, 9, 11]
     assert len(msg.diverted) == 2  # side files are bounded by target_file_rows too (3 + 3)
-    writer.abort([msg])  # a failed job leaves neither kind of file behind
-    assert not list(tmp_path.rglob("*.parquet"))
+    assert all(a["path"].startswith("part-job1-") for a in msg.actions)
+    other = tmp_path / "t" / "part-job0-x.snappy.parquet"  # another job's file
+    other.write_bytes(b"")
+    assert writer.remove_job_files() == len(msg.actions) + len(msg.diverted)  # a failed job's cleanup
+    assert list(tmp_path.rglob("*.parquet")) == [other]
 
 
 @pytest.mark.parametrize("mode", ["overwrite", "merge"])
@@ -318,6 +321,26 @@ def test_write_spark_diverting_skip_empty_keeps_the_table(spark, tmp_lake):
     again = tmp_lake.write_spark_diverting(df, "user_sequences", "overwrite", info, "_q", skip_empty=True)
     assert again.version is None and tmp_lake.version("user_sequences") == first.version
     assert sorted(tmp_lake.read_arrow("user_sequences")["user_id"].to_pylist()) == ["u1", "u2"]
+
+
+def test_failed_write_job_removes_its_files(spark, tmp_lake):
+    """A task fails after other tasks wrote their files: the error reaches the caller and none of this
+    job's files stay behind; the table is untouched."""
+    from pyspark.sql import functions as F
+
+    info = CommitInfo("test", date(2024, 1, 15))
+    ok = spark.createDataFrame([("f", 0, "u", "i", "1", None)],
+                               "source_file string, source_row long, user_raw string, item_raw string, ts_raw string, position long")
+    tmp_lake.write_spark(ok, "raw_interactions", "overwrite", info)
+    before = sorted(p.name for p in Path(tmp_lake.path("raw_interactions")).rglob("*.parquet"))
+    bad = spark.range(0, 400, numPartitions=4).select(
+        F.lit("f").alias("source_file"), F.col("id").alias("source_row"), F.lit("u").alias("user_raw"),
+        F.when(F.col("id") == 399, F.raise_error(F.lit("boom"))).otherwise(F.lit("i")).alias("item_raw"),
+        F.lit("1").alias("ts_raw"), F.lit(None).cast("long").alias("position"))
+    with pytest.raises(Exception, match="boom"):
+        tmp_lake.write_spark(bad, "raw_interactions", "overwrite", info)
+    assert sorted(p.name for p in Path(tmp_lake.path("raw_interactions")).rglob("*.parquet")) == before
+    assert tmp_lake.read_arrow("raw_interactions").num_rows == 1
 
 
 def test_write_spark_diverting_needs_the_column(spark, tmp_lake):

@@ -60,9 +60,8 @@ def get_spark(cfg):
         b = b.config(k, v)
     spark = b.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
-    from slimrec.spark_delta import DeltaFilesDataSource, DeltaFilesReadSource
+    from slimrec.spark_delta import DeltaFilesReadSource
 
-    spark.dataSource.register(DeltaFilesDataSource)
     spark.dataSource.register(DeltaFilesReadSource)
     log.info("spark: master=%s version=%s%s", spark.sparkContext.master, spark.version,
              " (from spark-submit)" if submitted else "")

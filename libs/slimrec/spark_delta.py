@@ -1,14 +1,15 @@
 """Executors write Parquet data files of a Delta table; the driver commits them.
 
-A Spark Python Data Source (``format("slimrec_delta_files")``): each task
-writes its Arrow batches as Parquet files straight into the table folder
-(partition sub-folders ``col=value/`` where the table is partitioned, with the
-partition columns left out of the files, as Delta wants) and returns the
-add-actions (path relative to the table root, size, partition values, stats).
-``commit`` on the driver side writes them to a manifest file that
-:func:`collect_add_actions` reads; :class:`slimrec.lake.Lake` then commits all
-of them in one Delta transaction. Until that commit the files are invisible
-to every Delta reader; ``abort`` deletes them.
+Each task of a ``mapInArrow`` writes its Arrow batches as Parquet files
+straight into the table folder (partition sub-folders ``col=value/`` where the
+table is partitioned, with the partition columns left out of the files, as
+Delta wants) and returns the add-actions (path relative to the table root,
+size, partition values, stats), which the driver collects:
+:class:`slimrec.lake.Lake` then commits all of them in one Delta transaction.
+Until that commit the files are invisible to every Delta reader; a job that
+fails removes the files its tasks wrote (their names carry the job's id).
+A ``mapInArrow`` rather than a Python Data Source writer: the latter starts a
+planner process on first use, about 3 s of every process's first write.
 
 With the ``divert_column`` option (a struct column), a row whose value there
 is not null is not written to the table: that struct's fields go to Parquet
@@ -19,38 +20,31 @@ example), so the table and its rejects come out of one pass over the data.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import uuid
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pyspark.sql.datasource import (
-    DataSource,
-    DataSourceArrowWriter,
-    DataSourceReader,
-    InputPartition,
-    WriterCommitMessage,
-)
+from pyarrow.fs import FileSelector, FileType
+from pyspark.sql.datasource import DataSource, DataSourceReader, InputPartition
 
 from slimrec.delta_files import file_stats, make_add_action, partition_value, split_diverted
 from slimrec.storage import filesystem, join
 
 
 @dataclass
-class FilesWritten(WriterCommitMessage):
+class FilesWritten:
     actions: list[dict]
     diverted: list[str]  # files under divert_dir
 
 
-class _Writer(DataSourceArrowWriter):
+class _Writer:
     def __init__(self, options: dict):
         self.root = options["path"]  # a local folder or an object-store URI
         # not secrets (see slimrec.storage): an executor takes its credentials from its own environment
         self.fs_options = json.loads(options.get("fs_options") or "{}")
-        self.manifest = options.get("manifest")  # None when run inside a map (collect_mapped_add_actions)
+        self.prefix = "part-" + options.get("job", "")  # every file of one job starts with it
         self.partition_by = [p for p in options.get("partition_by", "").split(",") if p]
         self.schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(options["arrow_schema"])))
         self.max_rows = int(options["target_file_rows"])
@@ -67,13 +61,13 @@ class _Writer(DataSourceArrowWriter):
         return fs.get_file_info(path).size
 
     def _write_diverted(self, parts: list[pa.Table]) -> str:
-        name = f"part-{uuid.uuid4().hex}.parquet"
+        name = f"{self.prefix}{uuid.uuid4().hex}.parquet"
         self._put(pa.concat_tables(parts), join(self.divert_dir, name))
         return name
 
     def _write_file(self, t: pa.Table, pvals: dict) -> dict:
         sub = "/".join(f"{k}={pvals[k] if pvals[k] is not None else '__HIVE_DEFAULT_PARTITION__'}" for k in self.partition_by)
-        rel = (sub + "/" if sub else "") + f"part-{uuid.uuid4().hex}.snappy.parquet"
+        rel = (sub + "/" if sub else "") + f"{self.prefix}{uuid.uuid4().hex}.snappy.parquet"
         size = self._put(t, join(self.root, rel), compression="snappy")
         return {"path": rel, "size": size, "partition_values": pvals, "stats": file_stats(t)}
 
@@ -135,40 +129,33 @@ class _Writer(DataSourceArrowWriter):
             diverted.append(self._write_diverted(side))
         return FilesWritten(actions, diverted)
 
-    def commit(self, messages):
-        done = [m for m in messages if m is not None]
-        manifest = {"actions": [a for m in done for a in m.actions], "diverted": [p for m in done for p in m.diverted]}
-        tmp = self.manifest + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(manifest, f)
-        os.replace(tmp, self.manifest)
-
-    def abort(self, messages):
-        for m in messages:
-            uris = [join(self.root, a["path"]) for a in getattr(m, "actions", None) or []]
-            uris += [join(self.divert_dir, p) for p in getattr(m, "diverted", None) or []]
-            for uri in uris:
-                fs, path = filesystem(uri, self.fs_options)
-                try:
-                    fs.delete_file(path)
-                except FileNotFoundError:
-                    pass
-
-
-class DeltaFilesDataSource(DataSource):
-    @classmethod
-    def name(cls):
-        return "slimrec_delta_files"
-
-    def writer(self, schema, overwrite):
-        return _Writer(self.options)
+    def remove_job_files(self) -> int:
+        """Delete every file this job's tasks wrote (table and side files): a failed job's leftovers."""
+        n = 0
+        for uri in (self.root, self.divert_dir):
+            if not uri:
+                continue
+            fs, path = filesystem(uri, self.fs_options)
+            try:
+                found = fs.get_file_info(FileSelector(path, recursive=True, allow_not_found=True))
+            except OSError:
+                continue
+            for f in found:
+                if f.type == FileType.File and f.base_name.startswith(self.prefix):
+                    try:
+                        fs.delete_file(f.path)
+                        n += 1
+                    except FileNotFoundError:
+                        pass
+        return n
 
 
 def _writer_options(table_uri: str, spec, target_file_rows: int, divert_column, divert_dir,
                     fs_options: dict | None = None) -> dict:
     opts = {"path": table_uri, "partition_by": ",".join(spec.partition_by),
             "arrow_schema": spec.arrow_schema().serialize().to_pybytes().hex(),
-            "target_file_rows": str(target_file_rows), "fs_options": json.dumps(fs_options or {})}
+            "target_file_rows": str(target_file_rows), "fs_options": json.dumps(fs_options or {}),
+            "job": uuid.uuid4().hex[:12] + "-"}
     if divert_column:
         opts |= {"divert_column": divert_column, "divert_dir": divert_dir}
     return opts
@@ -180,22 +167,29 @@ def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: i
     """:func:`collect_add_actions` of ``fn`` applied to each partition of ``df``, in one pass.
 
     ``fn`` takes a partition as one Arrow table and returns the rows to write (``spec``'s columns,
-    and ``divert_column`` if given). The
+    and ``divert_column`` if given); ``None`` writes ``df``'s batches as they stream in. The
     Python worker that runs ``fn`` writes its output itself: the rows never go back to the JVM
-    (for build_sequences at 5M events, 200K rows of two string lists each). A task that fails after
-    writing leaves its files unreferenced, invisible to Delta readers, as a failed task of the
-    Data Source path can.
+    (for build_sequences at 5M events, 200K rows of two string lists each). If the job fails, the
+    files its tasks wrote are removed before the error goes on (a task attempt that dies with its
+    worker may still leave some, unreferenced and invisible to Delta readers).
     """
     opts = _writer_options(table_uri, spec, target_file_rows, divert_column, divert_dir, fs_options)
 
     def task(batches):
-        batches = list(batches)
-        if not batches:
-            return
-        msg = _Writer(opts).write(iter(fn(pa.Table.from_batches(batches)).to_batches()))
+        if fn is None:
+            msg = _Writer(opts).write(batches)
+        else:
+            batches = list(batches)
+            if not batches:
+                return
+            msg = _Writer(opts).write(iter(fn(pa.Table.from_batches(batches)).to_batches()))
         yield pa.RecordBatch.from_pydict({"actions": [json.dumps(msg.actions)], "diverted": [json.dumps(msg.diverted)]})
 
-    rows = df.mapInArrow(task, "actions string, diverted string").collect()
+    try:
+        rows = df.mapInArrow(task, "actions string, diverted string").collect()
+    except BaseException:
+        _Writer(opts).remove_job_files()
+        raise
     actions = [make_add_action(a["path"], a["size"], a["partition_values"], a["stats"])
                for r in rows for a in json.loads(r.actions)]
     return actions, [join(divert_dir, p) for r in rows for p in json.loads(r.diverted)] if divert_column else []
@@ -208,14 +202,7 @@ def collect_add_actions(df, table_uri: str, spec, target_file_rows: int, divert_
     Returns the add-actions and the paths of the files that hold the diverted rows (see the module
     docstring; none without ``divert_column``).
     """
-    with tempfile.TemporaryDirectory(prefix="slimrec-manifest-") as d:
-        manifest = os.path.join(d, "actions.json")
-        opts = _writer_options(table_uri, spec, target_file_rows, divert_column, divert_dir, fs_options) | {"manifest": manifest}
-        df.write.format("slimrec_delta_files").mode("append").options(**opts).save()
-        with open(manifest) as f:
-            raw = json.load(f)
-    actions = [make_add_action(a["path"], a["size"], a["partition_values"], a["stats"]) for a in raw["actions"]]
-    return actions, [join(divert_dir, p) for p in raw["diverted"]] if divert_column else []
+    return collect_mapped_add_actions(df, None, table_uri, spec, target_file_rows, divert_column, divert_dir, fs_options)
 
 
 # ---------------------------------------------------------------------------------------------- reading
