@@ -17,7 +17,8 @@ from bench.common import RESULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "docs" / "benchmarks.md"
-ORDER = ["foundation", "scale", "object_store", "teacher", "student", "grammar", "embed", "recommender", "recbole"]
+ORDER = ["pipeline", "foundation", "scale", "object_store", "teacher", "student", "grammar", "embed", "recommender",
+         "recbole"]
 
 
 def _cell(v) -> str:

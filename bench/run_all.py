@@ -22,7 +22,8 @@ import time
 from bench.common import RESULTS, format_rows, git_commit
 from bench.docs import write_benchmarks_md
 
-BENCHES = ["foundation", "scale", "object_store", "teacher", "student", "grammar", "embed", "recommender", "recbole"]
+BENCHES = ["foundation", "scale", "object_store", "teacher", "student", "grammar", "embed", "recommender", "recbole",
+           "pipeline"]
 
 
 def skip_reason(name: str) -> str | None:

@@ -26,7 +26,7 @@ def test_page_names_date_machine_command_and_rows(tmp_path):
     assert "- date: 2026-01-02T03:04:05" in page and "- machine: box 2 cpus" in page
     assert "- command: `python -m bench.teacher --quick`" in page and "`abc1234`" in page
     assert "| rps 20 | achieved_rps | 19.5 | req/s |  | configured limit | 20 | 0.975 |" in page
-    assert "Not run yet: `python -m bench.foundation`" in page
+    assert "Not run yet: `python -m bench.pipeline`, `python -m bench.foundation`" in page
 
 
 def test_no_results_is_one_line(tmp_path):

@@ -1,0 +1,134 @@
+"""python -m bench.pipeline [--profile dev] [--dataset data/amazon_office_2014] [--set key=value ...]
+
+What ``make run`` costs: the same command (``slim run --dataset ... --profile dev``) into a fresh lake
+in a temporary folder, in a child process. Prints and records the whole run's wall time and the peak
+RSS of its process tree (the ``slim`` process, Spark's JVM, Ray's daemons and workers, sampled every
+0.5 s), and per stage the wall time the pipeline logs and the tree's peak RSS while that stage ran.
+Writes ``bench/results/pipeline.json`` (shown in docs/benchmarks.md). It takes as long as the run
+(about 40 minutes on 2 cores with the dev profile); never asserts times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from bench.common import record, row
+
+ROOT = Path(__file__).resolve().parents[1]
+_START = re.compile(r"stage (\w+): start\b")
+_DONE = re.compile(r"stage (\w+): (?:done in ([0-9.]+)s|skipped)")
+
+
+class StageRSS:
+    """Peak RSS of a process tree, overall and per stage (the stage named by the log lines read so far)."""
+
+    def __init__(self, pid: int, interval_s: float = 0.5):
+        self.pid, self.interval_s = pid, interval_s
+        self.stage: str | None = None
+        self.peak, self.by_stage = 0, {}
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self) -> int:
+        import psutil
+
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return 0
+        total = 0
+        for p in procs:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _run(self):
+        while not self._stop.is_set():
+            rss, stage = self._sample(), self.stage
+            self.peak = max(self.peak, rss)
+            if stage:
+                self.by_stage[stage] = max(self.by_stage.get(stage, 0), rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+
+def run_pipeline(cmd: list[str], log_path: Path) -> dict:
+    """Run ``cmd``, echo its log to ``log_path``; wall, peak RSS and per-stage figures."""
+    stages: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    with log_path.open("w") as log, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                                     text=True, cwd=ROOT) as p, StageRSS(p.pid) as mem:
+        for line in p.stdout:
+            log.write(line)
+            if m := _START.search(line):
+                mem.stage = m.group(1)
+                stages.setdefault(m.group(1), {})
+            elif m := _DONE.search(line):
+                stages.setdefault(m.group(1), {})["seconds"] = float(m.group(2)) if m.group(2) else 0.0
+                mem.stage = None
+        rc = p.wait()
+    wall = time.perf_counter() - t0
+    for name, d in stages.items():
+        d["peak_gib"] = mem.by_stage.get(name, 0) / 2**30
+    return {"returncode": rc, "wall_s": wall, "peak_gib": mem.peak / 2**30, "stages": stages}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default="dev")
+    ap.add_argument("--dataset", default="data/amazon_office_2014")
+    ap.add_argument("--set", dest="sets", action="append", default=[], help="config override key=value")
+    ap.add_argument("--keep", type=Path, default=None, help="keep the lake (and the run's log) in this folder")
+    args = ap.parse_args()
+    slim = Path(sys.executable).parent / "slim"
+    work = args.keep or Path(tempfile.mkdtemp(prefix="slimrec-pipeline-"))
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [str(slim), "run", "--dataset", str(ROOT / args.dataset), "--lake", str(work / "lake"),
+           "--profile", args.profile]
+    for s in args.sets:
+        cmd += ["--set", s]
+    print("running:", " ".join(cmd), flush=True)
+    try:
+        res = run_pipeline(cmd, work / "run.log")
+        if res["returncode"] != 0:
+            tail = (work / "run.log").read_text().splitlines()[-20:]
+            print("\n".join(tail), file=sys.stderr)
+            print(f"error: the run exited {res['returncode']}", file=sys.stderr)
+            return 1
+    finally:
+        if args.keep is None:
+            shutil.rmtree(work, ignore_errors=True)
+    rows = [row("make run (whole)", "wall", res["wall_s"], "s"),
+            row("make run (whole)", "peak_rss", res["peak_gib"], "GiB",
+                spread="process tree: slim, Spark JVM, Ray daemons and workers")]
+    for name, d in res["stages"].items():
+        rows.append(row(f"make run/{name}", "wall", d.get("seconds", 0.0), "s"))
+        rows.append(row(f"make run/{name}", "peak_rss", d["peak_gib"], "GiB"))
+    for name, d in res["stages"].items():
+        print(f"{name:<22} {d.get('seconds', 0.0):>8.1f} s  peak RSS {d['peak_gib']:.2f} GiB")
+    print(f"{'whole run':<22} {res['wall_s']:>8.1f} s  peak RSS {res['peak_gib']:.2f} GiB")
+    record("pipeline", rows, {"profile": args.profile, "dataset": args.dataset, "sets": args.sets,
+                              "stages": res["stages"], "goal": "under 10 minutes and 6 GiB (issues 24 and 27)"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
