@@ -53,12 +53,17 @@ class StageRSS:
                 pass
         return total
 
+    def note(self, stage: str | None = None) -> None:
+        """One sample now, counted for ``stage`` (or the current one): a stage shorter than the interval
+        still gets its figure."""
+        rss, stage = self._sample(), stage or self.stage
+        self.peak = max(self.peak, rss)
+        if stage:
+            self.by_stage[stage] = max(self.by_stage.get(stage, 0), rss)
+
     def _run(self):
         while not self._stop.is_set():
-            rss, stage = self._sample(), self.stage
-            self.peak = max(self.peak, rss)
-            if stage:
-                self.by_stage[stage] = max(self.by_stage.get(stage, 0), rss)
+            self.note()
             self._stop.wait(self.interval_s)
 
     def __enter__(self):
@@ -81,8 +86,10 @@ def run_pipeline(cmd: list[str], log_path: Path) -> dict:
             if m := _START.search(line):
                 mem.stage = m.group(1)
                 stages.setdefault(m.group(1), {})
+                mem.note()
             elif m := _DONE.search(line):
                 stages.setdefault(m.group(1), {})["seconds"] = float(m.group(2)) if m.group(2) else 0.0
+                mem.note(m.group(1))
                 mem.stage = None
         rc = p.wait()
     wall = time.perf_counter() - t0

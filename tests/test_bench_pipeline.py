@@ -25,4 +25,5 @@ def test_run_pipeline_reads_stages_and_memory(tmp_path):
     assert res["stages"]["ingest"]["seconds"] == 1.5 and res["stages"]["embed"]["seconds"] == 0.0
     assert res["stages"]["ingest"]["peak_gib"] > 0.29  # the 300 MiB block was seen while ingest ran
     assert res["peak_gib"] >= res["stages"]["ingest"]["peak_gib"]
+    assert res["stages"]["embed"]["peak_gib"] > 0  # a stage shorter than the sampling interval is sampled too
     assert "stage ingest: done" in (tmp_path / "run.log").read_text()
