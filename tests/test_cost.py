@@ -54,22 +54,27 @@ def test_meter_counts_a_live_child_from_the_tree():
     with StageMeter(interval_s=0.1) as m:
         p = _start_burnt(0.6, rest=1.0)  # burnt, now asleep and still alive when the meter closes
     p.communicate()
-    assert m.figures["cpu_children_s"] == pytest.approx(0.6, abs=0.15)
+    # at least the child's 0.6 s; above it, at most what the session's JVM and Ray daemons (also in the
+    # tree during a full test session) can spend meanwhile
+    assert 0.45 <= m.figures["cpu_children_s"] < 1.0
     assert m.figures["processes"] >= 1
 
 
 def test_meter_counts_a_reaped_child_it_never_sampled():
     with StageMeter(interval_s=60) as m:  # no sample while the child lives: only RUSAGE_CHILDREN sees it
         subprocess.run(_burner(0.5), check=True, stdout=subprocess.DEVNULL)
-    assert m.figures["cpu_children_s"] == pytest.approx(0.5, abs=0.15)
+    assert 0.35 <= m.figures["cpu_children_s"] < 0.9  # the child's 0.5 s (and the session's daemons)
 
 
 def test_meter_leaves_out_what_a_child_spent_before_the_stage():
-    p = _start_burnt(0.5, rest=1.5)
+    p = _start_burnt(1.5, rest=1.5)
     with StageMeter(interval_s=0.1) as m:
         time.sleep(0.3)  # the child sleeps: it spends nothing while the stage runs
     p.communicate()
-    assert m.figures["cpu_children_s"] < 0.1
+    # The meter reads this process's whole tree, which in a full test session also holds the session's
+    # Spark JVM and Ray daemons (up to ~0.1 s of theirs in 0.3 s): the bound tells "none of the child's
+    # 1.5 s before the stage" from "counted it", whatever else runs.
+    assert m.figures["cpu_children_s"] < 0.6
     assert m.figures["run_wall_s"] == m.figures["wall_s"]  # no mark_run_end: the whole span
 
 
