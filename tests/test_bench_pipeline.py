@@ -26,4 +26,5 @@ def test_run_pipeline_reads_stages_and_memory(tmp_path):
     assert res["stages"]["ingest"]["peak_gib"] > 0.29  # the 300 MiB block was seen while ingest ran
     assert res["peak_gib"] >= res["stages"]["ingest"]["peak_gib"]
     assert res["stages"]["embed"]["peak_gib"] > 0  # a stage shorter than the sampling interval is sampled too
+    assert 0 < res["peak_pss_gib"] <= res["peak_gib"] + 0.01  # PSS splits shared pages: never above RSS
     assert "stage ingest: done" in (tmp_path / "run.log").read_text()
