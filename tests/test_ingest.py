@@ -374,7 +374,7 @@ def test_column_name_keys():
     # the order of preference holds across spellings: parent_asin before asin, whatever their case
     assert ingest._column(["ASIN", "parentAsin", "user"], ingest.ITEM_COLS, "item id", "f") == "parentAsin"
     # an item record's fields are matched the same way, and an empty value is no value
-    assert ingest._pick({"Product Title": "Pen", "title": ""}, ingest.ITEM_TITLE_KEYS) == "Pen"
+    assert ingest._pick(ingest._keyed({"Product Title": "Pen", "title": ""}), ingest.ITEM_TITLE_KEYS) == "Pen"
 
 
 def test_timestamp_parsing_rules(spark):

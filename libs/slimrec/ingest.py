@@ -242,11 +242,9 @@ def _keyed(rec: dict) -> dict:
     return keys
 
 
-def _pick(rec: dict, names: tuple[str, ...], keys: dict | None = None):
-    """The value of the first of ``names`` (matched by :func:`_name_key`) that ``rec`` holds with a value.
-    ``keys``: ``_keyed(rec)``, when several fields are picked from one record."""
-    if keys is None:
-        keys = _keyed(rec)
+def _pick(keys: dict, names: tuple[str, ...]):
+    """The value of the first of ``names`` (matched by :func:`_name_key`) that a record holds with a value;
+    ``keys``: the record as :func:`_keyed` gives it (once per record, for every field picked)."""
     for n in names:  # the first name with a value; an empty string or list is no value
         v = keys.get(_name_key(n))
         if v is not None and not (isinstance(v, str | list | dict) and len(v) == 0):
@@ -337,8 +335,8 @@ def parse_review_lines(source: str, rows: list[tuple[int, str]]):
             quarantine.append(_qrow(source, row, err, line))
             continue
         keys = _keyed(rec)
-        ts = _pick(rec, ("unixreviewtime", "timestamp", "time"), keys)
-        raw.append((source, row, _id(_pick(rec, AMAZON_USER_KEYS, keys)), _id(_pick(rec, AMAZON_ITEM_KEYS, keys)),
+        ts = _pick(keys, ("unixreviewtime", "timestamp", "time"))
+        raw.append((source, row, _id(_pick(keys, AMAZON_USER_KEYS)), _id(_pick(keys, AMAZON_ITEM_KEYS)),
                     None if ts is None else str(ts), None))
     return raw, quarantine
 
@@ -353,7 +351,7 @@ def parse_meta_lines(source: str, rows: list[tuple[int, str]]):
         if err:
             quarantine.append(_qrow(source, row, err, line))
             continue
-        item = _id(_pick(rec, AMAZON_ITEM_KEYS))
+        item = _id(_pick(_keyed(rec), AMAZON_ITEM_KEYS))
         raw.append((source, row, item, json.dumps(rec, ensure_ascii=False, default=str)))
     return raw, quarantine
 
@@ -523,11 +521,11 @@ def normalise_items(raw_items: pd.DataFrame, max_text_chars: int, max_id_chars: 
             continue
         seen.add(item)
         keys = _keyed(rec)
-        title = clean_text(_pick(rec, ITEM_TITLE_KEYS, keys), max_text_chars)
-        brand = clean_text(_pick(rec, ("brand", "manufacturer", "store"), keys), 200)
+        title = clean_text(_pick(keys, ITEM_TITLE_KEYS), max_text_chars)
+        brand = clean_text(_pick(keys, ("brand", "manufacturer", "store")), 200)
         # the 2023 Amazon metadata often has empty categories and a main_category only
-        cats = split_categories(_pick(rec, ITEM_CATEGORY_KEYS, keys))
-        desc = _pick(rec, ("description", "desc", "detail_desc"), keys)
+        cats = split_categories(_pick(keys, ITEM_CATEGORY_KEYS))
+        desc = _pick(keys, ("description", "desc", "detail_desc"))
         if isinstance(desc, list):
             desc = " ".join(str(d) for d in desc)
         desc = clean_text(desc, max_text_chars)
