@@ -148,8 +148,8 @@ def main() -> int:
         if "peak_pss_gib" in d:
             rows.append(row(f"make run/{name}", "peak_pss", d["peak_pss_gib"], "GiB", spread="sampled every 5 s"))
     for name, d in res["stages"].items():
-        print(f"{name:<22} {d.get('seconds', 0.0):>8.1f} s  peak RSS {d['peak_gib']:.2f} GiB"
-              f"  PSS {d.get('peak_pss_gib', 0.0):.2f} GiB")
+        pss = f"{d['peak_pss_gib']:.2f} GiB" if "peak_pss_gib" in d else "not sampled"
+        print(f"{name:<22} {d.get('seconds', 0.0):>8.1f} s  peak RSS {d['peak_gib']:.2f} GiB  PSS {pss}")
     print(f"{'whole run':<22} {res['wall_s']:>8.1f} s  peak RSS {res['peak_gib']:.2f} GiB  PSS {res['peak_pss_gib']:.2f} GiB")
     record("pipeline", rows, {"profile": args.profile, "dataset": args.dataset, "sets": args.sets,
                               "stages": res["stages"], "goal": "under 10 minutes and 6 GiB (issues 24 and 27)"})
