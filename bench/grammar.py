@@ -1,7 +1,9 @@
 """python -m bench.grammar [--base MODEL_DIR] [--titles 0,10000,25000,50000] [--threads 2]
 
 What the student's rationale grammar (:func:`slimrec.stages.student_rationales.constraint`:
-three steps, step 3 a trie of catalogue titles; xgrammar) costs as the catalogue grows: the
+three steps, step 3 a trie of catalogue titles; xgrammar; the form that counts the words of steps 1
+and 2 itself, which vLLM gets: the transformers actors compile the same trie with the word counts left
+to the decoder, ``Constraint.ebnf_uncounted``) costs as the catalogue grows: the
 bundled catalogue (``0`` in ``--titles``) and generated catalogues of that many items, whose
 titles are 3-14 words drawn from the bundled titles (``bench.student.generated_items``).
 

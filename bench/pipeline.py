@@ -3,7 +3,8 @@
 What ``make run`` costs: the same command (``slim run --dataset ... --profile dev``) into a fresh lake
 in a temporary folder, in a child process. Prints and records the whole run's wall time and the peak
 RSS of its process tree (the ``slim`` process, Spark's JVM, Ray's daemons and workers, sampled every
-0.5 s), and per stage the wall time the pipeline logs and the tree's peak RSS while that stage ran.
+0.5 s), and per stage the wall time the pipeline logs, the tree's peak RSS while that stage ran and,
+at that peak, the RSS of each kind of process (a Ray worker's title, else the executable's name).
 PSS (shared pages split among the processes that map them) is summed every 5 s beside it. Writes
 ``bench/results/pipeline.json`` (shown in docs/benchmarks.md). It takes as long as the run
 (about 40 minutes on 2 cores with the dev profile); never asserts times.
@@ -28,6 +29,15 @@ _START = re.compile(r"stage (\w+): start\b")
 _DONE = re.compile(r"stage (\w+): (?:done in ([0-9.]+)s|skipped)")
 
 
+def process_kind(p) -> str:
+    """What a process is, for the memory breakdown: a Ray worker's title (``ray::IDLE``,
+    ``ray::MapWorker(TransformersGenerator)``...), else its executable's name (java, raylet, slim...)."""
+    cmd = p.cmdline()
+    if cmd and cmd[0].startswith("ray::"):
+        return cmd[0].split()[0]
+    return p.name()
+
+
 class StageRSS:
     """Peak RSS of a process tree, overall and per stage (the stage named by the log lines read so far).
 
@@ -38,37 +48,42 @@ class StageRSS:
     def __init__(self, pid: int, interval_s: float = 0.5, pss_every: int = 10):
         self.pid, self.interval_s, self.pss_every = pid, interval_s, pss_every
         self.stage: str | None = None
-        self.peak, self.by_stage = 0, {}
+        self.peak, self.by_stage, self.kinds_at_peak = 0, {}, {}
         self.peak_pss, self.pss_by_stage, self._n = 0, {}, 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self, pss: bool = False) -> int:
+    def _sample(self, pss: bool = False) -> tuple[int, dict[str, int]]:
+        """(bytes summed over the tree, bytes per process kind: :func:`process_kind`)."""
         import psutil
 
         try:
             root = psutil.Process(self.pid)
             procs = [root, *root.children(recursive=True)]
         except psutil.Error:
-            return 0
-        total = 0
+            return 0, {}
+        total, kinds = 0, {}
         for p in procs:
             try:
-                total += p.memory_full_info().pss if pss else p.memory_info().rss
+                b = p.memory_full_info().pss if pss else p.memory_info().rss
+                kind = process_kind(p)
             except (psutil.Error, AttributeError):
-                pass
-        return total
+                continue
+            total += b
+            kinds[kind] = kinds.get(kind, 0) + b
+        return total, kinds
 
     def note(self, stage: str | None = None) -> None:
         """One sample now, counted for ``stage`` (or the current one): a stage shorter than the interval
-        still gets its figure."""
-        rss, stage = self._sample(), stage or self.stage
+        still gets its figure. At a stage's new peak its RSS per process kind is kept (``kinds_at_peak``)."""
+        (rss, kinds), stage = self._sample(), stage or self.stage
         self.peak = max(self.peak, rss)
-        if stage:
-            self.by_stage[stage] = max(self.by_stage.get(stage, 0), rss)
+        if stage and rss > self.by_stage.get(stage, -1):
+            self.by_stage[stage] = rss
+            self.kinds_at_peak[stage] = kinds
         self._n += 1
         if self._n % self.pss_every == 1:
-            pss = self._sample(pss=True)
+            pss = self._sample(pss=True)[0]
             self.peak_pss = max(self.peak_pss, pss)
             if stage:
                 self.pss_by_stage[stage] = max(self.pss_by_stage.get(stage, 0), pss)
@@ -109,6 +124,8 @@ def run_pipeline(cmd: list[str], log_path: Path) -> dict:
         d["peak_gib"] = mem.by_stage.get(name, 0) / 2**30
         if name in mem.pss_by_stage:
             d["peak_pss_gib"] = mem.pss_by_stage[name] / 2**30
+        kinds = sorted(mem.kinds_at_peak.get(name, {}).items(), key=lambda kv: -kv[1])
+        d["rss_gib_at_peak_by_process"] = {k: round(v / 2**30, 2) for k, v in kinds}
     return {"returncode": rc, "wall_s": wall, "peak_gib": mem.peak / 2**30, "peak_pss_gib": mem.peak_pss / 2**30,
             "stages": stages}
 
@@ -150,6 +167,8 @@ def main() -> int:
     for name, d in res["stages"].items():
         pss = f"{d['peak_pss_gib']:.2f} GiB" if "peak_pss_gib" in d else "not sampled"
         print(f"{name:<22} {d.get('seconds', 0.0):>8.1f} s  peak RSS {d['peak_gib']:.2f} GiB  PSS {pss}")
+        top = list(d["rss_gib_at_peak_by_process"].items())[:4]
+        print(f"{'':<22} at the peak: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in top))
     print(f"{'whole run':<22} {res['wall_s']:>8.1f} s  peak RSS {res['peak_gib']:.2f} GiB  PSS {res['peak_pss_gib']:.2f} GiB")
     record("pipeline", rows, {"profile": args.profile, "dataset": args.dataset, "sets": args.sets,
                               "stages": res["stages"], "goal": "under 10 minutes and 6 GiB (issues 24 and 27)"})

@@ -77,11 +77,11 @@ def generated_items(items: pd.DataFrame, n: int, seed: int) -> pd.DataFrame:
 def grammar_cost(tok, vocab_size: int, items: pd.DataFrame, cfg, threads: int) -> tuple:
     """(figures, compiled grammar, constraint): the stage's grammar over ``items`` compiled for ``tok``."""
     from slimrec.stages.student_rationales import constraint
-    from slimrec.student.constrain import StudentGrammar
+    from slimrec.student.constrain import StudentGrammar, word_budget
 
     con = constraint(cfg, items)
     r0 = _rss_mb()
-    g = StudentGrammar(con.ebnf, tok, vocab_size, threads=threads)
+    g = StudentGrammar(con.ebnf_uncounted, tok, vocab_size, threads=threads, words=word_budget(con.shape))
     return {"items": len(items), "titles": len(con.titles), "ebnf_chars": len(con.ebnf),
             "ebnf_rules": con.ebnf.count("::="), "ebnf_build_seconds": round(con.build_seconds, 2),
             "compile_seconds": round(g.compile_seconds, 2), "compiled_mb": round(g.memory_bytes / 1e6, 1),
@@ -96,7 +96,9 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, rep
     Runs: ``unconstrained`` (the free student's own bound), ``constrained`` (the grammar as the stage
     decodes: passes of ``infer.pass_tokens``, rows that end leave, each next mask prepared on a worker
     thread while the model runs) and ``constrained_inline`` (the same with every mask prepared inside
-    the logits processor's call, ``StudentGrammar.overlap=False``); with ``one_pass`` also
+    the logits processor's call, ``StudentGrammar.overlap=False``), ``constrained_counted`` (the grammar that
+    counts the words of steps 1 and 2 itself, as vLLM gets it, instead of the decoder's ``WordBudget``: the same
+    answers); with ``one_pass`` also
     ``constrained_one_pass`` (one pass to the grammar's byte-safe bound, which sizes the static cache by that
     bound: slow, kept to show why the stage decodes in passes). ``repeats`` rounds, interleaved (every other
     round in reverse order), so load drifts hit every run alike; tokens/s is the median over rounds and each ratio's min and max over rounds are given.
@@ -104,18 +106,22 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, rep
     import copy
 
     from slimrec.rationale import parse_rationale
+    from slimrec.student.constrain import StudentGrammar
     from slimrec.student.generate import generate_ids
 
     passes = cfg.infer.pass_tokens or cfg.infer.max_new_tokens
     inline = copy.copy(grammar)  # the same compiled grammar, masks prepared inside the processor's call
     inline.overlap = False
+    counted = StudentGrammar(con.ebnf, tok, grammar.vocab_size, threads=grammar.threads)  # what vLLM gets
     runs = (("unconstrained", None, cfg.infer.max_new_tokens, None),
             ("constrained", grammar, con.max_new_tokens, passes),
-            ("constrained_inline", inline, con.max_new_tokens, passes))
+            ("constrained_inline", inline, con.max_new_tokens, passes),
+            ("constrained_counted", counted, con.max_new_tokens, passes))
     if one_pass:
         runs += (("constrained_one_pass", grammar, con.max_new_tokens, None),)
     out: dict = {}
     rates: dict[str, list[float]] = {name: [] for name, *_ in runs}
+    texts: dict[str, list[str]] = {}
     for k in range(max(1, repeats)):
         for name, g, bound, pass_tokens in (runs if k % 2 == 0 else runs[::-1]):  # no run always goes first
             t0, c0 = time.perf_counter(), time.process_time()
@@ -126,6 +132,7 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, rep
             rates[name].append(n_tok / wall)
             if name in out:
                 continue
+            texts[name] = [r[0] for r in res]
             parsed = [parse_rationale(t, f) if f != "dead_end" else (None, "parse_error: dead end") for t, f, *_ in res]
             statuses = pd.Series([(e or "ok").split(":")[0] for _, e in parsed]).value_counts().to_dict()
             names = [list(p.item_names) if p else [] for p, _ in parsed]
@@ -144,6 +151,8 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, rep
     for a, b, key in (("constrained", "unconstrained", "constrained_vs_unconstrained"),
                       ("constrained_inline", "unconstrained", "constrained_inline_vs_unconstrained"),
                       ("constrained", "constrained_inline", "constrained_vs_constrained_inline"),
+                      ("constrained_counted", "unconstrained", "constrained_counted_vs_unconstrained"),
+                      ("constrained", "constrained_counted", "constrained_vs_constrained_counted"),
                       ("constrained_one_pass", "unconstrained", "constrained_one_pass_vs_unconstrained")):
         if a not in rates:
             continue
@@ -152,6 +161,8 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, rep
         out[f"tokens_per_s_ratio_{key}_min_max"] = [round(min(per_round), 2), round(max(per_round), 2)]
     out["rationales_per_s_ratio_constrained_vs_unconstrained"] = round(
         out["constrained"]["rationales_per_s"] / out["unconstrained"]["rationales_per_s"], 2)
+    same = sum(a == b for a, b in zip(texts["constrained"], texts["constrained_counted"], strict=True))
+    out["identical_constrained_vs_counted"] = f"{same}/{len(ids)}"
     out["kv_cache"] = cfg.infer.kv_cache
     out["repeats"] = max(1, repeats)
     return out
@@ -180,13 +191,16 @@ def report_rows(report: dict) -> list[dict]:
         if "grammar_scaled" in report:
             gs = report["grammar_scaled"]
             rows.append(row(f"grammar over {gs['titles']} titles", "compile seconds", gs["compile_seconds"], "s"))
-        for name in [n for n in ("constrained", "constrained_inline", "constrained_one_pass") if n in c]:
+        for name in [n for n in ("constrained", "constrained_inline", "constrained_counted", "constrained_one_pass")
+                     if n in c]:
             rows.append(row(f"{name}, {c[name]['prompts']} prompts", "tokens/s", c[name]["tokens_per_s"], "tok/s",
                             f"free, bound {c['unconstrained']['max_new_tokens']}", c["unconstrained"]["tokens_per_s"],
                             spread=f"median of {c['repeats']} rounds"))
         for key, case in (("constrained_vs_unconstrained", "constrained / free"),
                           ("constrained_inline_vs_unconstrained", "constrained_inline / free"),
-                          ("constrained_vs_constrained_inline", "constrained / constrained_inline")):
+                          ("constrained_vs_constrained_inline", "constrained / constrained_inline"),
+                          ("constrained_counted_vs_unconstrained", "constrained_counted / free"),
+                          ("constrained_vs_constrained_counted", "constrained / constrained_counted")):
             if f"tokens_per_s_ratio_{key}" in c:
                 lo, hi = c[f"tokens_per_s_ratio_{key}_min_max"]
                 rows.append(row(case, "tokens/s ratio, paired by round", c[f"tokens_per_s_ratio_{key}"], "x",
@@ -397,14 +411,17 @@ def main(argv: list[str] | None = None) -> dict:
             gs = report["grammar_scaled"]
             print(f"grammar at {gs['titles']} titles: compile {gs['compile_seconds']} s, {gs['compiled_mb']} MB "
                   f"(RSS +{gs['rss_growth_mb']} MB)")
-        for k in [k for k in ("unconstrained", "constrained_one_pass", "constrained_inline", "constrained") if k in c]:
+        for k in [k for k in ("unconstrained", "constrained_one_pass", "constrained_counted", "constrained_inline",
+                              "constrained") if k in c]:
             print(f"{k}: parse ok {c[k]['parse_ok_rate']:.1%} {c[k]['statuses']}, {c[k]['tokens_per_s']} tok/s, "
                   f"{c[k]['rationales_per_s']} rationales/s, titles named {c[k]['titles_named']} grounded "
                   f"{c[k]['titles_grounded_exactly']}")
         print(f"constrained / unconstrained: tokens/s x{c['tokens_per_s_ratio_constrained_vs_unconstrained']} "
               f"(rounds {c['tokens_per_s_ratio_constrained_vs_unconstrained_min_max']}), "
               f"rationales/s x{c['rationales_per_s_ratio_constrained_vs_unconstrained']}; masks prepared ahead / inline "
-              f"x{c['tokens_per_s_ratio_constrained_vs_constrained_inline']}"
+              f"x{c['tokens_per_s_ratio_constrained_vs_constrained_inline']}; words counted by the decoder / by the "
+              f"grammar x{c['tokens_per_s_ratio_constrained_vs_constrained_counted']} (identical answers "
+              f"{c['identical_constrained_vs_counted']})"
               + (f"; one pass to the grammar's bound x{c['tokens_per_s_ratio_constrained_one_pass_vs_unconstrained']}"
                  if "constrained_one_pass" in c else ""))
     print(f"load average start {report['load_avg_start']} end {report['load_avg_end']}")

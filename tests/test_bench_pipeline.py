@@ -28,3 +28,5 @@ def test_run_pipeline_reads_stages_and_memory(tmp_path):
     assert res["stages"]["embed"]["peak_gib"] > 0  # a stage shorter than the sampling interval is sampled too
     assert 0 < res["peak_pss_gib"] <= res["peak_gib"] + 0.01  # PSS splits shared pages: never above RSS
     assert "stage ingest: done" in (tmp_path / "run.log").read_text()
+    kinds = res["stages"]["ingest"]["rss_gib_at_peak_by_process"]  # the child python held the block
+    assert max(kinds, key=kinds.get).startswith("python") and max(kinds.values()) > 0.29

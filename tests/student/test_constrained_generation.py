@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 
 import pandas as pd
@@ -136,6 +137,82 @@ def test_decoding_in_short_passes_continues_each_row_where_it_stopped(tiny_base,
     cut = generate_ids(model, tok, ids, 10, 3, grammar=g, pass_tokens=4)  # passes of 4, 4, 2 tokens
     assert [r[1:3] for r in cut] == [("length", 10)] * len(ids)
     assert cut == generate_ids(model, tok, ids, 10, 3, grammar=g)  # what one pass of 10 writes
+
+
+def test_words_counted_by_the_decoder_give_the_answers_of_the_counted_grammar(tiny_base, catalogue):
+    """The uncounted grammar with a WordBudget allows exactly the tokens of the grammar that counts words itself:
+    the same greedy answers, in one pass and in short passes, and every step within its word limit. The
+    untrained base writes long steps, so limits of 3 and 2 words bind."""
+    from slimrec.rationale_shape import WordBudget, shape_regex
+    from slimrec.student.constrain import StudentGrammar
+    from slimrec.student.data import fit_prompt_ids
+    from slimrec.student.generate import generate_ids
+    from slimrec.student.models import load_student, load_tokenizer
+
+    base, _, pairs = tiny_base
+    _, ct, _, _ = catalogue
+    shape = RationaleShape(step1_max_words=3, step2_max_words=2, word_max_chars=8, max_items=2)
+    bound = max_new_tokens(shape, ct.titles)
+    tok = load_tokenizer(base, padding_side="left")
+    model = load_student(base, None, None, "cpu").eval()
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    counted = StudentGrammar(grammar_ebnf(shape, ct.titles), tok, vocab, threads=1)
+    uncounted = StudentGrammar(grammar_ebnf(shape, ct.titles, count_words=False), tok, vocab, threads=1,
+                               words=WordBudget(shape))
+    ids = [fit_prompt_ids(tok, p, 96) for p in pairs["student_prompt"].head(6)]
+    for pass_tokens in (None, 7):
+        a = generate_ids(model, tok, ids, bound, 6, grammar=uncounted, pass_tokens=pass_tokens)
+        assert a == generate_ids(model, tok, ids, bound, 6, grammar=counted, pass_tokens=pass_tokens)
+        assert all(r[1] == "stop" and r[3] is None for r in a)
+    pattern = re.compile(shape_regex(shape))
+    assert all(pattern.fullmatch(text) for text, *_ in a)
+    steps = [parse_rationale(text)[0] for text, *_ in a]
+    assert max(len(p.step1.split()) for p in steps) == 3  # the limits were reached, and held
+    assert max(len(p.step2.split()) for p in steps) == 2
+    assert re.search(r"\)\*", grammar_ebnf(shape, ct.titles, count_words=False))
+
+
+def test_a_row_with_no_token_within_its_word_limits_ends_as_a_dead_end(tiny_base, catalogue):
+    """No tokenizer seen needs it (a step can always end with a newline), but a row whose every token the word
+    limits mask is ended with the end token and a reason, like a grammar dead end, never left to sample -inf."""
+    import torch
+    from slimrec.rationale_shape import WordBudget
+    from slimrec.student.constrain import StudentGrammar
+    from slimrec.student.models import load_tokenizer
+
+    base, _, _ = tiny_base
+    _, ct, _, _ = catalogue
+    shape = RationaleShape(step1_max_words=3, step2_max_words=2, word_max_chars=8, max_items=2)
+    tok = load_tokenizer(base)
+    g = StudentGrammar(grammar_ebnf(shape, ct.titles, count_words=False), tok, len(tok), threads=1,
+                       words=WordBudget(shape))
+    proc = g.processor()
+    proc(torch.tensor([[5, 6], [5, 6]]), torch.zeros(2, len(tok)))  # first step: both rows live
+    proc.word_over = (torch.tensor([0, 1]), torch.stack([torch.ones(len(tok), dtype=torch.bool),
+                                                         torch.zeros(len(tok), dtype=torch.bool)]))
+    scores = torch.zeros(2, len(tok))
+    proc._apply_word_limits(scores)
+    assert set(proc.dead) == {0} and "word limits" in proc.dead[0]
+    assert torch.isfinite(scores[0]).nonzero().flatten().tolist() == [tok.eos_token_id]
+    assert torch.isfinite(scores[1]).all()
+
+
+def test_word_budget_tables_agree_with_advancing_byte_by_byte():
+    """What a token adds, from each state, as the tables say and as :meth:`WordBudget.advance` finds."""
+    from slimrec.rationale_shape import WordBudget
+
+    b = WordBudget(RationaleShape(step1_max_words=3, step2_max_words=2))
+    vocab = [b"a", b" b", b"a b c", b"\n", b"\nStep 2: x", b"\nStep 2: x y z", b"Step 1: a", b"1: a b", b"x\nStep 3: Re"]
+    added, later = b.token_tables(vocab)
+    for step in range(2):
+        for left in range(b.max_label + 1):
+            for spaces in range(b.limits[step] + 1):
+                for t, data in enumerate(vocab):
+                    _, ok = b.advance((step, left, spaces), data)
+                    assert ok == (spaces + added[step][left][t] <= b.limits[step] and not later[step][left][t]), \
+                        (step, left, spaces, data)
+    assert b.advance(b.start(), b"Step 1: a b c\nStep 2: d e\nStep 3: f g h i")[0] == (2, 8, 0)
+    assert b.advance(b.start(), b"Step 1: a b c d")[1] is False
 
 
 def test_masks_prepared_ahead_of_the_forward_pass_give_the_same_answers(tiny_base, catalogue):

@@ -122,8 +122,8 @@ def constrained_eval_set(cfg: StudentConfig, items: pd.DataFrame, eval_df: pd.Da
     ids = eval_df[key].merge(teacher.drop_duplicates(key)[[*key, "grounded_item_ids"]], on=key, how="left")
     k = cfg.max_target_items
     truth = [list(x)[:k] if x is not None and not isinstance(x, float) else [] for x in ids["grounded_item_ids"]]
-    return {"grammar": con.ebnf, "grammar_max_new_tokens": con.max_new_tokens, "title_ids": con.titles.item_ids,
-            "teacher_item_ids": truth}
+    return {"grammar": con.ebnf_uncounted, "grammar_shape": con.shape, "grammar_max_new_tokens": con.max_new_tokens,
+            "title_ids": con.titles.item_ids, "teacher_item_ids": truth}
 
 
 def run(ctx: StageContext) -> StageResult:

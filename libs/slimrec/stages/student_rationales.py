@@ -33,6 +33,7 @@ model is loaded. Command: ``slim stage student_rationales --lake lake`` (or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -135,12 +136,23 @@ def to_rows(parsed: pd.DataFrame, grounded: list[list[str]], model_version: str)
 
 @dataclass(frozen=True)
 class Constraint:
-    """What constrained decoding needs from the driver: the grammar text, its token bound, the titles it names."""
+    """What constrained decoding needs from the driver: the grammar text, its token bound, the titles it names.
+
+    ``ebnf`` counts the words of steps 1 and 2 itself (vLLM gets it); ``ebnf_uncounted`` leaves them to the
+    decoder, which counts them with a :class:`~slimrec.rationale_shape.WordBudget` of ``shape``
+    (transformers: the same answers for less memory and time, see :func:`~slimrec.rationale_shape.grammar_ebnf`).
+    """
 
     ebnf: str
     max_new_tokens: int
     titles: CatalogueTitles
     build_seconds: float
+    ebnf_uncounted: str = ""
+    shape: dict | None = None
+
+    def transformers_kwargs(self) -> dict:
+        """The grammar arguments of a transformers actor (:class:`~slimrec.student.generate.TransformersGenerator`)."""
+        return {"grammar": self.ebnf_uncounted, "max_new_tokens": self.max_new_tokens, "shape": self.shape}
 
 
 def constraint(cfg: StudentConfig, items: pd.DataFrame) -> Constraint:
@@ -152,6 +164,7 @@ def constraint(cfg: StudentConfig, items: pd.DataFrame) -> Constraint:
     shape = rationale_shape(cfg)
     titles = CatalogueTitles(items, cfg.infer.title_max_chars)
     ebnf = grammar_ebnf(shape, titles.titles)
+    uncounted = grammar_ebnf(shape, titles.titles, count_words=False)
     bound = max_new_tokens(shape, titles.titles)
     if cfg.infer.engine == "vllm" and cfg.max_prompt_tokens + bound > cfg.vllm.max_model_len:
         raise StageError(f"student_rationales: prompt ({cfg.max_prompt_tokens}) + the grammar's longest rationale "
@@ -161,7 +174,7 @@ def constraint(cfg: StudentConfig, items: pd.DataFrame) -> Constraint:
     log.info("student_rationales: grammar over %d catalogue titles (%d items cannot be named), %s, "
              "max_new_tokens %d, %d EBNF chars, built in %.2f s", len(titles), titles.dropped, shape, bound,
              len(ebnf), secs)
-    return Constraint(ebnf, bound, titles, secs)
+    return Constraint(ebnf, bound, titles, secs, uncounted, dataclasses.asdict(shape))
 
 
 def _generator(cfg: StudentConfig, model: dict, con: Constraint | None = None):
@@ -186,6 +199,8 @@ def _generator(cfg: StudentConfig, model: dict, con: Constraint | None = None):
         return VllmGenerator, kwargs, {"num_cpus": cfg.infer.cpus_per_actor, "num_gpus": gpus}
     from slimrec.student.generate import TransformersGenerator
 
+    if cfg.infer.constrained:
+        grammar = con.transformers_kwargs()
     kwargs = dict(base_path=model["base_model"], adapter_path=model["adapter_path"], infer=infer,
                   max_prompt_tokens=cfg.max_prompt_tokens, **grammar)
     res = {"num_cpus": cfg.infer.cpus_per_actor}

@@ -117,7 +117,7 @@ def _generate_chunk(model, tokenizer, chunk: list[list[int]], max_new_tokens: in
             else:
                 still.append(i)
                 if proc is not None:
-                    still_states.append(proc.matchers[j])
+                    still_states.append(proc.row_state(j))
         done += this
         pending, states = still, still_states
     return [(tokenizer.decode(tokens[i], skip_special_tokens=True), finish[i], len(tokens[i]) + ended[i], errors[i])
@@ -133,11 +133,13 @@ def _threads(torch_threads: int | None, num_actors: int) -> int:
 class TransformersGenerator:
     """Ray Data actor: base + adapter loaded once; batched, padded, greedy (by default) generation.
 
-    ``infer`` is :class:`~slimrec.student.config.InferSettings` (or its dict).
+    ``infer`` is :class:`~slimrec.student.config.InferSettings` (or its dict). ``grammar``: the EBNF answers
+    are constrained to; with ``shape`` (a :class:`~slimrec.rationale_shape.RationaleShape` as a dict) the grammar
+    leaves the words of steps 1 and 2 uncounted and the decoder counts them (``Constraint.transformers_kwargs``).
     """
 
     def __init__(self, base_path: str, adapter_path: str | None, infer, max_prompt_tokens: int,
-                 grammar: str | None = None, max_new_tokens: int | None = None):
+                 grammar: str | None = None, max_new_tokens: int | None = None, shape: dict | None = None):
         import torch
 
         from slimrec.student.config import InferSettings
@@ -154,7 +156,7 @@ class TransformersGenerator:
         self.max_new_tokens, self.grammar = _constraint(self.infer, grammar, max_new_tokens)
         self.pass_tokens = self.infer.pass_tokens or self.infer.max_new_tokens
         if self.grammar is not None:
-            from slimrec.student.constrain import StudentGrammar
+            from slimrec.student.constrain import StudentGrammar, word_budget
 
             context = getattr(self.model.config, "max_position_embeddings", None)
             if context and max_prompt_tokens + self.max_new_tokens > context:
@@ -163,8 +165,8 @@ class TransformersGenerator:
                             "student.infer.step1_max_words / step2_max_words / word_max_chars / max_items",
                             self.max_new_tokens, max_prompt_tokens, context)
             vocab = int(self.model.get_output_embeddings().weight.shape[0])  # logits' last dim, (V,)
-            self.grammar = StudentGrammar(grammar, self.tokenizer, vocab, threads=_threads(self.infer.torch_threads,
-                                                                                           self.infer.num_actors))
+            self.grammar = StudentGrammar(grammar, self.tokenizer, vocab, words=word_budget(shape),
+                                          threads=_threads(self.infer.torch_threads, self.infer.num_actors))
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         t0 = time.perf_counter()

@@ -115,14 +115,15 @@ def constrained_report(model, tokenizer, eval_set: dict, kw: dict, order: list[i
     the trimmed teacher rationale, and how many answers hit a grammar dead end.
     """
     from slimrec.rationale import parse_rationale
-    from slimrec.student.constrain import StudentGrammar
+    from slimrec.student.constrain import StudentGrammar, word_budget
     from slimrec.student.generate import generate_ids
     from slimrec.student.metrics import item_overlap, mean_overlap
 
     if not eval_set.get("grammar"):
         return {}
     vocab = int(model.get_output_embeddings().weight.shape[0])  # logits' last dim
-    grammar = StudentGrammar(eval_set["grammar"], tokenizer, vocab, threads=1)
+    grammar = StudentGrammar(eval_set["grammar"], tokenizer, vocab, threads=1,
+                             words=word_budget(eval_set.get("grammar_shape")))
     ids = [eval_set["prompt_ids"][i] for i in order]
     targets = [eval_set["targets"][i] for i in order]
     truth = [eval_set["teacher_item_ids"][i] for i in order]
