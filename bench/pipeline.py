@@ -130,6 +130,19 @@ def run_pipeline(cmd: list[str], log_path: Path) -> dict:
             "stages": stages}
 
 
+def stage_rows(stages: dict) -> list[dict]:
+    """Per stage: wall, peak RSS (its spread: the largest kinds of process at that peak) and peak PSS."""
+    rows = []
+    for name, d in stages.items():
+        top = list(d.get("rss_gib_at_peak_by_process", {}).items())[:4]
+        rows.append(row(f"make run/{name}", "wall", d.get("seconds", 0.0), "s"))
+        rows.append(row(f"make run/{name}", "peak_rss", d["peak_gib"], "GiB",
+                        spread=("at the peak: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in top)) if top else None))
+        if "peak_pss_gib" in d:
+            rows.append(row(f"make run/{name}", "peak_pss", d["peak_pss_gib"], "GiB", spread="sampled every 5 s"))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--profile", default="dev")
@@ -158,12 +171,8 @@ def main() -> int:
     rows = [row("make run (whole)", "wall", res["wall_s"], "s"),
             row("make run (whole)", "peak_rss", res["peak_gib"], "GiB",
                 spread="process tree: slim, Spark JVM, Ray daemons and workers"),
-            row("make run (whole)", "peak_pss", res["peak_pss_gib"], "GiB", spread="sampled every 5 s")]
-    for name, d in res["stages"].items():
-        rows.append(row(f"make run/{name}", "wall", d.get("seconds", 0.0), "s"))
-        rows.append(row(f"make run/{name}", "peak_rss", d["peak_gib"], "GiB"))
-        if "peak_pss_gib" in d:
-            rows.append(row(f"make run/{name}", "peak_pss", d["peak_pss_gib"], "GiB", spread="sampled every 5 s"))
+            row("make run (whole)", "peak_pss", res["peak_pss_gib"], "GiB", spread="sampled every 5 s"),
+            *stage_rows(res["stages"])]
     for name, d in res["stages"].items():
         pss = f"{d['peak_pss_gib']:.2f} GiB" if "peak_pss_gib" in d else "not sampled"
         print(f"{name:<22} {d.get('seconds', 0.0):>8.1f} s  peak RSS {d['peak_gib']:.2f} GiB  PSS {pss}")
