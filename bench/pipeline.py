@@ -130,14 +130,18 @@ def run_pipeline(cmd: list[str], log_path: Path) -> dict:
             "stages": stages}
 
 
+def top_processes(stage: dict, n: int = 4) -> str | None:
+    """``at the peak: java 1.41 GiB, ...``: a stage's ``n`` largest kinds of process at its peak."""
+    top = list(stage.get("rss_gib_at_peak_by_process", {}).items())[:n]
+    return "at the peak: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in top) if top else None
+
+
 def stage_rows(stages: dict) -> list[dict]:
     """Per stage: wall, peak RSS (its spread: the largest kinds of process at that peak) and peak PSS."""
     rows = []
     for name, d in stages.items():
-        top = list(d.get("rss_gib_at_peak_by_process", {}).items())[:4]
         rows.append(row(f"make run/{name}", "wall", d.get("seconds", 0.0), "s"))
-        rows.append(row(f"make run/{name}", "peak_rss", d["peak_gib"], "GiB",
-                        spread=("at the peak: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in top)) if top else None))
+        rows.append(row(f"make run/{name}", "peak_rss", d["peak_gib"], "GiB", spread=top_processes(d)))
         if "peak_pss_gib" in d:
             rows.append(row(f"make run/{name}", "peak_pss", d["peak_pss_gib"], "GiB", spread="sampled every 5 s"))
     return rows
@@ -176,8 +180,7 @@ def main() -> int:
     for name, d in res["stages"].items():
         pss = f"{d['peak_pss_gib']:.2f} GiB" if "peak_pss_gib" in d else "not sampled"
         print(f"{name:<22} {d.get('seconds', 0.0):>8.1f} s  peak RSS {d['peak_gib']:.2f} GiB  PSS {pss}")
-        top = list(d["rss_gib_at_peak_by_process"].items())[:4]
-        print(f"{'':<22} at the peak: " + ", ".join(f"{k} {v:.2f} GiB" for k, v in top))
+        print(f"{'':<22} {top_processes(d) or 'at the peak: no process sampled'}")
     print(f"{'whole run':<22} {res['wall_s']:>8.1f} s  peak RSS {res['peak_gib']:.2f} GiB  PSS {res['peak_pss_gib']:.2f} GiB")
     record("pipeline", rows, {"profile": args.profile, "dataset": args.dataset, "sets": args.sets,
                               "stages": res["stages"], "goal": "under 10 minutes and 6 GiB (issues 24 and 27)"})

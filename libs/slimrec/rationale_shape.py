@@ -267,19 +267,9 @@ class WordBudget:
 
     def advance(self, state: tuple[int, int, int], data: bytes) -> tuple[tuple[int, int, int], bool]:
         """(the state after ``data``, whether no body went past its limit on the way)."""
-        step, left, spaces = state
-        ok = True
-        for b in data:
-            if step >= 2:
-                break
-            if left:
-                left -= 1
-            elif b == 0x0A:  # the end of a body: the next step's label follows
-                step, left, spaces = step + 1, self.labels[step + 1], 0
-            elif b == 0x20:
-                spaces += 1
-                ok = ok and spaces <= self.limits[step]
-        return (step, left, spaces), ok
+        after, added, later_over = self._scan(state, data)
+        step = state[0]
+        return after, not later_over and (step >= 2 or state[2] + added <= self.limits[step])
 
     def token_tables(self, vocab: Sequence[bytes]) -> tuple[list, list]:
         """``(added, later_over)``, each ``[step][label_left][token]`` for steps 0-1 and label_left
@@ -293,28 +283,28 @@ class WordBudget:
                 continue
             for step in range(2):
                 for left in range(self.max_label + 1):
-                    added[step][left][t], later[step][left][t] = self._token_effect(step, left, data)
+                    _, added[step][left][t], later[step][left][t] = self._scan((step, left, 0), data)
         return added, later
 
-    def _token_effect(self, step: int, left: int, data: bytes) -> tuple[int, bool]:
-        """(spaces ``data`` adds to the body of ``step``, whether it takes a later body past its limit),
-        written from ``(step, left, 0)``."""
-        at, first, over = step, 0, False
-        spaces = 0
+    def _scan(self, state: tuple[int, int, int], data: bytes) -> tuple[tuple[int, int, int], int, bool]:
+        """(the state after ``data``, the spaces it adds to the body it starts in, whether it takes a
+        later body past its limit)."""
+        start, (step, left, spaces) = state[0], state
+        added, later_over = 0, False
         for b in data:
-            if at >= 2:
+            if step >= 2:
                 break
             if left:
                 left -= 1
-            elif b == 0x0A:
-                at, left, spaces = at + 1, self.labels[at + 1], 0
+            elif b == 0x0A:  # the end of a body: the next step's label follows
+                step, left, spaces = step + 1, self.labels[step + 1], 0
             elif b == 0x20:
                 spaces += 1
-                if at == step:
-                    first += 1
+                if step == start:
+                    added += 1
                 else:
-                    over = over or spaces > self.limits[at]
-        return first, over
+                    later_over = later_over or spaces > self.limits[step]
+        return (step, left, spaces), added, later_over
 
 
 def shape_regex(shape: RationaleShape, title: str | None = None) -> str:

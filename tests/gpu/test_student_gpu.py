@@ -103,11 +103,10 @@ def test_vllm_lora_generation_matches_transformers(gpu_adapter):
                           "student_prompt": held["student_prompt"]}).reset_index(drop=True)
     vcfg = {"max_model_len": 512, "gpu_memory_utilization": 0.3, "dtype": "bfloat16", "enforce_eager": True}
     con = _constraint(cfg)
-    grammar = {"grammar": con.ebnf, "max_new_tokens": con.max_new_tokens}
     vllm_out = VllmGenerator(base, adapter, cfg.infer.model_dump(), vcfg, cfg.max_prompt_tokens, cfg.lora.r,
-                             **grammar)(batch)
+                             **con.actor_kwargs("vllm"))(batch)
     hf_out = TransformersGenerator(base, adapter, {**cfg.infer.model_dump(), "device": "cuda"},
-                                   cfg.max_prompt_tokens, **grammar)(batch)
+                                   cfg.max_prompt_tokens, **con.actor_kwargs("transformers"))(batch)
     assert vllm_out["error"].isna().all(), vllm_out["error"].dropna().tolist()[:1]
     for out in (vllm_out, hf_out):  # the same grammar on both engines: every answer parses, none is cut
         assert parse_outputs(out)["status"].tolist() == ["ok"] * len(batch)

@@ -147,11 +147,14 @@ class Constraint:
     max_new_tokens: int
     titles: CatalogueTitles
     build_seconds: float
-    ebnf_uncounted: str = ""
-    shape: dict | None = None
+    ebnf_uncounted: str
+    shape: dict
 
-    def transformers_kwargs(self) -> dict:
-        """The grammar arguments of a transformers actor (:class:`~slimrec.student.generate.TransformersGenerator`)."""
+    def actor_kwargs(self, engine: str) -> dict:
+        """The grammar arguments of an ``engine`` actor: vLLM's counts words itself, transformers' counts them
+        (:class:`~slimrec.student.generate.TransformersGenerator`'s ``shape``)."""
+        if engine == "vllm":
+            return {"grammar": self.ebnf, "max_new_tokens": self.max_new_tokens}
         return {"grammar": self.ebnf_uncounted, "max_new_tokens": self.max_new_tokens, "shape": self.shape}
 
 
@@ -183,7 +186,7 @@ def _generator(cfg: StudentConfig, model: dict, con: Constraint | None = None):
     if cfg.infer.constrained and con is None:
         raise StageError("student_rationales: infer.constrained=true needs the grammar (stages.student_rationales"
                          ".constraint)")
-    grammar = {"grammar": con.ebnf, "max_new_tokens": con.max_new_tokens} if cfg.infer.constrained else {}
+    grammar = con.actor_kwargs(cfg.infer.engine) if cfg.infer.constrained else {}
     if cfg.infer.engine == "vllm":
         from slimrec.student.generate import VllmGenerator, vllm_max_lora_rank
 
@@ -199,8 +202,6 @@ def _generator(cfg: StudentConfig, model: dict, con: Constraint | None = None):
         return VllmGenerator, kwargs, {"num_cpus": cfg.infer.cpus_per_actor, "num_gpus": gpus}
     from slimrec.student.generate import TransformersGenerator
 
-    if cfg.infer.constrained:
-        grammar = con.transformers_kwargs()
     kwargs = dict(base_path=model["base_model"], adapter_path=model["adapter_path"], infer=infer,
                   max_prompt_tokens=cfg.max_prompt_tokens, **grammar)
     res = {"num_cpus": cfg.infer.cpus_per_actor}

@@ -135,7 +135,7 @@ class TransformersGenerator:
 
     ``infer`` is :class:`~slimrec.student.config.InferSettings` (or its dict). ``grammar``: the EBNF answers
     are constrained to; with ``shape`` (a :class:`~slimrec.rationale_shape.RationaleShape` as a dict) the grammar
-    leaves the words of steps 1 and 2 uncounted and the decoder counts them (``Constraint.transformers_kwargs``).
+    leaves the words of steps 1 and 2 uncounted and the decoder counts them (``Constraint.actor_kwargs``).
     """
 
     def __init__(self, base_path: str, adapter_path: str | None, infer, max_prompt_tokens: int,
