@@ -194,6 +194,7 @@ def run_stage(name: str, ctx: StageContext, check: bool = True, allow_skip: bool
         return result
 
     result, cost = measured(ctx, body)
+    ctx.release_memory()
     if started_from is not None:
         from slimrec.cost import add_totals
 

@@ -197,9 +197,9 @@ def _trie_rules(titles: Sequence[str], prefix: str = "t") -> list[str]:
 
 def _text(shape: RationaleShape, step: int, regex: bool = False, count_words: bool = True) -> str:
     """Step ``step``'s body (1 or 2): ``[!#-~]{1,W} (" " [!#-~]{1,W}){0,K-1}`` in EBNF, or the same as a regex;
-    without ``count_words``, any number of words (``(...)*``)."""
+    without ``count_words``, any number of words of any length (``[!#-~]+ (" " [!#-~]+)*``)."""
     words = shape.max_words(step)
-    word = f"{WORD_CHAR_CLASS}{{1,{shape.word_max_chars}}}"
+    word = f"{WORD_CHAR_CLASS}{{1,{shape.word_max_chars}}}" if count_words else f"{WORD_CHAR_CLASS}+"
     sep = WORD_SEP if regex else f"{_literal(WORD_SEP)} "
     gap = "" if regex else " "
     if not count_words:
@@ -212,12 +212,13 @@ def grammar_ebnf(shape: RationaleShape, titles: Sequence[str], count_words: bool
 
     ``titles`` are rendered titles (:attr:`CatalogueTitles.titles`); with none,
     step 3 can only say :data:`NO_ITEMS`. ``count_words=False``: steps 1 and 2 take
-    any number of words, for a decoder that counts them itself with :class:`WordBudget`
-    (the grammar and that count together accept exactly what the counted grammar does).
-    xgrammar's parser keeps every position's states for rollback, and a counted
-    repetition of words holds many: over 128 dev rationales the counted grammar's
-    matchers grew by 1.9 GB and filled a mask in 6.4 ms a step, the uncounted one's
-    by 0.67 GB in 1.2 ms (``bench/student.py`` measures the decoding).
+    any number of words of any length, for a decoder that counts words and characters
+    itself with :class:`WordBudget` (the grammar and that count together accept exactly
+    what the counted grammar does). xgrammar's parser keeps every position's states for
+    rollback, and a counted repetition holds many: replaying 128 dev rationales, the
+    counted grammar's matchers grew by 1.9 GB and filled a mask in 6.4 ms a step; with
+    the words' count open (characters still bounded) by 0.67 GB in 1.2 ms; with both
+    open by 0.44 GB, filling masks in 28% less time (``bench/student.py`` measures the decoding).
     """
     bad = [t for t in titles if '"' in t or not MIN_TITLE_CHARS <= len(t) <= MAX_TITLE_CHARS]
     if bad:
@@ -241,70 +242,89 @@ def grammar_ebnf(shape: RationaleShape, titles: Sequence[str], count_words: bool
 
 
 class WordBudget:
-    """The word limits of steps 1 and 2, counted over the bytes a decoder writes (beside
-    ``grammar_ebnf(..., count_words=False)``, which leaves them out).
+    """The word limits of steps 1 and 2 (words per step, characters per word), counted over the bytes a
+    decoder writes (beside ``grammar_ebnf(..., count_words=False)``, which leaves them out).
 
-    A row's state is ``(step, label_left, spaces)``: the step it writes (0, 1, 2 for steps 1-3), the
-    bytes of that step's label (``Step k: ``) still to come, and the spaces written in the step's body
-    so far (its words - 1). :meth:`advance` moves a state over written bytes; :meth:`token_tables`
-    precomputes, per vocabulary token, what it would add, so that a decoder can mask every token that
-    would take a body past its limit.
+    A row's state is ``(step, label_left, spaces, chars)``: the step it writes (0, 1, 2 for steps 1-3),
+    the bytes of that step's label (``Step k: ``) still to come, the spaces written in the step's body so
+    far (its words - 1) and the characters of the word being written. :meth:`advance` moves a state over
+    written bytes; :meth:`token_tables` precomputes, per vocabulary token, what it would add, so that a
+    decoder can mask every token that would take a body past a limit.
 
-    >>> b = WordBudget(RationaleShape(step1_max_words=2))
-    >>> b.advance(b.start(), b"Step 1: a b")
-    ((0, 0, 1), True)
-    >>> b.advance((0, 0, 1), b" c")[1]  # a third word in step 1
+    >>> b = WordBudget(RationaleShape(step1_max_words=2, word_max_chars=3))
+    >>> b.advance(b.start(), b"Step 1: a bc")
+    ((0, 0, 1, 2), True)
+    >>> b.advance((0, 0, 1, 2), b" c")[1]  # a third word in step 1
+    False
+    >>> b.advance((0, 0, 1, 2), b"de")[1]  # a word of four characters
     False
     """
 
     def __init__(self, shape: RationaleShape):
         self.limits = (shape.step1_max_words - 1, shape.step2_max_words - 1)  # spaces per body
+        self.word_max = shape.word_max_chars
         self.labels = tuple(len(x.lstrip("\n").encode()) for x in STEP_LABELS)
         self.max_label = max(self.labels)
 
-    def start(self) -> tuple[int, int, int]:
-        return (0, self.labels[0], 0)
+    def start(self) -> tuple[int, int, int, int]:
+        return (0, self.labels[0], 0, 0)
 
-    def advance(self, state: tuple[int, int, int], data: bytes) -> tuple[tuple[int, int, int], bool]:
-        """(the state after ``data``, whether no body went past its limit on the way)."""
-        after, added, later_over = self._scan(state, data)
+    def advance(self, state: tuple[int, int, int, int], data: bytes) -> tuple[tuple[int, int, int, int], bool]:
+        """(the state after ``data``, whether no body went past a limit on the way)."""
+        after, added, lead, over = self._scan(state, data)
         step = state[0]
-        return after, not later_over and (step >= 2 or state[2] + added <= self.limits[step])
+        within = step >= 2 or (state[2] + added <= self.limits[step] and state[3] + lead <= self.word_max)
+        return after, within and not over
 
-    def token_tables(self, vocab: Sequence[bytes]) -> tuple[list, list]:
-        """``(added, later_over)``, each ``[step][label_left][token]`` for steps 0-1 and label_left
-        0..``max_label``: the spaces a token adds to the body it starts in, and whether it goes on into a
-        later body and takes that one past its limit. A token is allowed at state ``(step, left, spaces)``
-        when ``spaces + added <= limit`` and not ``later_over``."""
-        added = [[[0] * len(vocab) for _ in range(self.max_label + 1)] for _ in range(2)]
-        later = [[[False] * len(vocab) for _ in range(self.max_label + 1)] for _ in range(2)]
+    def token_tables(self, vocab: Sequence[bytes]) -> tuple[list, list, list]:
+        """``(added, lead, over)``, each ``[step][label_left][token]`` for steps 0-1 and label_left
+        0..``max_label``: the spaces a token adds to the body it starts in, the characters it adds to the
+        word being written there (before its first space or newline), and whether it passes a limit by
+        itself (a word it begins grows past ``word_max_chars``, or a later body past its word limit). A token
+        is allowed at state ``(step, left, spaces, chars)`` when ``spaces + added <= limit``, ``chars + lead
+        <= word_max_chars`` and not ``over``."""
+        size = (2, self.max_label + 1)
+        added = [[[0] * len(vocab) for _ in range(size[1])] for _ in range(size[0])]
+        lead = [[[0] * len(vocab) for _ in range(size[1])] for _ in range(size[0])]
+        over = [[[False] * len(vocab) for _ in range(size[1])] for _ in range(size[0])]
         for t, data in enumerate(vocab):
-            if b" " not in data and b"\n" not in data:
-                continue
+            plain = b" " not in data and b"\n" not in data
             for step in range(2):
                 for left in range(self.max_label + 1):
-                    _, added[step][left][t], later[step][left][t] = self._scan((step, left, 0), data)
-        return added, later
+                    if plain:  # label bytes first, then one run of the word being written
+                        lead[step][left][t] = max(0, len(data) - left)
+                    else:
+                        _, added[step][left][t], lead[step][left][t], over[step][left][t] = self._scan(
+                            (step, left, 0, 0), data)
+        return added, lead, over
 
-    def _scan(self, state: tuple[int, int, int], data: bytes) -> tuple[tuple[int, int, int], int, bool]:
-        """(the state after ``data``, the spaces it adds to the body it starts in, whether it takes a
-        later body past its limit)."""
-        start, (step, left, spaces) = state[0], state
-        added, later_over = 0, False
+    def _scan(self, state: tuple[int, int, int, int], data: bytes) -> tuple[tuple[int, int, int, int], int, int, bool]:
+        """(the state after ``data``, the spaces it adds to the body it starts in, the characters it adds to
+        the word being written there, whether it passes a limit by itself: a word it begins longer than
+        ``word_max``, or a later body past its word limit)."""
+        start, (step, left, spaces, chars) = state[0], state
+        added, lead, over = 0, 0, False
+        begun = False  # a word of this data's own is being written (the state's word has ended)
         for b in data:
             if step >= 2:
                 break
             if left:
                 left -= 1
             elif b == 0x0A:  # the end of a body: the next step's label follows
-                step, left, spaces = step + 1, self.labels[step + 1], 0
+                step, left, spaces, chars, begun = step + 1, self.labels[step + 1], 0, 0, True
             elif b == 0x20:
-                spaces += 1
+                spaces, chars, begun = spaces + 1, 0, True
                 if step == start:
                     added += 1
                 else:
-                    later_over = later_over or spaces > self.limits[step]
-        return (step, left, spaces), added, later_over
+                    over = over or spaces > self.limits[step]
+            else:
+                chars += 1
+                if begun:
+                    over = over or chars > self.word_max
+                else:
+                    lead += 1
+        return (step, left, spaces, chars), added, lead, over
 
 
 def shape_regex(shape: RationaleShape, title: str | None = None) -> str:

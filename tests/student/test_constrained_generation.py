@@ -141,8 +141,9 @@ def test_decoding_in_short_passes_continues_each_row_where_it_stopped(tiny_base,
 
 def test_words_counted_by_the_decoder_give_the_answers_of_the_counted_grammar(tiny_base, catalogue):
     """The uncounted grammar with a WordBudget allows exactly the tokens of the grammar that counts words itself:
-    the same greedy answers, in one pass and in short passes, and every step within its word limit. The
-    untrained base writes long steps, so limits of 3 and 2 words bind."""
+    the same greedy answers, in one pass and in short passes, and every step within its word limit and every
+    word within its characters. The untrained base writes long steps, so limits of 3 and 2 words and of 4
+    characters a word bind."""
     from slimrec.rationale_shape import WordBudget, shape_regex
     from slimrec.student.constrain import StudentGrammar
     from slimrec.student.data import fit_prompt_ids
@@ -151,7 +152,7 @@ def test_words_counted_by_the_decoder_give_the_answers_of_the_counted_grammar(ti
 
     base, _, pairs = tiny_base
     _, ct, _, _ = catalogue
-    shape = RationaleShape(step1_max_words=3, step2_max_words=2, word_max_chars=8, max_items=2)
+    shape = RationaleShape(step1_max_words=3, step2_max_words=2, word_max_chars=4, max_items=2)
     bound = max_new_tokens(shape, ct.titles)
     tok = load_tokenizer(base, padding_side="left")
     model = load_student(base, None, None, "cpu").eval()
@@ -169,7 +170,8 @@ def test_words_counted_by_the_decoder_give_the_answers_of_the_counted_grammar(ti
     steps = [parse_rationale(text)[0] for text, *_ in a]
     assert max(len(p.step1.split()) for p in steps) == 3  # the limits were reached, and held
     assert max(len(p.step2.split()) for p in steps) == 2
-    assert re.search(r"\)\*", grammar_ebnf(shape, ct.titles, count_words=False))
+    assert max(len(w) for p in steps for w in (p.step1 + " " + p.step2).split()) == 4
+    assert re.search(r"\+ \(\" \" \[!#-~\]\+\)\*", grammar_ebnf(shape, ct.titles, count_words=False))
 
 
 def test_a_row_with_no_token_within_its_word_limits_ends_as_a_dead_end(tiny_base, catalogue):
@@ -201,18 +203,25 @@ def test_word_budget_tables_agree_with_advancing_byte_by_byte():
     """What a token adds, from each state, as the tables say and as :meth:`WordBudget.advance` finds."""
     from slimrec.rationale_shape import WordBudget
 
-    b = WordBudget(RationaleShape(step1_max_words=3, step2_max_words=2))
-    vocab = [b"a", b" b", b"a b c", b"\n", b"\nStep 2: x", b"\nStep 2: x y z", b"Step 1: a", b"1: a b", b"x\nStep 3: Re"]
-    added, later = b.token_tables(vocab)
+    b = WordBudget(RationaleShape(step1_max_words=3, step2_max_words=2, word_max_chars=4))
+    vocab = [b"a", b" b", b"a b c", b"\n", b"\nStep 2: x", b"\nStep 2: x y z", b"Step 1: a", b"1: a b", b"x\nStep 3: Re",
+             b"abcd", b"abcde", b"ab cdefg", b"a bcde", b" abcde", b"ab\nStep 2: abcde", b"Step", b"2: abc", b": ab"]
+    added, lead, over = b.token_tables(vocab)
     for step in range(2):
         for left in range(b.max_label + 1):
             for spaces in range(b.limits[step] + 1):
-                for t, data in enumerate(vocab):
-                    _, ok = b.advance((step, left, spaces), data)
-                    assert ok == (spaces + added[step][left][t] <= b.limits[step] and not later[step][left][t]), \
-                        (step, left, spaces, data)
-    assert b.advance(b.start(), b"Step 1: a b c\nStep 2: d e\nStep 3: f g h i")[0] == (2, 8, 0)
+                for chars in range(b.word_max + 1) if left == 0 else (0,):  # a label precedes an empty word
+                    for t, data in enumerate(vocab):
+                        _, ok = b.advance((step, left, spaces, chars), data)
+                        assert ok == (spaces + added[step][left][t] <= b.limits[step]
+                                      and chars + lead[step][left][t] <= b.word_max
+                                      and not over[step][left][t]), (step, left, spaces, chars, data)
+    assert b.advance(b.start(), b"Step 1: a b c\nStep 2: d e\nStep 3: f g h i")[0] == (2, 8, 0, 0)
     assert b.advance(b.start(), b"Step 1: a b c d")[1] is False
+    assert b.advance(b.start(), b"Step 1: a bcde")[1] is True
+    assert b.advance(b.start(), b"Step 1: a bcdef")[1] is False
+    assert b.advance(b.start(), b"Step 1: a\nStep 2: bcdef")[1] is False
+    assert b.advance((0, 0, 0, 3), b"ab")[1] is False  # the word being written grows to five characters
 
 
 def test_masks_prepared_ahead_of_the_forward_pass_give_the_same_answers(tiny_base, catalogue):

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from slimrec.memory import fit_and_release
 from slimrec.recommender.config import RecommenderConfig
 from slimrec.recommender.data import RecData
 from slimrec.recommender.evaluation import Evaluator
@@ -147,7 +148,7 @@ def _run_ray(data: RecData, cfg: RecommenderConfig, groups, run_id: str, root: P
             name=run_id, storage_path=str(root), checkpoint_config=CheckpointConfig(num_to_keep=None)
         ),
     )
-    result = trainer.fit()
+    result = fit_and_release(trainer)
     out = []
     for ckpt, _ in result.best_checkpoints:
         # local storage: the checkpoint folder is the path itself; remote storage: download it

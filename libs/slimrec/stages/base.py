@@ -53,6 +53,14 @@ class StageContext:
             self._spark = get_spark(self.cfg.spark)
         return self._spark
 
+    def release_memory(self) -> None:
+        """Between stages: a full collection in the JVM of a Spark session this context started (its heap
+        shrinks to what it holds, :func:`slimrec.memory.shrink_jvm_heap`); nothing for a joined session."""
+        if self._spark is not None and self._spark_owned:
+            from slimrec.memory import shrink_jvm_heap
+
+            shrink_jvm_heap(self._spark)
+
     def ray(self) -> None:
         """Start or join Ray (``cfg.ray_address``; local by default)."""
         from slimrec.rayutil import ensure_ray

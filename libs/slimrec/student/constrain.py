@@ -18,9 +18,10 @@ version (0.32.0) requires ``xgrammar==0.2.8``, the version pinned here.
   a dead end: it is ended with the end token and reported in ``dead``, so the
   stage writes it with a status and a reason instead of losing it.
 * Words counted by the decoder (``StudentGrammar(words=WordBudget)``, what the stage does): the grammar
-  leaves the word count of steps 1 and 2 open (``grammar_ebnf(count_words=False)``) and the processor masks
-  every token that would take a step past its limit, from per-token tables; the same answers as the grammar
-  that counts them, for a third of the parser's memory and a fifth of its time per mask.
+  leaves the words of steps 1 and 2 uncounted, in number and in length (``grammar_ebnf(count_words=False)``),
+  and the processor masks every token that would take a step past its word limit or a word past its
+  characters, from per-token tables; the same answers as the grammar that counts them, for under a quarter
+  of the parser's memory and about a seventh of its time per mask.
 * Overlap (``StudentGrammar.overlap``, on by default): :meth:`GrammarLogitsProcessor.generate_kwargs`
   also gives ``generate`` a stopping criterion that sees each sampled token first and starts accepting
   it and filling the next mask on a worker thread (xgrammar releases the GIL), while the model computes
@@ -103,10 +104,11 @@ class StudentGrammar:
         import torch
 
         vocab = list(vocab[:vocab_size]) + [b""] * max(0, vocab_size - len(vocab))
-        added, later = words.token_tables(vocab)
+        added, lead, over = words.token_tables(vocab)
         self.vocab_bytes = vocab
         self.word_added = torch.tensor(added, dtype=torch.int16)  # (2 steps, label bytes left + 1, V)
-        self.word_later = torch.tensor(later, dtype=torch.bool)
+        self.word_lead = torch.tensor(lead, dtype=torch.int16)
+        self.word_passes = torch.tensor(over, dtype=torch.bool)  # passes a limit by itself
         self.word_limits = torch.tensor(words.limits, dtype=torch.int16)  # (2,) spaces per body
 
     def processor(self, states: list | None = None, steps: int = 0,
@@ -213,17 +215,16 @@ class GrammarLogitsProcessor(_logits_processor_base()):
 
     def _word_mask(self, live: list[int]):
         """(rows, (rows, V) bool): for the live rows writing step 1 or 2, the tokens that would take the
-        step past its word limit; None when no row is writing either."""
+        step past its word limit or a word past its characters; None when no row is writing either."""
         import torch
 
         rows = [i for i in live if i not in self.dead and self.words[i][0] < 2]
         if not rows:
             return None
-        step = torch.tensor([self.words[i][0] for i in rows])
-        left = torch.tensor([self.words[i][1] for i in rows])
-        spaces = torch.tensor([self.words[i][2] for i in rows], dtype=torch.int16)
+        step, left, spaces, chars = torch.tensor([self.words[i] for i in rows], dtype=torch.int64).T
         over = (self.g.word_added[step, left] + spaces[:, None]) > self.g.word_limits[step][:, None]
-        return torch.tensor(rows), over | self.g.word_later[step, left]
+        over |= (self.g.word_lead[step, left] + chars[:, None]) > self.g.words.word_max
+        return torch.tensor(rows), over | self.g.word_passes[step, left]
 
     def prepare_ahead(self, input_ids) -> None:
         """Start accepting the newest tokens of ``input_ids`` and filling the next mask on the worker thread."""

@@ -31,6 +31,7 @@ import time
 
 import pandas as pd
 
+from slimrec.memory import release_free_heap
 from slimrec.rationale import parse_rationale, status_of
 from slimrec.student.data import collate_left, fit_prompt_ids
 
@@ -186,6 +187,10 @@ class TransformersGenerator:
             log.exception("student generation failed for a batch of %d", n)
             outs, err = [(None, "error", 0, None)] * n, f"failed: {type(e).__name__}: {e}"[:500]
         ms = (time.perf_counter() - t0) * 1000.0 / max(1, n)
+        if self.device == "cpu":
+            # the batch's parser states, cache and activations go back to the machine, not to glibc's arenas
+            # (one actor: 1,194 -> 701 MB after two batches of 128 constrained dev prompts)
+            release_free_heap()
         return _raw_frame(batch, outs, ms, err)
 
 

@@ -344,4 +344,6 @@ def run_trainer(config: dict, train_cfg, storage_path: str, run_name: str):
             worker_runtime_env={"env_vars": dict(OFFLINE_ENV)},
         ),
     )
-    return trainer.fit()
+    from slimrec.memory import fit_and_release
+
+    return fit_and_release(trainer)
