@@ -88,3 +88,33 @@ def test_shrink_jvm_heap_never_raises_for_a_session_without_a_jvm(caplog):
     with caplog.at_level("DEBUG", logger="slimrec.memory"):
         shrink_jvm_heap(NoJvm())
     assert "System.gc() failed" in caplog.text
+
+
+def test_stage_context_collects_only_a_jvm_it_started(monkeypatch):
+    """Between stages ``slim run`` collects the JVM of a session its context started, never one it joined."""
+    from datetime import date
+
+    import slimrec.memory as memory
+    from slimrec.config import load_config
+    from slimrec.lake import Lake
+    from slimrec.stages.base import StageContext
+
+    calls = []
+    monkeypatch.setattr(memory, "shrink_jvm_heap", lambda spark: calls.append(spark))
+    cfg = load_config("tiny")
+    session = object()
+    for owned in (True, False):
+        ctx = StageContext(cfg=cfg, lake=Lake("unused"), run_date=date(2026, 1, 1), _spark=session, _spark_owned=owned)
+        ctx.release_memory()
+    StageContext(cfg=cfg, lake=Lake("unused"), run_date=date(2026, 1, 1)).release_memory()  # no session yet
+    assert calls == [session]
+
+
+def test_a_collection_returns_the_spark_drivers_garbage(spark):
+    """The JVM's used heap after :func:`shrink_jvm_heap` is below what a query's garbage left."""
+    rt = spark._jvm.java.lang.Runtime.getRuntime()
+    rows = spark.range(300_000).selectExpr("id", "cast(id as string) as s").collect()  # garbage in the driver JVM
+    assert len(rows) == 300_000
+    used = rt.totalMemory() - rt.freeMemory()
+    shrink_jvm_heap(spark)
+    assert rt.totalMemory() - rt.freeMemory() < used

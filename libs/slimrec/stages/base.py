@@ -54,11 +54,13 @@ class StageContext:
         return self._spark
 
     def release_memory(self) -> None:
-        """Between stages: a full collection in the JVM of a Spark session this context started (its heap
-        shrinks to what it holds, :func:`slimrec.memory.shrink_jvm_heap`); nothing for a joined session."""
-        if self._spark is not None and self._spark_owned:
-            from slimrec.memory import shrink_jvm_heap
+        """Between stages: this process's freed heap back to the OS (:func:`slimrec.memory.release_free_heap`)
+        and a full collection in the JVM of a Spark session this context started, so its heap shrinks to what
+        it holds (:func:`slimrec.memory.shrink_jvm_heap`; a joined session is left alone)."""
+        from slimrec.memory import release_free_heap, shrink_jvm_heap
 
+        release_free_heap()
+        if self._spark is not None and self._spark_owned:
             shrink_jvm_heap(self._spark)
 
     def ray(self) -> None:
