@@ -98,7 +98,9 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, rep
     thread while the model runs) and ``constrained_inline`` (the same with every mask prepared inside
     the logits processor's call, ``StudentGrammar.overlap=False``), ``constrained_counted`` (the grammar that
     counts the words of steps 1 and 2 itself, as vLLM gets it, instead of the decoder's ``WordBudget``: the same
-    answers); with ``one_pass`` also
+    answers), and ``unconstrained_generate`` / ``constrained_generate`` (the free and constrained runs decoded by
+    transformers ``generate``, which computes rows that ended until the batch's longest answer ends, instead of
+    dropping them: ``infer.drop_ended_rows``; the same answers); with ``one_pass`` also
     ``constrained_one_pass`` (one pass to the grammar's byte-safe bound, which sizes the static cache by that
     bound: slow, kept to show why the stage decodes in passes). ``repeats`` rounds, interleaved (every other
     round in reverse order), so load drifts hit every run alike; tokens/s is the median over rounds and each ratio's min and max over rounds are given.
@@ -113,20 +115,23 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, rep
     inline = copy.copy(grammar)  # the same compiled grammar, masks prepared inside the processor's call
     inline.overlap = False
     counted = StudentGrammar(con.ebnf, tok, grammar.vocab_size, threads=grammar.threads)  # what vLLM gets
-    runs = (("unconstrained", None, cfg.infer.max_new_tokens, None),
-            ("constrained", grammar, con.max_new_tokens, passes),
-            ("constrained_inline", inline, con.max_new_tokens, passes),
-            ("constrained_counted", counted, con.max_new_tokens, passes))
+    drop = cfg.infer.drop_ended_rows
+    runs = (("unconstrained", None, cfg.infer.max_new_tokens, None, drop),
+            ("constrained", grammar, con.max_new_tokens, passes, drop),
+            ("constrained_inline", inline, con.max_new_tokens, passes, drop),
+            ("constrained_counted", counted, con.max_new_tokens, passes, drop),
+            ("unconstrained_generate", None, cfg.infer.max_new_tokens, None, False),
+            ("constrained_generate", grammar, con.max_new_tokens, passes, False))
     if one_pass:
-        runs += (("constrained_one_pass", grammar, con.max_new_tokens, None),)
+        runs += (("constrained_one_pass", grammar, con.max_new_tokens, None, drop),)
     out: dict = {}
     rates: dict[str, list[float]] = {name: [] for name, *_ in runs}
     texts: dict[str, list[str]] = {}
     for k in range(max(1, repeats)):
-        for name, g, bound, pass_tokens in (runs if k % 2 == 0 else runs[::-1]):  # no run always goes first
+        for name, g, bound, pass_tokens, drop_ended in (runs if k % 2 == 0 else runs[::-1]):  # none always first
             t0, c0 = time.perf_counter(), time.process_time()
             res = generate_ids(model, tok, ids, bound, cfg.infer.batch_size, repetition_penalty=cfg.infer.repetition_penalty,
-                               kv_cache=cfg.infer.kv_cache, grammar=g, pass_tokens=pass_tokens)
+                               kv_cache=cfg.infer.kv_cache, grammar=g, pass_tokens=pass_tokens, drop_ended=drop_ended)
             wall = time.perf_counter() - t0
             n_tok = sum(r[2] for r in res)
             rates[name].append(n_tok / wall)
@@ -153,6 +158,9 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, rep
                       ("constrained", "constrained_inline", "constrained_vs_constrained_inline"),
                       ("constrained_counted", "unconstrained", "constrained_counted_vs_unconstrained"),
                       ("constrained", "constrained_counted", "constrained_vs_constrained_counted"),
+                      ("constrained", "unconstrained_generate", "constrained_vs_unconstrained_generate"),
+                      ("constrained_generate", "unconstrained_generate", "constrained_generate_vs_unconstrained_generate"),
+                      ("constrained", "constrained_generate", "constrained_vs_constrained_generate"),
                       ("constrained_one_pass", "unconstrained", "constrained_one_pass_vs_unconstrained")):
         if a not in rates:
             continue
@@ -163,6 +171,9 @@ def constrained_vs_free(model, tok, ids: list[list[int]], cfg, grammar, con, rep
         out["constrained"]["rationales_per_s"] / out["unconstrained"]["rationales_per_s"], 2)
     same = sum(a == b for a, b in zip(texts["constrained"], texts["constrained_counted"], strict=True))
     out["identical_constrained_vs_counted"] = f"{same}/{len(ids)}"
+    same = sum(a == b for a, b in zip(texts["constrained"], texts["constrained_generate"], strict=True))
+    out["identical_constrained_vs_generate"] = f"{same}/{len(ids)}"
+    out["drop_ended_rows"] = drop
     out["kv_cache"] = cfg.infer.kv_cache
     out["repeats"] = max(1, repeats)
     return out
@@ -191,8 +202,8 @@ def report_rows(report: dict) -> list[dict]:
         if "grammar_scaled" in report:
             gs = report["grammar_scaled"]
             rows.append(row(f"grammar over {gs['titles']} titles", "compile seconds", gs["compile_seconds"], "s"))
-        for name in [n for n in ("constrained", "constrained_inline", "constrained_counted", "constrained_one_pass")
-                     if n in c]:
+        for name in [n for n in ("constrained", "constrained_inline", "constrained_counted", "constrained_generate",
+                                 "unconstrained_generate", "constrained_one_pass") if n in c]:
             rows.append(row(f"{name}, {c[name]['prompts']} prompts", "tokens/s", c[name]["tokens_per_s"], "tok/s",
                             f"free, bound {c['unconstrained']['max_new_tokens']}", c["unconstrained"]["tokens_per_s"],
                             spread=f"median of {c['repeats']} rounds"))
@@ -200,7 +211,10 @@ def report_rows(report: dict) -> list[dict]:
                           ("constrained_inline_vs_unconstrained", "constrained_inline / free"),
                           ("constrained_vs_constrained_inline", "constrained / constrained_inline"),
                           ("constrained_counted_vs_unconstrained", "constrained_counted / free"),
-                          ("constrained_vs_constrained_counted", "constrained / constrained_counted")):
+                          ("constrained_vs_constrained_counted", "constrained / constrained_counted"),
+                          ("constrained_vs_unconstrained_generate", "constrained / free with generate"),
+                          ("constrained_generate_vs_unconstrained_generate", "both with generate: constrained / free"),
+                          ("constrained_vs_constrained_generate", "constrained: ended rows dropped / generate")):
             if f"tokens_per_s_ratio_{key}" in c:
                 lo, hi = c[f"tokens_per_s_ratio_{key}_min_max"]
                 rows.append(row(case, "tokens/s ratio, paired by round", c[f"tokens_per_s_ratio_{key}"], "x",

@@ -7,6 +7,7 @@ import sys
 
 import pandas as pd
 import pytest
+import torch
 from slimrec.rationale import parse_rationale
 from slimrec.rationale_shape import CatalogueTitles, RationaleShape, grammar_ebnf, max_new_tokens
 from slimrec.student.config import InferSettings
@@ -172,6 +173,45 @@ def test_words_counted_by_the_decoder_give_the_answers_of_the_counted_grammar(ti
     assert max(len(p.step2.split()) for p in steps) == 2
     assert max(len(w) for p in steps for w in (p.step1 + " " + p.step2).split()) == 4
     assert re.search(r"\+ \(\" \" \[!#-~\]\+\)\*", grammar_ebnf(shape, ct.titles, count_words=False))
+
+
+def test_rows_that_end_leave_the_batch_and_the_answers_stay_the_same(tiny_base, catalogue, monkeypatch):
+    """The decoder that drops ended rows from its batch (their cache rows and grammar states with them) writes
+    generate's answers, in one pass and in short passes; rows do leave (answers end at different lengths)."""
+    from slimrec.rationale_shape import WordBudget
+    from slimrec.student.constrain import GrammarLogitsProcessor, StudentGrammar
+    from slimrec.student.data import fit_prompt_ids
+    from slimrec.student.generate import generate_ids
+    from slimrec.student.models import load_student, load_tokenizer
+
+    base, _, pairs = tiny_base
+    _, ct, _, _ = catalogue
+    shape = RationaleShape(step1_max_words=6, step2_max_words=4, word_max_chars=10, max_items=2)
+    bound = max_new_tokens(shape, ct.titles)
+    tok = load_tokenizer(base, padding_side="left")
+    model = load_student(base, None, None, "cpu").eval()
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    g = StudentGrammar(grammar_ebnf(shape, ct.titles, count_words=False), tok, vocab, threads=1,
+                       words=WordBudget(shape))
+    kept: list[int] = []
+    real = GrammarLogitsProcessor.keep_rows
+    monkeypatch.setattr(GrammarLogitsProcessor, "keep_rows", lambda self, keep: (kept.append(len(keep)),
+                                                                                    real(self, keep))[1])
+    ids = [fit_prompt_ids(tok, p, 96) for p in pairs["student_prompt"].head(8)]
+    for pass_tokens in (None, 7):
+        dropped = generate_ids(model, tok, ids, bound, 8, grammar=g, pass_tokens=pass_tokens, drop_ended=True)
+        assert dropped == generate_ids(model, tok, ids, bound, 8, grammar=g, pass_tokens=pass_tokens,
+                                       drop_ended=False)
+        assert all(r[1] == "stop" and r[3] is None for r in dropped)
+    assert len({r[2] for r in dropped}) > 1 and kept and min(kept) < 8  # rows left the batch on the way
+
+    proc = g.processor()  # the grammar states follow the rows that stay
+    proc(torch.tensor([[5, 6], [5, 6], [5, 6]]), torch.zeros(3, vocab))
+    proc.dead[2] = "a reason"
+    states = [proc.row_state(i) for i in range(3)]
+    real(proc, [1, 2])
+    assert [proc.row_state(i) for i in range(2)] == states[1:] and proc.dead == {1: "a reason"}
+    assert proc.bitmask.shape[0] == 2
 
 
 def test_a_row_with_no_token_within_its_word_limits_ends_as_a_dead_end(tiny_base, catalogue):

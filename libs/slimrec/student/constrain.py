@@ -174,6 +174,19 @@ class GrammarLogitsProcessor(_logits_processor_base()):
         """Row ``i``'s grammar state and word count, to continue it in a later call (:meth:`StudentGrammar.processor`)."""
         return self.matchers[i], self.words[i] if self.words else None
 
+    def keep_rows(self, keep: list[int]) -> None:
+        """Go on with only the rows ``keep`` (their positions in the batch, in order), which become rows
+        0..len(keep)-1: a decoder that drops ended rows from its batch calls this between two steps, after
+        the step's mask was applied and before the next one is prepared."""
+        if self._next is not None:
+            raise RuntimeError("keep_rows() while the next mask is being prepared")
+        self.matchers = [self.matchers[i] for i in keep]
+        if self.words:
+            self.words = [self.words[i] for i in keep]
+        self.dead = {k: self.dead[i] for k, i in enumerate(keep) if i in self.dead}
+        self.bitmask = self.g._xgr.allocate_token_bitmask(len(keep), self.g.vocab_size)
+        self.word_over = None
+
     def _live(self) -> list[int]:
         return [i for i in range(len(self.matchers)) if i not in self.dead and not self.matchers[i].is_terminated()]
 

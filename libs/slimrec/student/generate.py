@@ -2,6 +2,8 @@
 
 Model steps are callable classes for Ray Data actor pools: weights load once
 in ``__init__``, ``__call__`` turns a batch of prompts into raw answers.
+Greedy decoding with the static cache runs :func:`_greedy_pass` (rows that end
+leave the batch); sampling, a repetition penalty or another cache run HF ``generate``.
 
 Input batch columns: ``user_id``, ``prompt_hash``, ``student_prompt``.
 Output (:data:`RAW_COLUMNS`): ``user_id``, ``prompt_hash``, ``rationale``,
@@ -43,7 +45,8 @@ RAW_COLUMNS = ["user_id", "prompt_hash", "rationale", "finish_reason", "output_t
 def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int,
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                  device: str = "cpu", repetition_penalty: float = 1.0,
-                 kv_cache: str = "static", grammar=None, pass_tokens: int | None = None) -> list[tuple]:
+                 kv_cache: str = "static", grammar=None, pass_tokens: int | None = None,
+                 drop_ended: bool = True) -> list[tuple]:
     """(text, finish_reason, n_tokens, error) per prompt, generated ``batch_size`` at a time, left padded.
 
     ``finish_reason`` is ``stop`` when the model wrote EOS, else ``length``;
@@ -60,19 +63,25 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
     all. The grammar's byte-safe bound is far above what rationales take (dev: 879 tokens, none over 198),
     and a single pass sizes the static cache by the bound; greedy text is the same either way up to float
     rounding of the re-read prefix.
+
+    ``drop_ended`` (greedy decoding, static cache, no repetition penalty): each pass runs
+    :func:`_greedy_pass`, where rows that wrote their end token leave the batch, their KV cache rows
+    with them, instead of ``generate`` computing padding for them until the batch's longest answer
+    ends; the same tokens up to float rounding of a smaller batch. Otherwise ``generate`` runs the pass.
     """
     out: list[tuple] = []
     step = max_new_tokens if grammar is None or not pass_tokens else max(1, min(pass_tokens, max_new_tokens))
+    drop = drop_ended and not do_sample and repetition_penalty == 1.0 and kv_cache == "static"
     for s in range(0, len(prompt_ids), batch_size):
         out.extend(_generate_chunk(model, tokenizer, prompt_ids[s : s + batch_size], max_new_tokens, step,
                                    do_sample, temperature, top_p, seed + s, device, repetition_penalty, kv_cache,
-                                   grammar))
+                                   grammar, drop))
     return out
 
 
 def _generate_chunk(model, tokenizer, chunk: list[list[int]], max_new_tokens: int, step: int, do_sample: bool,
                     temperature: float, top_p: float, seed: int, device: str, repetition_penalty: float,
-                    kv_cache: str, grammar) -> list[tuple]:
+                    kv_cache: str, grammar, drop_ended: bool = False) -> list[tuple]:
     """One batch of :func:`generate_ids`, in passes of ``step`` tokens (one pass when ``step`` is the bound)."""
     import torch
 
@@ -97,20 +106,25 @@ def _generate_chunk(model, tokenizer, chunk: list[list[int]], max_new_tokens: in
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)
         proc = grammar.processor(states, steps=done, holds_last=holds_last) if grammar is not None else None
-        if proc is not None:
-            kwargs.update(proc.generate_kwargs())
-        with torch.inference_mode():
-            gen = model.generate(**batch, **kwargs)  # (B, T_prompt + T_new)
+        if drop_ended:
+            with torch.inference_mode():
+                new, dead, state_of = _greedy_pass(model, batch, this, eos, pad, proc)
+        else:
+            if proc is not None:
+                kwargs.update(proc.generate_kwargs())
+            with torch.inference_mode():
+                gen = model.generate(**batch, **kwargs)  # (B, T_prompt + T_new)
+            new = gen[:, batch["input_ids"].shape[1] :].tolist()
+            dead, state_of = (proc.dead, proc.row_state) if proc is not None else ({}, None)
         if proc is not None:
             proc.finish()
             holds_last = proc.holds_last
-        new = gen[:, batch["input_ids"].shape[1] :].tolist()
         still, still_states = [], []
         for j, (i, row) in enumerate(zip(pending, new, strict=True)):
             k = row.index(eos) if eos in row else len(row)
             tokens[i].extend(row[:k])
             ended[i] = k < len(row)
-            err = proc.dead.get(j) if proc is not None else None
+            err = dead.get(j)
             if err is not None:
                 finish[i], errors[i] = "dead_end", err
             elif ended[i]:
@@ -118,11 +132,64 @@ def _generate_chunk(model, tokenizer, chunk: list[list[int]], max_new_tokens: in
             else:
                 still.append(i)
                 if proc is not None:
-                    still_states.append(proc.row_state(j))
+                    still_states.append(state_of(j))
         done += this
         pending, states = still, still_states
     return [(tokenizer.decode(tokens[i], skip_special_tokens=True), finish[i], len(tokens[i]) + ended[i], errors[i])
             for i in range(n)]
+
+
+def _greedy_pass(model, batch: dict, steps: int, eos: int, pad: int, proc, drop_share: float = 0.125):
+    """At most ``steps`` greedy tokens for each row of ``batch`` (left padded), with a static KV cache, as
+    ``generate`` writes them: ``(new, dead, state_of)``, ``new`` the rows' tokens (end token, then ``pad``
+    after it), ``dead`` row -> dead-end reason, ``state_of(row)`` the grammar state of a row that did not end.
+
+    Rows that wrote their end token leave the batch once they are ``drop_share`` of it (a copy of the cache
+    each time, so not at every row): the rest of the pass computes only the rows still writing. ``proc``
+    (a :class:`~slimrec.student.constrain.GrammarLogitsProcessor`, or None) masks each step's logits as in
+    ``generate``, its next mask prepared while the model runs, and follows the batch as rows leave
+    (:meth:`~slimrec.student.constrain.GrammarLogitsProcessor.keep_rows`).
+    """
+    import torch
+    from transformers import StaticCache
+
+    ids, attn = batch["input_ids"], batch["attention_mask"]
+    n, width = ids.shape
+    dev = ids.device
+    cache = StaticCache(config=model.config, max_cache_len=width + steps)
+    pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
+    new = torch.full((n, steps), pad, dtype=torch.long, device=dev)
+    origin = torch.arange(n, device=dev)  # batch row -> row of ``batch``
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    dead: dict[int, str] = {}
+    step_ids, step_pos = ids, pos
+    for s in range(steps):
+        logits = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1].float()
+        if proc is not None:
+            logits = proc(step_ids, logits)
+        nxt = torch.where(done, pad, logits.argmax(-1))  # rows that ended write padding, as in generate
+        new[origin, s] = nxt
+        done |= nxt == eos
+        if s == steps - 1 or bool(done.all()):
+            break
+        if int(done.sum()) >= max(1, drop_share * len(done)):
+            keep = (~done).nonzero().flatten()
+            if proc is not None:
+                dead.update({int(origin[j]): r for j, r in proc.dead.items() if done[j]})
+                proc.keep_rows(keep.tolist())
+            cache.reorder_cache(keep)
+            attn, pos, nxt, origin, done = attn[keep], pos[keep], nxt[keep], origin[keep], done[keep]
+        attn = torch.cat([attn, attn.new_ones((len(attn), 1))], dim=1)
+        step_pos = pos[:, -1:] + 1
+        pos = step_pos  # only the last position is read from here on
+        step_ids = nxt[:, None]
+        if proc is not None and proc.g.overlap:
+            proc.prepare_ahead(step_ids)
+    at = {int(o): j for j, o in enumerate(origin)}
+    if proc is not None:
+        dead.update({int(origin[j]): r for j, r in proc.dead.items()})
+    return new.tolist(), dead, (lambda i: proc.row_state(at[i])) if proc is not None else None
 
 
 def _threads(torch_threads: int | None, num_actors: int) -> int:
@@ -178,7 +245,8 @@ class TransformersGenerator:
             res = generate_ids(self.model, self.tokenizer, [ids[i] for i in order], self.max_new_tokens,
                                self.infer.batch_size, self.infer.do_sample, self.infer.temperature,
                                self.infer.top_p, self.infer.seed, self.device, self.infer.repetition_penalty,
-                               self.infer.kv_cache, grammar=self.grammar, pass_tokens=self.pass_tokens)
+                               self.infer.kv_cache, grammar=self.grammar, pass_tokens=self.pass_tokens,
+                               drop_ended=self.infer.drop_ended_rows)
             outs: list = [None] * n
             for i, r in zip(order, res, strict=True):
                 outs[i] = r
