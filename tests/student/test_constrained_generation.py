@@ -286,3 +286,34 @@ def test_masks_prepared_ahead_of_the_forward_pass_give_the_same_answers(tiny_bas
         a = generate_ids(model, tok, ids, bound, 5, grammar=ahead, pass_tokens=pass_tokens)
         b = generate_ids(model, tok, ids, bound, 5, grammar=inline, pass_tokens=pass_tokens)
         assert a == b and all(r[1] == "stop" for r in a)
+
+
+def test_bench_student_decodes_every_way_with_the_same_answers(tiny_base, monkeypatch):
+    """``bench.student``'s comparison runs each decoding it reports (free and constrained, ended rows dropped or
+    generate's, counted grammar) and the paired ratios; the ways that must agree do."""
+    from slimrec.config import load_config
+    from slimrec.stages.student_rationales import constraint
+    from slimrec.student.constrain import StudentGrammar, word_budget
+    from slimrec.student.data import fit_prompt_ids
+    from slimrec.student.models import load_student, load_tokenizer
+    from student_helpers import items_frame
+
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parents[2]))
+    from bench.student import constrained_vs_free
+
+    base, _, pairs = tiny_base
+    cfg = load_config("tiny", overrides=["student.infer.batch_size=4", "student.infer.max_new_tokens=24",
+                                         "student.infer.step1_max_words=4", "student.infer.step2_max_words=3"]).student
+    con = constraint(cfg, items_frame())
+    tok = load_tokenizer(base, padding_side="left")
+    model = load_student(base, None, None, "cpu").eval()
+    g = StudentGrammar(con.ebnf_uncounted, tok, len(tok), threads=1, words=word_budget(con.shape))
+    ids = sorted((fit_prompt_ids(tok, p, 96) for p in pairs["student_prompt"].head(6)), key=len)
+    out = constrained_vs_free(model, tok, ids, cfg, g, con, repeats=1)
+    for name in ("unconstrained", "constrained", "constrained_inline", "constrained_counted",
+                 "unconstrained_generate", "constrained_generate"):
+        assert out[name]["prompts"] == 6 and out[name]["tokens_per_s"] > 0
+    assert out["identical_constrained_vs_counted"] == "6/6"
+    assert out["identical_constrained_vs_generate"] == "6/6"
+    assert out["constrained"]["parse_ok_rate"] == 1.0
+    assert out["tokens_per_s_ratio_constrained_vs_unconstrained_generate"] > 0
