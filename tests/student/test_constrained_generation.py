@@ -317,3 +317,25 @@ def test_bench_student_decodes_every_way_with_the_same_answers(tiny_base, monkey
     assert out["identical_constrained_vs_generate"] == "6/6"
     assert out["constrained"]["parse_ok_rate"] == 1.0
     assert out["tokens_per_s_ratio_constrained_vs_unconstrained_generate"] > 0
+
+
+def test_a_model_whose_generation_config_adds_processors_decodes_with_generate(tiny_base, caplog):
+    """A real model's generation_config may ask for logits processors only ``generate`` applies
+    (``no_repeat_ngram_size`` here): such a model is decoded by ``generate``, with the reason logged."""
+    from slimrec.student.data import fit_prompt_ids
+    from slimrec.student.generate import _greedy_pass_fits, generate_ids
+    from slimrec.student.models import load_student, load_tokenizer
+
+    base, _, pairs = tiny_base
+    tok = load_tokenizer(base, padding_side="left")
+    model = load_student(base, None, None, "cpu").eval()
+    assert _greedy_pass_fits(model)
+    ids = [fit_prompt_ids(tok, p, 96) for p in pairs["student_prompt"].head(3)]
+    plain = generate_ids(model, tok, ids, 30, 3)
+    model.generation_config.no_repeat_ngram_size = 2
+    with caplog.at_level("INFO", logger="slimrec.student.generate"):
+        assert not _greedy_pass_fits(model)
+    assert "no_repeat_ngram_size" in caplog.text
+    ngram = generate_ids(model, tok, ids, 30, 3)
+    assert ngram != plain  # the setting was applied (the untrained base repeats itself without it)
+    assert ngram == generate_ids(model, tok, ids, 30, 3, drop_ended=False)

@@ -71,7 +71,8 @@ def generate_ids(model, tokenizer, prompt_ids: list[list[int]], max_new_tokens: 
     """
     out: list[tuple] = []
     step = max_new_tokens if grammar is None or not pass_tokens else max(1, min(pass_tokens, max_new_tokens))
-    drop = drop_ended and not do_sample and repetition_penalty == 1.0 and kv_cache == "static"
+    drop = drop_ended and not do_sample and repetition_penalty == 1.0 and kv_cache == "static" and \
+        _greedy_pass_fits(model)
     for s in range(0, len(prompt_ids), batch_size):
         out.extend(_generate_chunk(model, tokenizer, prompt_ids[s : s + batch_size], max_new_tokens, step,
                                    do_sample, temperature, top_p, seed + s, device, repetition_penalty, kv_cache,
@@ -137,6 +138,33 @@ def _generate_chunk(model, tokenizer, chunk: list[list[int]], max_new_tokens: in
         pending, states = still, still_states
     return [(tokenizer.decode(tokens[i], skip_special_tokens=True), finish[i], len(tokens[i]) + ended[i], errors[i])
             for i in range(n)]
+
+
+# generation_config fields that change no greedy token of _greedy_pass (ids, output switches, what slimrec sets)
+_NEUTRAL_GENERATION_FIELDS = {
+    "bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id", "transformers_version",
+    "_from_model_config", "use_cache", "output_attentions", "output_hidden_states", "output_scores",
+    "output_logits", "return_dict_in_generate", "max_length", "max_new_tokens", "do_sample", "temperature",
+    "top_p", "top_k", "cache_implementation",
+}
+
+
+def _greedy_pass_fits(model) -> bool:
+    """Whether :func:`_greedy_pass` writes what ``generate`` would for ``model``: it takes ``logits_to_keep``,
+    and its ``generation_config`` asks for no logits processor of its own (``no_repeat_ngram_size``,
+    ``suppress_tokens``, ``min_new_tokens``... which only ``generate`` applies). Else ``generate`` decodes,
+    and the reason is logged once."""
+    config = getattr(model, "generation_config", None)
+    extra = sorted(set(config.to_diff_dict()) - _NEUTRAL_GENERATION_FIELDS) if config is not None else []
+    supports = getattr(model, "_supports_logits_to_keep", lambda: False)()
+    if extra or not supports:
+        if not getattr(model, "_slimrec_generate_logged", False):
+            log.info("student decoding: transformers generate (rows that end stay in the batch): %s",
+                     f"the model's generation_config sets {', '.join(extra)}" if extra
+                     else "its forward takes no logits_to_keep")
+            model._slimrec_generate_logged = True
+        return False
+    return True
 
 
 def _greedy_pass(model, batch: dict, steps: int, eos: int, pad: int, proc, drop_share: float = 0.125):
