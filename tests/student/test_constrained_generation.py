@@ -140,27 +140,34 @@ def test_decoding_in_short_passes_continues_each_row_where_it_stopped(tiny_base,
     assert cut == generate_ids(model, tok, ids, 10, 3, grammar=g)  # what one pass of 10 writes
 
 
+def _uncounted_decoder(base: str, shape: RationaleShape, titles):
+    """(tokenizer, untrained tiny model, token bound, grammar with words counted by the decoder) for ``shape``."""
+    from slimrec.rationale_shape import WordBudget
+    from slimrec.student.constrain import StudentGrammar
+    from slimrec.student.models import load_student, load_tokenizer
+
+    tok = load_tokenizer(base, padding_side="left")
+    model = load_student(base, None, None, "cpu").eval()
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    g = StudentGrammar(grammar_ebnf(shape, titles, count_words=False), tok, vocab, threads=1, words=WordBudget(shape))
+    return tok, model, max_new_tokens(shape, titles), g
+
+
 def test_words_counted_by_the_decoder_give_the_answers_of_the_counted_grammar(tiny_base, catalogue):
     """The uncounted grammar with a WordBudget allows exactly the tokens of the grammar that counts words itself:
     the same greedy answers, in one pass and in short passes, and every step within its word limit and every
     word within its characters. The untrained base writes long steps, so limits of 3 and 2 words and of 4
     characters a word bind."""
-    from slimrec.rationale_shape import WordBudget, shape_regex
+    from slimrec.rationale_shape import shape_regex
     from slimrec.student.constrain import StudentGrammar
     from slimrec.student.data import fit_prompt_ids
     from slimrec.student.generate import generate_ids
-    from slimrec.student.models import load_student, load_tokenizer
 
     base, _, pairs = tiny_base
     _, ct, _, _ = catalogue
     shape = RationaleShape(step1_max_words=3, step2_max_words=2, word_max_chars=4, max_items=2)
-    bound = max_new_tokens(shape, ct.titles)
-    tok = load_tokenizer(base, padding_side="left")
-    model = load_student(base, None, None, "cpu").eval()
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    counted = StudentGrammar(grammar_ebnf(shape, ct.titles), tok, vocab, threads=1)
-    uncounted = StudentGrammar(grammar_ebnf(shape, ct.titles, count_words=False), tok, vocab, threads=1,
-                               words=WordBudget(shape))
+    tok, model, bound, uncounted = _uncounted_decoder(base, shape, ct.titles)
+    counted = StudentGrammar(grammar_ebnf(shape, ct.titles), tok, uncounted.vocab_size, threads=1)
     ids = [fit_prompt_ids(tok, p, 96) for p in pairs["student_prompt"].head(6)]
     for pass_tokens in (None, 7):
         a = generate_ids(model, tok, ids, bound, 6, grammar=uncounted, pass_tokens=pass_tokens)
@@ -178,21 +185,15 @@ def test_words_counted_by_the_decoder_give_the_answers_of_the_counted_grammar(ti
 def test_rows_that_end_leave_the_batch_and_the_answers_stay_the_same(tiny_base, catalogue, monkeypatch):
     """The decoder that drops ended rows from its batch (their cache rows and grammar states with them) writes
     generate's answers, in one pass and in short passes; rows do leave (answers end at different lengths)."""
-    from slimrec.rationale_shape import WordBudget
-    from slimrec.student.constrain import GrammarLogitsProcessor, StudentGrammar
+    from slimrec.student.constrain import GrammarLogitsProcessor
     from slimrec.student.data import fit_prompt_ids
     from slimrec.student.generate import generate_ids
-    from slimrec.student.models import load_student, load_tokenizer
 
     base, _, pairs = tiny_base
     _, ct, _, _ = catalogue
     shape = RationaleShape(step1_max_words=6, step2_max_words=4, word_max_chars=10, max_items=2)
-    bound = max_new_tokens(shape, ct.titles)
-    tok = load_tokenizer(base, padding_side="left")
-    model = load_student(base, None, None, "cpu").eval()
-    vocab = int(model.get_output_embeddings().weight.shape[0])
-    g = StudentGrammar(grammar_ebnf(shape, ct.titles, count_words=False), tok, vocab, threads=1,
-                       words=WordBudget(shape))
+    tok, model, bound, g = _uncounted_decoder(base, shape, ct.titles)
+    vocab = g.vocab_size
     kept: list[int] = []
     real = GrammarLogitsProcessor.keep_rows
     monkeypatch.setattr(GrammarLogitsProcessor, "keep_rows", lambda self, keep: (kept.append(len(keep)),

@@ -97,20 +97,20 @@ def _generate_chunk(model, tokenizer, chunk: list[list[int]], max_new_tokens: in
     while pending and done < max_new_tokens:
         this = min(step, max_new_tokens - done)
         batch = {k: v.to(device) for k, v in collate_left([chunk[i] + tokens[i] for i in pending], pad).items()}
-        kwargs = dict(max_new_tokens=this, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad,
-                      cache_implementation=kv_cache)
-        if repetition_penalty != 1.0:
-            kwargs["repetition_penalty"] = repetition_penalty
-        if do_sample:
-            torch.manual_seed(seed + done)
-            kwargs.update(temperature=temperature, top_p=top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
         proc = grammar.processor(states, steps=done, holds_last=holds_last) if grammar is not None else None
         if drop_ended:
             with torch.inference_mode():
                 new, dead, state_of = _greedy_pass(model, batch, this, eos, pad, proc)
         else:
+            kwargs = dict(max_new_tokens=this, do_sample=do_sample, eos_token_id=eos, pad_token_id=pad,
+                          cache_implementation=kv_cache)
+            if repetition_penalty != 1.0:
+                kwargs["repetition_penalty"] = repetition_penalty
+            if do_sample:
+                torch.manual_seed(seed + done)
+                kwargs.update(temperature=temperature, top_p=top_p)
+            else:
+                kwargs.update(temperature=None, top_p=None, top_k=None)
             if proc is not None:
                 kwargs.update(proc.generate_kwargs())
             with torch.inference_mode():
@@ -185,12 +185,15 @@ def _greedy_pass(model, batch: dict, steps: int, eos: int, pad: int, proc, drop_
     n, width = ids.shape
     dev = ids.device
     cache = StaticCache(config=model.config, max_cache_len=width + steps)
-    pos = (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)
     new = torch.full((n, steps), pad, dtype=torch.long, device=dev)
     origin = torch.arange(n, device=dev)  # batch row -> row of ``batch``
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     dead: dict[int, str] = {}
-    step_ids, step_pos = ids, pos
+
+    def collect_dead(rows) -> None:  # the processor's dead ends of batch rows ``rows``, by row of ``batch``
+        dead.update({int(origin[j]): r for j, r in proc.dead.items() if j in rows})
+
+    step_ids, step_pos = ids, (attn.cumsum(-1) - 1).masked_fill(attn == 0, 0)  # positions as generate gives them
     for s in range(steps):
         logits = model(input_ids=step_ids, attention_mask=attn, position_ids=step_pos, past_key_values=cache,
                        use_cache=True, logits_to_keep=1).logits[:, -1].float()
@@ -204,20 +207,20 @@ def _greedy_pass(model, batch: dict, steps: int, eos: int, pad: int, proc, drop_
         if int(done.sum()) >= max(1, drop_share * len(done)):
             keep = (~done).nonzero().flatten()
             if proc is not None:
-                dead.update({int(origin[j]): r for j, r in proc.dead.items() if done[j]})
+                collect_dead(set(done.nonzero().flatten().tolist()))
                 proc.keep_rows(keep.tolist())
             cache.reorder_cache(keep)
-            attn, pos, nxt, origin, done = attn[keep], pos[keep], nxt[keep], origin[keep], done[keep]
+            attn, step_pos, nxt, origin, done = attn[keep], step_pos[keep], nxt[keep], origin[keep], done[keep]
         attn = torch.cat([attn, attn.new_ones((len(attn), 1))], dim=1)
-        step_pos = pos[:, -1:] + 1
-        pos = step_pos  # only the last position is read from here on
+        step_pos = step_pos[:, -1:] + 1
         step_ids = nxt[:, None]
         if proc is not None and proc.g.overlap:
             proc.prepare_ahead(step_ids)
+    if proc is None:
+        return new.tolist(), dead, None
+    collect_dead(range(len(origin)))
     at = {int(o): j for j, o in enumerate(origin)}
-    if proc is not None:
-        dead.update({int(origin[j]): r for j, r in proc.dead.items()})
-    return new.tolist(), dead, (lambda i: proc.row_state(at[i])) if proc is not None else None
+    return new.tolist(), dead, lambda i: proc.row_state(at[i])
 
 
 def _threads(torch_threads: int | None, num_actors: int) -> int:
