@@ -652,3 +652,26 @@ def test_detect_format_choices(tmp_path):
 def test_cli_run_without_dataset_needs_an_ingested_lake(no_spark, tmp_path):
     result = _cli(["run", "--lake", str(tmp_path / "lake"), "--profile", "tiny"])
     _assert_one_line_error(result, "holds no ingested data: pass --dataset DIR")
+
+
+def test_integer_and_text_timestamp_files_parse_alike(spark, tmp_path):
+    """An integer timestamp column is read as it is, a text one parsed from its text; two files, one
+    of each, give the same events, and raw_interactions keeps each value's text."""
+    data = tmp_path / "mixed"
+    data.mkdir()
+    pq.write_table(pa.table({"user_id": ["u1", "u1", "u2"], "item_id": ["a", "b", "a"],
+                             "timestamp": pa.array([1_400_000_000, 1_400_000_000_000, -5], pa.int64())}),
+                   data / "events_int.parquet")
+    pq.write_table(pa.table({"user_id": ["u3", "u3", "u4", "u4"], "item_id": ["a", "b", "a", "b"],
+                             "timestamp": ["1400000000", "1400000000000", "2014-05-13T16:53:20", "soon"]}),
+                   data / "events_text.parquet")
+    ctx, result = _ingest(spark, tmp_path / "lake", data)
+    t0 = datetime(2014, 5, 13, 16, 53, 20, tzinfo=UTC)
+    got = {(r[0], r[1]): r[2] for r in _inter(ctx.lake)}
+    assert got == {("u1", "a"): t0, ("u1", "b"): t0, ("u2", "a"): datetime(1969, 12, 31, 23, 59, 55, tzinfo=UTC),
+                   ("u3", "a"): t0, ("u3", "b"): t0, ("u4", "a"): t0}
+    assert [q[1:] for q in _quarantine(ctx.lake)] == [("events_text.parquet", 3, "unparseable timestamp: soon")]
+    raw = ctx.lake.read_pandas("raw_interactions").sort_values(["source_file", "source_row"])
+    assert raw.ts_raw.tolist() == ["1400000000", "1400000000000", "-5", "1400000000", "1400000000000",
+                                   "2014-05-13T16:53:20", "soon"]
+    assert result.rows_out == 6

@@ -323,6 +323,57 @@ def test_write_spark_diverting_skip_empty_keeps_the_table(spark, tmp_lake):
     assert sorted(tmp_lake.read_arrow("user_sequences")["user_id"].to_pylist()) == ["u1", "u2"]
 
 
+def _interaction_rows(spark, refused_from: int, n: int = 6):
+    """interactions rows with raw_interactions' columns; rows from ``refused_from`` on are diverted."""
+    from pyspark.sql import functions as F
+
+    return spark.range(n, numPartitions=2).select(
+        F.concat(F.lit("u"), F.col("id").cast("string")).alias("user_id"), F.lit("i").alias("item_id"),
+        F.timestamp_seconds(F.col("id") + 1_400_000_000).alias("event_ts"), F.col("id").alias("event_seq"),
+        F.lit(False).alias("ts_derived"), F.lit("f.csv").alias("source_file"), F.col("id").alias("source_row"),
+        F.concat(F.lit("u"), F.col("id").cast("string")).alias("user_raw"), F.lit("i").alias("item_raw"),
+        (F.col("id") + 1_400_000_000).cast("string").alias("ts_raw"), F.lit(None).cast("long").alias("position"),
+        F.when(F.col("id") >= refused_from, F.struct(F.lit("refused").alias("reason"), "source_row")).alias("_q"))
+
+
+def test_tee_table_gets_every_row_in_the_same_pass(spark, tmp_lake):
+    """tee: every row, diverted or not, also goes to the second table, committed after the first;
+    a skipped commit leaves the tee table as it was and removes the files written for it."""
+    info = CommitInfo("test", date(2024, 1, 15), input_versions={"x": 1})
+    done = tmp_lake.write_spark_diverting(_interaction_rows(spark, 4), "interactions", "overwrite", info, "_q",
+                                          tee="raw_interactions")
+    assert done.rows == 4 and done.diverted.num_rows == 2
+    assert done.tee_version == tmp_lake.version("raw_interactions") == 0
+    raw = tmp_lake.read_arrow("raw_interactions").to_pandas().sort_values("source_row")
+    assert raw.source_row.tolist() == list(range(6)) and raw.user_raw.tolist() == [f"u{i}" for i in range(6)]
+    assert raw.ts_raw.tolist() == [str(1_400_000_000 + i) for i in range(6)] and raw.position.isna().all()
+    assert set(raw.input_versions) == {'{"x": 1}'} and set(raw.run_date) == {date(2024, 1, 15)}
+    assert sorted(tmp_lake.read_arrow("interactions")["user_id"].to_pylist()) == ["u0", "u1", "u2", "u3"]
+    files = sorted(p.name for p in Path(tmp_lake.path("raw_interactions")).rglob("*.parquet"))
+
+    none = tmp_lake.write_spark_diverting(_interaction_rows(spark, 0), "interactions", "overwrite", info, "_q",
+                                          skip_empty=True, tee="raw_interactions")
+    assert (none.version, none.tee_version, none.diverted.num_rows) == (None, None, 6)
+    assert tmp_lake.version("raw_interactions") == 0
+    assert sorted(p.name for p in Path(tmp_lake.path("raw_interactions")).rglob("*.parquet")) == files
+
+    from pyspark.sql import functions as F
+
+    failing = _interaction_rows(spark, 4, n=400).withColumn(
+        "item_raw", F.when(F.col("source_row") == 399, F.raise_error(F.lit("boom"))).otherwise(F.lit("i")))
+    with pytest.raises(Exception, match="boom"):  # a failed job: the files written for either table go
+        tmp_lake.write_spark_diverting(failing, "interactions", "overwrite", info, "_q", tee="raw_interactions")
+    assert sorted(p.name for p in Path(tmp_lake.path("raw_interactions")).rglob("*.parquet")) == files
+    assert tmp_lake.read_arrow("interactions").num_rows == 4
+
+    with pytest.raises(LakeError, match="lacks the columns \\['ts_raw'\\] of its tee table raw_interactions"):
+        tmp_lake.write_spark_diverting(_interaction_rows(spark, 4).drop("ts_raw"), "interactions", "overwrite", info,
+                                       "_q", tee="raw_interactions")
+    with pytest.raises(LakeError, match="append or overwrite only"):
+        tmp_lake.write_spark_diverting(_interaction_rows(spark, 4), "interactions", "merge", info, "_q",
+                                       tee="raw_interactions")
+
+
 def test_failed_write_job_removes_its_files(spark, tmp_lake):
     """A task fails after other tasks wrote their files: the error reaches the caller and none of this
     job's files stay behind; the table is untouched."""

@@ -414,11 +414,13 @@ def _id_string(df, name: str):
 
 
 _ROW = "__slimrec_source_row"  # a file's row index, where the reader gives it (Parquet)
+TS_LONG = "__slimrec_ts_long"  # an integer timestamp column's value, beside its text ts_raw
 
 
 def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
     """Events CSV/Parquet read by Spark -> (raw_interactions, raw_items) Spark frames, quarantine rows."""
     from pyspark.sql import functions as F
+    from pyspark.sql import types as T
 
     def load(f: Path, multiline: bool = False):
         # the names as format detection read them (_is_catalogue), so the columns it saw are found
@@ -474,8 +476,10 @@ def read_events_spark(spark, inter_files: list[Path], item_files: list[Path]):
             _id_string(df, i).alias("item_raw"),
             F.col(t).cast("string").alias("ts_raw"),
             F.lit(None).cast("long").alias("position"),
+            # an integer timestamp column as it is: checked_raw need not parse its text back
+            *([F.col(t).cast("long").alias(TS_LONG)] if isinstance(df.schema[t].dataType, T.IntegralType) else []),
         )
-        raws = df if raws is None else raws.unionByName(df)
+        raws = df if raws is None else raws.unionByName(df, allowMissingColumns=True)
     for f in item_files:
         df = load(f, multiline=True)
         i = _column(df.columns, ITEM_COLS, "item id", f.name)
@@ -547,8 +551,12 @@ def checked_raw(raw_df, items_df, max_id_chars: int):
     from pyspark.sql import functions as F
 
     # try_cast: Spark 4 runs in ANSI mode, where a plain cast of "yesterday" fails the whole job.
-    lng = F.col("ts_raw").try_cast("long")
-    num = F.col("ts_raw").try_cast("double")
+    if TS_LONG in raw_df.columns:  # the integers ts_raw was written from (null: a file of other types)
+        lng = F.coalesce(F.col(TS_LONG), F.col("ts_raw").try_cast("long"))
+        num = F.coalesce(F.col(TS_LONG).cast("double"), F.col("ts_raw").try_cast("double"))
+    else:
+        lng = F.col("ts_raw").try_cast("long")
+        num = F.col("ts_raw").try_cast("double")
     mag = F.abs(num)  # magnitude picks the unit (abs of a double cannot overflow)
     parsed = (
         F.when(lng.isNotNull() & (mag < 1e11), F.timestamp_seconds(lng))
@@ -573,10 +581,13 @@ def checked_raw(raw_df, items_df, max_id_chars: int):
         .when(F.col("ts_raw").isNull() & F.col("position").isNull(), F.lit("missing timestamp"))
         .when(unknown, F.lit("unknown item id (not in the catalogue)"))
     )
-    return df.withColumn("reason", reason).drop("_known")
+    return df.withColumn("reason", reason).drop("_known", TS_LONG)
 
 
-def interaction_rows(checked, base_ts: str):
+RAW_COLUMNS = ("source_file", "source_row", "user_raw", "item_raw", "ts_raw", "position")
+
+
+def interaction_rows(checked, base_ts: str, keep_raw: bool = False):
     """:func:`checked_raw` rows -> one row per raw row: an interaction, or its quarantine record.
 
     Output: user_id, item_id, event_ts, event_seq, ts_derived, source_file and the struct
@@ -585,6 +596,8 @@ def interaction_rows(checked, base_ts: str):
     sources get ``event_ts = base_ts + position`` seconds and ``event_seq = position``; others
     ``event_seq = source_row``. One shuffle (the duplicate check); a writer routes each row
     (:meth:`slimrec.lake.Lake.write_spark_diverting`), so nothing is cached or counted twice.
+    ``keep_raw``: the raw row's columns (:data:`RAW_COLUMNS`) too, so that raw_interactions can be
+    written in the same pass.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -613,6 +626,7 @@ def interaction_rows(checked, base_ts: str):
         derived.alias("ts_derived"),
         "source_file",
         F.when(why.isNotNull(), record).alias(QUARANTINE_COLUMN),
+        *[c for c in RAW_COLUMNS if keep_raw and c != "source_file"],
     )
 
 

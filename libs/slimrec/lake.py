@@ -58,6 +58,7 @@ class SplitWrite:
     version: int | None
     rows: int
     diverted: pa.Table
+    tee_version: int | None = None  # the tee table's new version, where there is one
 
 
 def _nullable_fields(dt):
@@ -399,7 +400,7 @@ class Lake:
 
     def write_spark_diverting(
         self, df, table: str, mode: WriteMode, info: CommitInfo, column: str, engine: str = "delta-rs",
-        skip_empty: bool = False,
+        skip_empty: bool = False, tee: str | None = None,
     ) -> SplitWrite:
         """:meth:`write_spark` for the rows whose struct ``column`` is null; the others come back.
 
@@ -409,6 +410,11 @@ class Lake:
         the table's ``_diverted/`` folder, which is read here and removed). ``skip_empty``: when no
         row is left to write, commit nothing (version None): an overwrite by an empty result keeps
         the table as it was.
+
+        ``tee``: another table that every row of ``df`` goes to as well, diverted or not, in the same
+        pass and the same ``mode`` (append or overwrite), committed right after ``table`` (not at all
+        when ``table``'s commit is skipped); ``df`` holds its columns (the lineage ones are filled).
+        Ingest writes raw_interactions beside interactions so. The return value is ``table``'s.
         """
         from pyspark.sql import functions as F
 
@@ -416,7 +422,13 @@ class Lake:
         self._check_mode(s, mode)
         if column not in df.columns:
             raise LakeError(f"{table}: DataFrame lacks the diverted column {column!r}")
-        df = self._conform_spark(df, s, info, keep=[column])
+        tee_spec = spec(tee) if tee else None
+        if tee and (mode not in ("append", "overwrite") or engine == "delta-spark"):
+            raise LakeError(f"{table}: a tee table is written by the delta-rs engine's append or overwrite only")
+        extra = [c for c in (tee_spec.column_names if tee_spec else []) if c not in s.column_names and c != column]
+        if missing := [c for c in extra if c not in df.columns]:
+            raise LakeError(f"{table}: DataFrame lacks the columns {missing} of its tee table {tee}")
+        df = self._conform_spark(df, s, info, keep=[column, *extra])
         if mode == "merge" and engine != "delta-spark":
             data, diverted = split_diverted(df.toArrow(), column)
             version = self.write_arrow(table, data, "merge", info) if len(data) else None
@@ -429,7 +441,7 @@ class Lake:
             version = (self._merge_delta_spark(rows, table, s, info, True) if mode == "merge"
                        else self._write_delta_spark(rows, table, s, mode, info))
             return SplitWrite(version, rows.count(), diverted)  # a third pass: this path has no manifest
-        return self._write_split(df, table, s, mode, info, column, skip_empty=skip_empty)
+        return self._write_split(df, table, s, mode, info, column, skip_empty=skip_empty, tee=tee)
 
     def write_mapped_diverting(self, df, fn, table: str, mode: WriteMode, info: CommitInfo, column: str) -> SplitWrite:
         """:meth:`write_spark_diverting` of ``fn`` applied to each partition of ``df``, in one pass.
@@ -446,12 +458,12 @@ class Lake:
         return self._write_split(df, table, s, mode, info, column, mapped=fn)
 
     def _write_split(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo, column: str, mapped=None,
-                     skip_empty: bool = False) -> SplitWrite:
+                     skip_empty: bool = False, tee: str | None = None) -> SplitWrite:
         staging = join(self.path(table), "_diverted", uuid.uuid4().hex)
         fs, staging_path = filesystem(staging, self.fs_options)
         try:
-            version, written, files = self._write_files_then_commit(df, table, s, mode, info, (column, staging), mapped,
-                                                                    skip_empty)
+            version, written, files, tee_version = self._write_files_then_commit(
+                df, table, s, mode, info, (column, staging), mapped, skip_empty, tee)
             diverted = (pa.concat_tables([pq.read_table(filesystem(f, self.fs_options)[1], filesystem=fs) for f in files])
                         if files else pa.table({}))
         finally:
@@ -459,7 +471,7 @@ class Lake:
                 fs.delete_dir(staging_path)
             except (FileNotFoundError, OSError):
                 pass  # nothing was diverted (the folder was never made), or already gone
-        return SplitWrite(version, written, diverted)
+        return SplitWrite(version, written, diverted, tee_version)
 
     def _conform_spark(self, df, s: TableSpec, info: CommitInfo, keep: list[str] = ()):
         """``df`` with the lineage columns filled, in ``s``'s column order and types (and ``keep`` after)."""
@@ -479,18 +491,46 @@ class Lake:
         return df.select(*[F.col(c).cast(s.spark_schema()[c].dataType) for c in s.column_names], *kept)
 
     def _write_files_then_commit(self, df, table: str, s: TableSpec, mode: str, info: CommitInfo, divert=None,
-                                 mapped=None, skip_empty: bool = False):
-        from slimrec.spark_delta import collect_add_actions, collect_mapped_add_actions
+                                 mapped=None, skip_empty: bool = False, tee: str | None = None):
+        from slimrec.spark_delta import collect_mapped_add_actions
 
         uri = self.path(table)
-        Path(uri).mkdir(parents=True, exist_ok=True) if not is_remote(uri) else None
-        if mapped is None:
-            actions, diverted = collect_add_actions(df, uri, s, self.target_file_rows, *(divert or (None, None)),
-                                                    fs_options=self.fs_options)
-        else:
-            fn = lambda t: with_lineage(mapped(t), s, info)  # noqa: E731 - runs in the executors
-            actions, diverted = collect_mapped_add_actions(df, fn, uri, s, self.target_file_rows, *(divert or (None, None)),
-                                                           fs_options=self.fs_options)
+        tee_spec = spec(tee) if tee else None
+        for u in (uri, self.path(tee) if tee else None):
+            if u and not is_remote(u):
+                Path(u).mkdir(parents=True, exist_ok=True)
+        fn = None if mapped is None else (lambda t: with_lineage(mapped(t), s, info))  # runs in the executors
+        actions, diverted, teed = collect_mapped_add_actions(
+            df, fn, uri, s, self.target_file_rows, *(divert or (None, None)), fs_options=self.fs_options,
+            tee=(self.path(tee), tee_spec) if tee else None)
+        try:
+            v, n = self._commit(table, s, mode, info, actions, skip_empty)
+        except BaseException:
+            self._remove_uncommitted(tee, teed)
+            raise
+        tee_version = None
+        if tee:
+            if v is None and skip_empty:  # nothing committed to the table: nor to its tee
+                self._remove_uncommitted(tee, teed)
+            else:
+                tee_version = self._commit(tee, tee_spec, mode, info, teed, False)[0]
+        return v, n, diverted, tee_version
+
+    def _remove_uncommitted(self, table: str | None, actions: list) -> None:
+        """Delete the files of add-actions that were never committed (``table``'s, relative paths)."""
+        if not table:
+            return
+        fs, root = filesystem(self.path(table), self.fs_options)
+        for a in actions:
+            try:
+                fs.delete_file(f"{root}/{a.path}")
+            except (FileNotFoundError, OSError):
+                pass
+
+    def _commit(self, table: str, s: TableSpec, mode: str, info: CommitInfo, actions: list, skip_empty: bool):
+        """One Delta transaction of files written by the executors: ``(version, rows)``; version None when
+        ``skip_empty`` and there is nothing to commit."""
+        uri = self.path(table)
         if mode == "replace_date":
             bad = {a.partition_values.get("run_date") for a in actions} - {info.run_date.isoformat()}
             if bad:
@@ -499,7 +539,7 @@ class Lake:
         schema = s.arrow_schema()
         if not actions and skip_empty:
             log.info("lake: %s %s of 0 rows: no commit", table, mode)
-            return None, 0, diverted
+            return None, 0
         if not self.exists(table):
             with _concurrent_commit(table):
                 create_table_with_add_actions(
@@ -509,7 +549,7 @@ class Lake:
         else:
             if mode == "append" and not actions:
                 log.info("lake: %s append of 0 rows: no commit", table)
-                return self.version(table), 0, diverted
+                return self.version(table), 0
             dt = self._dt(table)
             kwargs: dict[str, Any] = {}
             if mode == "replace_date":
@@ -522,7 +562,7 @@ class Lake:
         v = self.version(table)
         n = sum(json.loads(a.stats).get("numRecords", 0) for a in actions)
         log.info("lake: %s %s %d rows in %d files -> version %s", table, mode, n, len(actions), v)
-        return v, n, diverted
+        return v, n
 
     # The delta-spark paths need io.delta jars (cluster images); these machines cannot fetch them.
     def _write_delta_spark(self, df, table, s, mode, info) -> int:  # pragma: no cover - needs Delta jars

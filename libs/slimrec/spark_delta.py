@@ -52,6 +52,11 @@ class _Writer:
         self.divert_dir = options.get("divert_dir")
         if self.divert and not self.divert_dir:
             raise ValueError("divert_column needs divert_dir")
+        self._actions: list[dict] = []
+        self._diverted: list[str] = []  # files under divert_dir
+        self._side: list[pa.Table] = []  # diverted rows not yet written
+        self._side_rows = 0
+        self._pending: dict[tuple, list] = {}  # partition key -> [partition values, tables, rows]
 
     def _put(self, t: pa.Table, uri: str, **kw) -> int:
         """Write ``t`` as one Parquet file at ``uri`` (local or object store); its size in bytes."""
@@ -85,49 +90,54 @@ class _Writer:
             groups.append(({k: partition_value(v) for k, v in key.items()}, t.filter(mask).drop(self.partition_by)))
         return groups
 
-    def write(self, iterator):
+    def write(self, iterator) -> FilesWritten:
         """Stream the task's batches into files of at most ``max_rows`` rows per partition value.
 
         At most one unfinished file's rows per partition value are held in memory, whatever the
         size of the task's partition.
         """
-        actions: list[dict] = []
-        diverted: list[str] = []
-        side: list[pa.Table] = []
-        side_rows = 0
-        pending: dict[tuple, list] = {}  # partition key -> [partition values, tables, rows]
         for b in iterator:
-            if not b.num_rows:
-                continue
-            t = pa.Table.from_batches([b])
-            if self.divert:
-                t, rejected = split_diverted(t, self.divert)
-                if rejected is not None:
-                    side.append(rejected)
-                    side_rows += len(rejected)
-                    if side_rows >= self.max_rows:
-                        diverted.append(self._write_diverted(side))
-                        side, side_rows = [], 0
-                if not len(t):
-                    continue
-            t = t.select(self.schema.names).cast(self.schema, safe=False)
-            for pvals, part in self._split(t):
-                entry = pending.setdefault(tuple(sorted(pvals.items())), [pvals, [], 0])
-                entry[1].append(part)
-                entry[2] += len(part)
-                if entry[2] >= self.max_rows:
-                    whole = pa.concat_tables(entry[1])
-                    full = len(whole) // self.max_rows * self.max_rows
-                    for off in range(0, full, self.max_rows):
-                        actions.append(self._write_file(whole.slice(off, self.max_rows), pvals))
-                    rest = whole.slice(full)
-                    entry[1], entry[2] = ([rest] if len(rest) else []), len(rest)
-        for pvals, parts, n in pending.values():
+            self.push(b)
+        return self.finish()
+
+    def push(self, b: pa.RecordBatch) -> None:
+        """One batch: its diverted rows aside, the others into this task's files (see :meth:`write`)."""
+        if not b.num_rows:
+            return
+        t = pa.Table.from_batches([b])
+        if self.divert:
+            t, rejected = split_diverted(t, self.divert)
+            if rejected is not None:
+                self._side.append(rejected)
+                self._side_rows += len(rejected)
+                if self._side_rows >= self.max_rows:
+                    self._diverted.append(self._write_diverted(self._side))
+                    self._side, self._side_rows = [], 0
+            if not len(t):
+                return
+        t = t.select(self.schema.names).cast(self.schema, safe=False)
+        for pvals, part in self._split(t):
+            entry = self._pending.setdefault(tuple(sorted(pvals.items())), [pvals, [], 0])
+            entry[1].append(part)
+            entry[2] += len(part)
+            if entry[2] >= self.max_rows:
+                whole = pa.concat_tables(entry[1])
+                full = len(whole) // self.max_rows * self.max_rows
+                for off in range(0, full, self.max_rows):
+                    self._actions.append(self._write_file(whole.slice(off, self.max_rows), pvals))
+                rest = whole.slice(full)
+                entry[1], entry[2] = ([rest] if len(rest) else []), len(rest)
+
+    def finish(self) -> FilesWritten:
+        """The last unfinished files written; what this task wrote."""
+        for pvals, parts, n in self._pending.values():
             if n:
-                actions.append(self._write_file(pa.concat_tables(parts), pvals))
-        if side:
-            diverted.append(self._write_diverted(side))
-        return FilesWritten(actions, diverted)
+                self._actions.append(self._write_file(pa.concat_tables(parts), pvals))
+        self._pending = {}
+        if self._side:
+            self._diverted.append(self._write_diverted(self._side))
+            self._side, self._side_rows = [], 0
+        return FilesWritten(self._actions, self._diverted)
 
     def remove_job_files(self) -> int:
         """Delete every file this job's tasks wrote (table and side files): a failed job's leftovers."""
@@ -163,7 +173,7 @@ def _writer_options(table_uri: str, spec, target_file_rows: int, divert_column, 
 
 def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: int,
                                divert_column: str | None = None, divert_dir: str | None = None,
-                               fs_options: dict | None = None) -> tuple[list, list[str]]:
+                               fs_options: dict | None = None, tee=None) -> tuple[list, list[str], list]:
     """:func:`collect_add_actions` of ``fn`` applied to each partition of ``df``, in one pass.
 
     ``fn`` takes a partition as one Arrow table and returns the rows to write (``spec``'s columns,
@@ -172,10 +182,19 @@ def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: i
     (for build_sequences at 5M events, 200K rows of two string lists each). If the job fails, the
     files its tasks wrote are removed before the error goes on (a task attempt that dies with its
     worker may still leave some, unreferenced and invisible to Delta readers).
+
+    ``tee``: ``(table_uri, spec)`` of a second table that every row goes to as well, diverted or
+    not, before ``fn`` (its columns must be among the rows'): ingest writes raw_interactions in the
+    same pass as interactions. Returns the add-actions, the diverted files and the second table's
+    add-actions (empty without ``tee``).
     """
     opts = _writer_options(table_uri, spec, target_file_rows, divert_column, divert_dir, fs_options)
+    tee_opts = _writer_options(tee[0], tee[1], target_file_rows, None, None, fs_options) if tee else None
 
     def task(batches):
+        tee_writer = _Writer(tee_opts) if tee_opts else None
+        if tee_writer is not None:
+            batches = _teed(batches, tee_writer)
         if fn is None:
             msg = _Writer(opts).write(batches)
         else:
@@ -183,16 +202,35 @@ def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: i
             if not batches:
                 return
             msg = _Writer(opts).write(iter(fn(pa.Table.from_batches(batches)).to_batches()))
-        yield pa.RecordBatch.from_pydict({"actions": [json.dumps(msg.actions)], "diverted": [json.dumps(msg.diverted)]})
+        teed = tee_writer.finish().actions if tee_writer is not None else []
+        yield pa.RecordBatch.from_pydict({"actions": [json.dumps(msg.actions)], "diverted": [json.dumps(msg.diverted)],
+                                          "tee": [json.dumps(teed)]})
 
     try:
-        rows = df.mapInArrow(task, "actions string, diverted string").collect()
+        rows = df.mapInArrow(task, "actions string, diverted string, tee string").collect()
     except BaseException:
-        _Writer(opts).remove_job_files()
+        remove_written(opts, tee_opts)
         raise
-    actions = [make_add_action(a["path"], a["size"], a["partition_values"], a["stats"])
-               for r in rows for a in json.loads(r.actions)]
-    return actions, [join(divert_dir, p) for r in rows for p in json.loads(r.diverted)] if divert_column else []
+
+    def actions(column: str) -> list:
+        return [make_add_action(a["path"], a["size"], a["partition_values"], a["stats"])
+                for r in rows for a in json.loads(r[column])]
+
+    diverted = [join(divert_dir, p) for r in rows for p in json.loads(r.diverted)] if divert_column else []
+    return actions("actions"), diverted, actions("tee") if tee else []
+
+
+def _teed(batches, writer: _Writer):
+    """``batches`` as they are, each also pushed to ``writer`` (its table's columns)."""
+    names = writer.schema.names
+    for b in batches:
+        writer.push(b.select(names))
+        yield b
+
+
+def remove_written(*writer_options: dict | None) -> int:
+    """Delete every file the jobs of these writer options wrote: a failed or abandoned job's files."""
+    return sum(_Writer(o).remove_job_files() for o in writer_options if o)
 
 
 def collect_add_actions(df, table_uri: str, spec, target_file_rows: int, divert_column: str | None = None,
@@ -202,7 +240,8 @@ def collect_add_actions(df, table_uri: str, spec, target_file_rows: int, divert_
     Returns the add-actions and the paths of the files that hold the diverted rows (see the module
     docstring; none without ``divert_column``).
     """
-    return collect_mapped_add_actions(df, None, table_uri, spec, target_file_rows, divert_column, divert_dir, fs_options)
+    return collect_mapped_add_actions(df, None, table_uri, spec, target_file_rows, divert_column, divert_dir,
+                                      fs_options)[:2]
 
 
 # ---------------------------------------------------------------------------------------------- reading

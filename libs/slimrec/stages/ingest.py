@@ -68,10 +68,13 @@ def run(ctx: StageContext) -> StageResult:
                            dataset_fingerprint=dataset_fingerprint(ctx.dataset_dir))
     lake = ctx.lake
     engine = ctx.cfg.spark.delta_engine
-    # One pass: every raw row is written as an interaction or comes back as its quarantine record.
+    # One pass: every raw row is written as an interaction or comes back as its quarantine record, and
+    # goes to raw_interactions as read (the delta-rs engine; delta-spark writes raw_interactions apart).
     # First, so that a source with no valid row writes nothing: a lake keeps its last good ingest.
-    split = lake.write_spark_diverting(interaction_rows(checked, cfg.order_base_ts), "interactions", "overwrite",
-                                       info, QUARANTINE_COLUMN, engine, skip_empty=True)
+    tee = "raw_interactions" if engine == "delta-rs" else None
+    split = lake.write_spark_diverting(interaction_rows(checked, cfg.order_base_ts, keep_raw=tee is not None),
+                                       "interactions", "overwrite", info, QUARANTINE_COLUMN, engine, skip_empty=True,
+                                       tee=tee)
     n_inter, q_inter = split.rows, split.diverted.to_pandas()
     if not n_inter:
         top = q_inter["reason"].value_counts().head(3) if len(q_inter) else {}
@@ -83,7 +86,8 @@ def run(ctx: StageContext) -> StageResult:
                              item_text="unknown item", text_hash=sha1("unknown item"))
     versions = {
         "interactions": split.version,
-        "raw_interactions": lake.write_spark(raw_sdf, "raw_interactions", "overwrite", info, engine=engine),
+        "raw_interactions": (split.tee_version if tee else
+                             lake.write_spark(raw_sdf, "raw_interactions", "overwrite", info, engine=engine)),
         "raw_items": lake.write_arrow("raw_items", raw_items if raw_items is not None else _EMPTY_RAW_ITEMS, "overwrite", info),
         "items": lake.write_arrow("items", items, "overwrite", info),
     }
