@@ -14,7 +14,9 @@ planner process on first use, about 3 s of every process's first write.
 With the ``divert_column`` option (a struct column), a row whose value there
 is not null is not written to the table: that struct's fields go to Parquet
 files under ``divert_dir`` instead (a stage's quarantine records, for
-example), so the table and its rejects come out of one pass over the data.
+example), so the table and its rejects come out of one pass over the data. With ``tee``, every row also
+goes to a second table's files (ingest's raw_interactions beside interactions), committed by the
+driver after the first.
 """
 
 from __future__ import annotations
