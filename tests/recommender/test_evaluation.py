@@ -181,3 +181,55 @@ def test_novelty_is_measured_on_the_input_the_rationale_was_written_from(tiny_da
     for split in ("valid", "test"):
         n = ev.grounded_novel_fn("teacher", ref, 1)(split, users)
         assert (n[:, a] == 0).all() and (n[:, b] == 1).all() and n.sum() == len(users)
+
+
+def test_score_memo_asks_each_batch_once_within_its_budget():
+    from slimrec.recommender.evaluation import ScoreMemo
+
+    calls = []
+
+    def fn(split, users):
+        calls.append((split, tuple(users)))
+        return np.full((len(users), 5), float(len(calls)), np.float32)
+
+    memo = ScoreMemo(2 * 3 * 5 * 4)  # room for two answers of 3 users x 5 columns of float32
+    f = memo(fn)
+    a = f("valid", np.arange(3))
+    assert f("valid", np.arange(3)) is a and not a.flags.writeable  # kept, and nobody may change it
+    with pytest.raises(ValueError):
+        a[0, 0] = 9
+    f("test", np.arange(3))
+    f("valid", np.arange(3, 6))  # the budget is spent: computed, not kept
+    f("valid", np.arange(3, 6))
+    assert calls == [("valid", (0, 1, 2)), ("test", (0, 1, 2)), ("valid", (3, 4, 5)), ("valid", (3, 4, 5))]
+    assert f("valid", np.arange(3, 6)).flags.writeable  # not kept: the caller's own copy
+    # one budget for every function wrapped by the same memo; a broadcast view is never kept
+    g = memo(lambda split, users: np.broadcast_to(np.zeros(5, np.float32), (len(users), 5)))
+    assert g("valid", np.arange(3)) is not g("valid", np.arange(3))
+
+
+def test_evaluating_a_variant_with_kept_scores_changes_no_figure(tiny_data):
+    """The scores a variant's evaluation keeps (recommender.eval_cache_mb) leave every figure as it was."""
+    import json
+
+    from slimrec.recommender.runner import build_model, evaluate_variant, model_key, score_fn_for
+
+    for variant in ("slim_cooc", "teacher_cooc"):
+        results = []
+        for mb in (0, 256):
+            cfg = tiny_cfg(eval_cache_mb=mb, grounded_prior=True, grounded_novel_rank=3)
+            ev = Evaluator(tiny_data, cfg)
+            key = model_key(variant, cfg, "sasrec")
+            torch.manual_seed(0)
+            model = build_model(key, "sasrec", tiny_data, cfg)
+            calls = []
+
+            def counted(split, users, fn=score_fn_for(key, model, tiny_data, ev, torch.device("cpu")), calls=calls):
+                calls.append(split)
+                return fn(split, users)
+
+            results.append((json.dumps(evaluate_variant(variant, counted, tiny_data, ev, cfg), sort_keys=True,
+                                       default=str), len(calls)))
+        (uncached, n_uncached), (cached, n_cached) = results
+        assert cached == uncached, variant
+        assert n_cached < n_uncached and n_cached <= 2 * -(-tiny_data.n_users // 32)  # each batch of each split once

@@ -165,6 +165,11 @@ class RecommenderConfig(BaseModel):
     num_sampled_negatives: int = Field(100, ge=1, description="negatives per user in the sampled protocol (paper: 100)")
     eval_seed: int = Field(2024, description="seed of the sampled negatives (the same for every model and seed)")
     eval_batch_size: int = Field(1024, ge=1, description="users scored per batch in evaluation")
+    eval_cache_mb: int = Field(
+        256, ge=0, description="a trained model's scores kept while its variant is evaluated (the validation grid of "
+        "prior weights, then both splits and protocols ask for the same batches): each batch is scored once until "
+        "this many MiB are kept, then again each time it is asked (full ranking: 4 bytes x users x items per split)",
+    )
     top_k: int = Field(20, ge=1, description="items per user in the recommendations table")
 
     # ---- runtime

@@ -51,6 +51,41 @@ CONTEXT_SPLIT = "valid"
 LIST_SPLIT, LIST_PROTOCOL = "test", "full"
 
 
+class ScoreMemo:
+    """Score functions with their answers kept, read-only, for each ``(split, users)`` asked again, until
+    all of them together take ``max_bytes`` (later answers are computed each time). For a trained model and
+    its priors, which no longer change: one variant's evaluation asks for the same batches many times (each
+    prior weight of the validation grid, the novel-item prior's reference, then both splits), and each ask
+    of the model is a forward pass over the batch.
+
+    >>> calls = []
+    >>> f = ScoreMemo(2**20)(lambda split, users: calls.append(split) or np.zeros((len(users), 3), np.float32))
+    >>> _ = f("valid", np.arange(4)); _ = f("valid", np.arange(4)); _ = f("test", np.arange(4))
+    >>> calls
+    ['valid', 'test']
+    """
+
+    def __init__(self, max_bytes: int):
+        self.left = max_bytes
+
+    def __call__(self, fn: ScoreFn) -> ScoreFn:
+        store: dict[tuple, np.ndarray] = {}
+
+        def cached(split: str, users: np.ndarray) -> np.ndarray:
+            users = np.asarray(users)
+            key = (split, users.dtype.str, users.tobytes())
+            if (hit := store.get(key)) is not None:
+                return hit
+            out = np.asarray(fn(split, users))
+            if 0 not in out.strides and out.nbytes <= self.left:  # not a broadcast view (a stride of 0)
+                out.setflags(write=False)  # every caller gets the same array: none may change it
+                store[key] = out
+                self.left -= out.nbytes
+            return out
+
+        return cached
+
+
 def _user_seed(user_id: str) -> int:
     return int.from_bytes(hashlib.sha1(str(user_id).encode()).digest()[:8], "little")
 

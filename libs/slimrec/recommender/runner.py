@@ -40,7 +40,14 @@ import torch
 
 from slimrec.recommender.beyond import BEYOND_NAMES
 from slimrec.recommender.data import RecData
-from slimrec.recommender.evaluation import LIST_PROTOCOL, LIST_SPLIT, PROTOCOLS, Evaluator, summarise
+from slimrec.recommender.evaluation import (
+    LIST_PROTOCOL,
+    LIST_SPLIT,
+    PROTOCOLS,
+    Evaluator,
+    ScoreMemo,
+    summarise,
+)
 from slimrec.recommender.metrics import METRIC_NAMES
 from slimrec.recommender.models import SeqRecModel, TextMatching
 from slimrec.recommender.train import (
@@ -218,7 +225,10 @@ def _rows(per_user: dict, mask: np.ndarray | None, subset: str, lists: np.ndarra
 
 def evaluate_variant(variant: str, score_fn, data: RecData, ev: Evaluator, cfg) -> dict:
     """Choose prior weights on validation, then metrics on valid and test under both protocols."""
+    memo = ScoreMemo(cfg.eval_cache_mb * 2**20)  # the model is trained: each batch scored once
+    score_fn = memo(score_fn)
     names, fns = priors_for(variant, data, ev, cfg, score_fn)
+    fns = [memo(f) for f in fns]
     tmask = teacher_mask(data)
     spec = variant_spec(variant, cfg)
     # a teacher-rationale variant is only meaningful where the teacher answered (a sample of users)
