@@ -210,16 +210,19 @@ def test_build_prompts_without_broadcast_gives_the_same_rows(spark, built):
 
 
 def test_build_prompts_render_matches_the_python_template(spark):
-    """Spark's assembly against slimrec.prompts.render, line budget and student cut included."""
+    """Spark's assembly against slimrec.prompts.render, line budget and student cut included, whether the
+    catalogue's lines are broadcast (joined again after the window) or joined by a shuffle."""
+    import itertools
+
     seqs = pd.DataFrame([{"user_id": "u9", "history": ["p1", "p5", "p2", "p3", "p4x"], "seq_hash": "h"}])
     seq_df = spark.createDataFrame(seqs, "user_id string, history array<string>, seq_hash string")
     items = _spark_frame(spark, "items", _items_frame())
     from slimrec import prompts as P
 
     cat = {i: (t, c, b) for i, (t, c, b) in ITEMS.items()}
-    for max_chars, smax in [(4000, 2), (600, 3), (400, 0), (10, 1)]:
+    for (max_chars, smax), broadcast in itertools.product([(4000, 2), (600, 3), (400, 0), (10, 1)], (True, False)):
         cfg = PromptsConfig(max_items=4, max_chars=max_chars, student_max_items=smax)
-        (row,) = build_prompts(seq_df, items, cfg).collect()
+        (row,) = build_prompts(seq_df, items, cfg, broadcast_items=broadcast).collect()
         recent = ["p5", "p2", "p3", "p4x"]
         lines = [P.item_line(*cat.get(i, (None, None, None)), cfg.max_item_title_chars) for i in recent]
         short = [P.short_item_line(*cat.get(i, (None, None, None)), cfg.student_title_chars) for i in recent]

@@ -385,7 +385,8 @@ def build_prompts(sequences, items, cfg, broadcast_items: bool = True):
     (tpre, tsuf), (spre, ssuf) = P.template_parts(cfg.version)
     lines = item_lines(items, cfg)
     if broadcast_items:
-        lines = F.broadcast(lines)
+        # rendered once here (a small table, kept on the executors): both joins below broadcast it
+        lines = F.broadcast(lines.localCheckpoint())
     recent = sequences.select(
         "user_id", "seq_hash", F.size("history").cast("int").alias("history_len"),
         # the last max_items of the history (slice with a negative start past the length returns nothing)
@@ -396,15 +397,27 @@ def build_prompts(sequences, items, cfg, broadcast_items: bool = True):
     none_t, none_s = P.missing_item_lines(cfg.max_item_title_chars, cfg.student_title_chars)
     newest_first = (Window.partitionBy("user_id").orderBy(F.col("pos").desc())
                     .rowsBetween(Window.unboundedPreceding, Window.currentRow))
-    joined = (
-        recent.join(lines, "item_id", "left")
-        .withColumn("tline", F.coalesce("tline", F.lit(none_t)))
-        .withColumn("sline", F.coalesce("sline", F.lit(none_s)))
-        .withColumn("k", F.row_number().over(newest_first))
-        # "- " + line + "\n" per line, less the last newline: fixed + tail - 1 is the prompt's length
-        .withColumn("tail", F.sum(F.length("tline") + 3).over(newest_first))
-        .withColumn("keep", (F.col("k") == 1) | (F.lit(len(tpre) + len(tsuf) - 1) + F.col("tail") <= cfg.max_chars))
-    )
+
+    def ranked(df, length):  # k: 1 for the newest line; keep: the line fits (the newest always does)
+        return (df.withColumn("k", F.row_number().over(newest_first))
+                # "- " + line + "\n" per line, less the last newline: fixed + tail - 1 is the prompt's length
+                .withColumn("tail", F.sum(length + 3).over(newest_first))
+                .withColumn("keep", (F.col("k") == 1) | (F.lit(len(tpre) + len(tsuf) - 1) + F.col("tail") <= cfg.max_chars)))
+
+    def with_lines(df):
+        return (df.join(lines, "item_id", "left").withColumn("tline", F.coalesce("tline", F.lit(none_t)))
+                .withColumn("sline", F.coalesce("sline", F.lit(none_s))))
+
+    if broadcast_items:
+        # The window's shuffle carries each line's length, not its text: the lines join again after it, on
+        # the tasks that already hold each user's rows (a broadcast join; no second shuffle for the grouping).
+        sized = ranked(with_lines(recent).select("user_id", "seq_hash", "history_len", "pos", "item_id",
+                                                 F.length("tline").alias("tlen")), F.col("tlen"))
+        if cfg.student_max_items > 0:  # with 0 the student sees every line of the window, kept or not
+            sized = sized.where("keep")
+        joined = with_lines(sized)
+    else:  # the lines join by a shuffle on item_id: once, before the window
+        joined = ranked(with_lines(recent), F.length("tline"))
     grouped = joined.groupBy("user_id", "seq_hash", "history_len").agg(
         F.array_sort(F.collect_list(F.struct("pos", "item_id", "tline", "sline", "keep", "k"))).alias("ev"))
     kept = F.filter("ev", lambda e: e["keep"])
