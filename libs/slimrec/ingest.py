@@ -37,6 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from slimrec.schemas.tables import spec
 from slimrec.sequences import QUARANTINE_COLUMN, split_quarantined
 from slimrec.text import clean_text, item_text, sha1, split_categories
 
@@ -551,12 +552,10 @@ def checked_raw(raw_df, items_df, max_id_chars: int):
     from pyspark.sql import functions as F
 
     # try_cast: Spark 4 runs in ANSI mode, where a plain cast of "yesterday" fails the whole job.
-    if TS_LONG in raw_df.columns:  # the integers ts_raw was written from (null: a file of other types)
-        lng = F.coalesce(F.col(TS_LONG), F.col("ts_raw").try_cast("long"))
-        num = F.coalesce(F.col(TS_LONG).cast("double"), F.col("ts_raw").try_cast("double"))
-    else:
-        lng = F.col("ts_raw").try_cast("long")
-        num = F.col("ts_raw").try_cast("double")
+    lng = F.col("ts_raw").try_cast("long")
+    num = F.col("ts_raw").try_cast("double")
+    if TS_LONG in raw_df.columns:  # the integers ts_raw was written from; null: a file of other types, parsed
+        lng, num = F.coalesce(F.col(TS_LONG), lng), F.coalesce(F.col(TS_LONG).cast("double"), num)
     mag = F.abs(num)  # magnitude picks the unit (abs of a double cannot overflow)
     parsed = (
         F.when(lng.isNotNull() & (mag < 1e11), F.timestamp_seconds(lng))
@@ -584,9 +583,6 @@ def checked_raw(raw_df, items_df, max_id_chars: int):
     return df.withColumn("reason", reason).drop("_known", TS_LONG)
 
 
-RAW_COLUMNS = ("source_file", "source_row", "user_raw", "item_raw", "ts_raw", "position")
-
-
 def interaction_rows(checked, base_ts: str, keep_raw: bool = False):
     """:func:`checked_raw` rows -> one row per raw row: an interaction, or its quarantine record.
 
@@ -596,8 +592,7 @@ def interaction_rows(checked, base_ts: str, keep_raw: bool = False):
     sources get ``event_ts = base_ts + position`` seconds and ``event_seq = position``; others
     ``event_seq = source_row``. One shuffle (the duplicate check); a writer routes each row
     (:meth:`slimrec.lake.Lake.write_spark_diverting`), so nothing is cached or counted twice.
-    ``keep_raw``: the raw row's columns (:data:`RAW_COLUMNS`) too, so that raw_interactions can be
-    written in the same pass.
+    ``keep_raw``: raw_interactions' columns of the raw row too, so that it can be written in the same pass.
     """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
@@ -626,7 +621,8 @@ def interaction_rows(checked, base_ts: str, keep_raw: bool = False):
         derived.alias("ts_derived"),
         "source_file",
         F.when(why.isNotNull(), record).alias(QUARANTINE_COLUMN),
-        *[c for c in RAW_COLUMNS if keep_raw and c != "source_file"],
+        *[c for c in (spec("raw_interactions").column_names if keep_raw else []) if c in checked.columns
+          and c != "source_file"],
     )
 
 

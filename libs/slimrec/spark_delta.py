@@ -211,7 +211,7 @@ def collect_mapped_add_actions(df, fn, table_uri: str, spec, target_file_rows: i
     try:
         rows = df.mapInArrow(task, "actions string, diverted string, tee string").collect()
     except BaseException:
-        remove_written(opts, tee_opts)
+        _remove_written(opts, tee_opts)
         raise
 
     def actions(column: str) -> list:
@@ -230,7 +230,7 @@ def _teed(batches, writer: _Writer):
         yield b
 
 
-def remove_written(*writer_options: dict | None) -> int:
+def _remove_written(*writer_options: dict | None) -> int:
     """Delete every file the jobs of these writer options wrote: a failed or abandoned job's files."""
     return sum(_Writer(o).remove_job_files() for o in writer_options if o)
 
